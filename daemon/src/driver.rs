@@ -1,0 +1,453 @@
+//! The driver: the one tokio task that owns the upstream WebSocket.
+//!
+//! It runs the pure [`Session`] against a real socket and a real (or paused) clock.
+//! Everything else talks to it through [`SessionHandle`], whose calls travel over a
+//! bounded channel and come back on oneshot channels, so a flood of callers waits
+//! instead of growing a queue without limit.
+
+use crate::session::{
+    CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
+    StateChange,
+};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Ws, String>> + Send>>;
+
+/// Settings of the driver around the session's own.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// The protocol settings.
+    pub session: SessionConfig,
+    /// Seed for backoff jitter and server order (fixed in tests, random in production).
+    pub seed: u64,
+    /// Capacity of the command channel from callers to the driver.
+    pub command_capacity: usize,
+    /// Capacity of the notice channel from the driver to the layer above.
+    pub notice_capacity: usize,
+    /// Largest WebSocket message accepted from the server, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl DriverConfig {
+    /// Defaults around a session configuration.
+    pub fn new(session: SessionConfig) -> Self {
+        DriverConfig {
+            session,
+            seed: rand::random(),
+            command_capacity: 1024,
+            notice_capacity: 4096,
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the layer above hears from the session, in order.
+#[derive(Debug)]
+pub enum Notice {
+    /// An event on a subscribed path.
+    Event(Event),
+    /// The connection's state changed.
+    State(StateChange),
+    /// A restored subscription was refused; its holders hold it no more.
+    SubscriptionLost {
+        /// The path.
+        path: String,
+        /// The refusal.
+        outcome: Outcome,
+    },
+}
+
+type Reply = oneshot::Sender<Outcome>;
+
+enum Command {
+    Emit {
+        path: String,
+        data: Box<RawValue>,
+        done: oneshot::Sender<Result<(), SessionError>>,
+    },
+    Request {
+        path: String,
+        data: Box<RawValue>,
+        reply: Reply,
+    },
+    Answer {
+        handle: CbHandle,
+        data: Box<RawValue>,
+        reply: Option<Reply>,
+        done: oneshot::Sender<Result<(), SessionError>>,
+    },
+    Subscribe {
+        path: String,
+        data: Option<Box<RawValue>>,
+        reply: Reply,
+    },
+    Unsubscribe {
+        path: String,
+    },
+    Status {
+        reply: oneshot::Sender<SessionStatus>,
+    },
+}
+
+/// A cheap, cloneable way to talk to the driver task.
+///
+/// Every call resolves exactly once; when the driver is gone, with the disconnected
+/// outcome or error.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl SessionHandle {
+    /// Sends an event without a callback (queued while offline).
+    pub async fn emit(&self, path: &str, data: Box<RawValue>) -> Result<(), SessionError> {
+        let (done, rx) = oneshot::channel();
+        let cmd = Command::Emit {
+            path: path.to_owned(),
+            data,
+            done,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Err(SessionError::Stopped);
+        }
+        rx.await.unwrap_or(Err(SessionError::Stopped))
+    }
+
+    /// Sends an event and waits for the server's callback.
+    pub async fn request(&self, path: &str, data: Box<RawValue>) -> Outcome {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Request {
+            path: path.to_owned(),
+            data,
+            reply,
+        };
+        self.call(cmd, rx).await
+    }
+
+    /// Answers a server's callback request without asking for one back.
+    pub async fn answer(&self, handle: CbHandle, data: Box<RawValue>) -> Result<(), SessionError> {
+        let (done, rx) = oneshot::channel();
+        let cmd = Command::Answer {
+            handle,
+            data,
+            reply: None,
+            done,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Err(SessionError::Stopped);
+        }
+        rx.await.unwrap_or(Err(SessionError::Stopped))
+    }
+
+    /// Answers a server's callback request and waits for the server's callback to it.
+    pub async fn answer_request(&self, handle: CbHandle, data: Box<RawValue>) -> Outcome {
+        let (reply, rx) = oneshot::channel();
+        let (done, _) = oneshot::channel();
+        let cmd = Command::Answer {
+            handle,
+            data,
+            reply: Some(reply),
+            done,
+        };
+        self.call(cmd, rx).await
+    }
+
+    /// Takes a reference on a subscription; see [`Session::subscribe`].
+    pub async fn subscribe(&self, path: &str, data: Option<Box<RawValue>>) -> Outcome {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Subscribe {
+            path: path.to_owned(),
+            data,
+            reply,
+        };
+        self.call(cmd, rx).await
+    }
+
+    /// Gives back a reference taken by a successful subscribe.
+    pub async fn unsubscribe(&self, path: &str) {
+        let _ = self
+            .tx
+            .send(Command::Unsubscribe {
+                path: path.to_owned(),
+            })
+            .await;
+    }
+
+    /// A snapshot of the session, or `None` when the driver is gone.
+    pub async fn status(&self) -> Option<SessionStatus> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Status { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn call(&self, cmd: Command, rx: oneshot::Receiver<Outcome>) -> Outcome {
+        if self.tx.send(cmd).await.is_err() {
+            return Outcome::disconnected();
+        }
+        rx.await.unwrap_or_else(|_| Outcome::disconnected())
+    }
+}
+
+/// Starts the driver task; it runs until `shutdown` is cancelled or every handle is
+/// dropped, and answers every waiting caller with -1 on its way out.
+pub fn spawn(
+    cfg: DriverConfig,
+    shutdown: CancellationToken,
+) -> Result<
+    (
+        SessionHandle,
+        mpsc::Receiver<Notice>,
+        tokio::task::JoinHandle<()>,
+    ),
+    SessionError,
+> {
+    let session = Session::new(cfg.session.clone(), cfg.seed, Instant::now().into_std())?;
+    let (tx, rx) = mpsc::channel(cfg.command_capacity);
+    let (notice_tx, notice_rx) = mpsc::channel(cfg.notice_capacity);
+    let driver = Driver {
+        session,
+        ws: None,
+        connecting: None,
+        notices: notice_tx,
+        ws_config: WebSocketConfig::default()
+            .max_message_size(Some(cfg.max_message_bytes))
+            .max_frame_size(Some(cfg.max_message_bytes)),
+    };
+    let task = tokio::spawn(driver.run(rx, shutdown));
+    Ok((SessionHandle { tx }, notice_rx, task))
+}
+
+struct Driver {
+    session: Session<Reply>,
+    ws: Option<Ws>,
+    connecting: Option<Connecting>,
+    notices: mpsc::Sender<Notice>,
+    ws_config: WebSocketConfig,
+}
+
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+        loop {
+            self.carry_out().await;
+            let deadline = self.session.poll_timeout();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                res = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
+                    self.connecting = None;
+                    match res {
+                        Ok(ws) => {
+                            self.ws = Some(ws);
+                            self.session.handle_connected(now());
+                        }
+                        Err(e) => self.session.handle_connect_failed(now(), &e),
+                    }
+                }
+                msg = async { self.ws.as_mut().expect("guarded").next().await }, if self.ws.is_some() => {
+                    self.on_message(msg);
+                }
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    self.session.handle_timeout(now());
+                }
+            }
+        }
+        self.session.shutdown();
+        commands.close();
+        while let Ok(cmd) = commands.try_recv() {
+            self.on_command(cmd);
+        }
+        self.carry_out().await;
+    }
+
+    fn on_message(
+        &mut self,
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ) {
+        match msg {
+            Some(Ok(Message::Text(text))) => self.session.handle_frame(now(), text.as_str()),
+            Some(Ok(Message::Binary(_))) => {
+                // Quick.IO never sends binary frames: treat one like any invalid frame.
+                self.session.handle_frame(now(), "(a binary WebSocket frame)");
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Close(frame))) => {
+                self.ws = None;
+                let reason = match frame {
+                    Some(f) if !f.reason.is_empty() => {
+                        format!("server closed the connection ({}: {})", f.code, f.reason)
+                    }
+                    Some(f) => format!("server closed the connection ({})", f.code),
+                    None => "server closed the connection".to_owned(),
+                };
+                self.session.handle_closed(now(), &reason);
+            }
+            Some(Err(e)) => {
+                self.ws = None;
+                self.session.handle_closed(now(), &format!("connection error: {e}"));
+            }
+            None => {
+                self.ws = None;
+                self.session
+                    .handle_closed(now(), "connection closed without a close frame");
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let now = now();
+        match cmd {
+            Command::Emit { path, data, done } => {
+                let _ = done.send(self.session.emit(&path, &data));
+            }
+            Command::Request { path, data, reply } => {
+                self.session.request(now, &path, &data, reply)
+            }
+            Command::Answer {
+                handle,
+                data,
+                reply,
+                done,
+            } => {
+                let _ = done.send(self.session.answer(now, handle, &data, reply));
+            }
+            Command::Subscribe { path, data, reply } => {
+                self.session.subscribe(now, &path, data.as_deref(), reply)
+            }
+            Command::Unsubscribe { path } => {
+                self.session.unsubscribe(&path);
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.session.status(now));
+            }
+        }
+    }
+
+    /// Carries out the session's instructions; frames are fed in a batch and flushed once.
+    async fn carry_out(&mut self) {
+        let mut unflushed = false;
+        while let Some(out) = self.session.poll_output() {
+            match out {
+                Output::Connect(url) => {
+                    self.drop_connection();
+                    self.connecting = Some(Box::pin(connect(url, self.ws_config)));
+                }
+                Output::Send(text) => {
+                    if let Some(ws) = self.ws.as_mut() {
+                        if let Err(e) = ws.feed(Message::text(text)).await {
+                            self.ws = None;
+                            unflushed = false;
+                            self.session
+                                .handle_closed(now(), &format!("sending failed: {e}"));
+                        } else {
+                            unflushed = true;
+                        }
+                    }
+                }
+                Output::Close => self.drop_connection(),
+                Output::Reply(reply, outcome) => {
+                    let _ = reply.send(outcome);
+                }
+                Output::Event(ev) => notify(&self.notices, Notice::Event(ev)).await,
+                Output::State(state) => {
+                    log_state(&state);
+                    notify(&self.notices, Notice::State(state)).await
+                }
+                Output::SubscriptionLost { path, outcome } => {
+                    tracing::warn!(path, code = outcome.code, "the server refused a restored subscription");
+                    notify(&self.notices, Notice::SubscriptionLost { path, outcome }).await
+                }
+            }
+        }
+        if unflushed {
+            if let Some(ws) = self.ws.as_mut() {
+                if let Err(e) = ws.flush().await {
+                    self.ws = None;
+                    self.session
+                        .handle_closed(now(), &format!("sending failed: {e}"));
+                    Box::pin(self.carry_out()).await;
+                }
+            }
+        }
+    }
+
+    fn drop_connection(&mut self) {
+        self.connecting = None;
+        if let Some(mut ws) = self.ws.take() {
+            // Say goodbye politely without holding up the loop on a stalled server.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            });
+        }
+    }
+}
+
+/// Hands a notice up, waiting while the layer above is behind (that is the backpressure).
+async fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
+    // Nobody listening is fine: a session may run without a layer above (tests).
+    let _ = notices.send(notice).await;
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    if let Some(d) = deadline {
+        tokio::time::sleep_until(Instant::from_std(d)).await;
+    }
+}
+
+fn log_state(state: &StateChange) {
+    match state {
+        StateChange::Connecting { url } => tracing::info!(%url, "connecting"),
+        StateChange::Open { url } => tracing::info!(%url, "open"),
+        StateChange::ConnectFailed { url, reason } => {
+            tracing::warn!(%url, "connection attempt failed: {reason}")
+        }
+        StateChange::Closed { reason } => tracing::warn!("connection closed: {reason}"),
+        StateChange::Moved { from, to } => tracing::info!(%from, %to, "moved by the server"),
+        StateChange::Reconnecting { after } => tracing::info!("reconnecting in {after:.1?}"),
+        StateChange::Stopped => tracing::info!("session stopped"),
+    }
+}
+
+/// Opens the WebSocket and asks for the `quickio` subprotocol.
+async fn connect(url: Url, config: WebSocketConfig) -> Result<Ws, String> {
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad address {url}: {e}"))?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("quickio"));
+    let (ws, _response) =
+        tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+            .await
+            .map_err(|e| e.to_string())?;
+    Ok(ws)
+}

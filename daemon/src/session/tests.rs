@@ -1,0 +1,567 @@
+//! Table-driven tests of the pure session: every rule, no sockets, no real time.
+
+use super::*;
+
+const T0: Duration = Duration::ZERO;
+
+struct Harness {
+    s: Session<u32>,
+    t0: Instant,
+    now: Instant,
+}
+
+fn cfg(servers: &[&str]) -> SessionConfig {
+    let servers = servers.iter().map(|s| Url::parse(s).unwrap()).collect();
+    let mut c = SessionConfig::new(servers);
+    c.queue_max_events = 3;
+    c.queue_max_bytes = 1000;
+    c
+}
+
+fn raw(s: &str) -> Box<RawValue> {
+    RawValue::from_string(s.to_owned()).unwrap()
+}
+
+impl Harness {
+    fn new(c: SessionConfig) -> Self {
+        let t0 = Instant::now();
+        let s = Session::new(c, 1, t0).unwrap();
+        Harness { s, t0, now: t0 }
+    }
+
+    fn open() -> Self {
+        let mut h = Harness::new(cfg(&["ws://a.test/"]));
+        h.handshake();
+        h
+    }
+
+    fn handshake(&mut self) -> Vec<Output<u32>> {
+        self.s.handle_connected(self.now);
+        let outs = self.drain();
+        assert_eq!(sent(&outs), ["/qio/ohai"]);
+        self.s.handle_frame(self.now, "/qio/ohai");
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Output<u32>> {
+        std::iter::from_fn(|| self.s.poll_output()).collect()
+    }
+
+    fn at(&mut self, d: Duration) {
+        self.now = self.t0 + d;
+        self.s.handle_timeout(self.now);
+    }
+
+    fn frame(&mut self, text: &str) {
+        self.s.handle_frame(self.now, text);
+    }
+}
+
+fn sent(outs: &[Output<u32>]) -> Vec<&str> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(outs: &[Output<u32>]) -> Vec<(u32, i64)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Reply(t, out) => Some((*t, out.code)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn states(outs: &[Output<u32>]) -> Vec<&StateChange> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::State(s) => Some(s),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kinds(outs: &[Output<u32>]) -> Vec<&'static str> {
+    outs.iter()
+        .map(|o| match o {
+            Output::Connect(_) => "connect",
+            Output::Send(_) => "send",
+            Output::Close => "close",
+            Output::Reply(..) => "reply",
+            Output::Event(_) => "event",
+            Output::SubscriptionLost { .. } => "lost",
+            Output::State(StateChange::Connecting { .. }) => "connecting",
+            Output::State(StateChange::Open { .. }) => "open",
+            Output::State(StateChange::ConnectFailed { .. }) => "failed",
+            Output::State(StateChange::Closed { .. }) => "closed",
+            Output::State(StateChange::Moved { .. }) => "moved",
+            Output::State(StateChange::Reconnecting { .. }) => "reconnecting",
+            Output::State(StateChange::Stopped) => "stopped",
+        })
+        .collect()
+}
+
+#[test]
+fn opens_only_after_ohai() {
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    assert_eq!(kinds(&h.drain()), ["connecting", "connect"]);
+    h.s.handle_connected(h.now);
+    let outs = h.drain();
+    assert_eq!(sent(&outs), ["/qio/ohai"]);
+    assert!(!h.s.is_open(), "not open before the server's ohai");
+    h.frame("/qio/ohai");
+    assert_eq!(kinds(&h.drain()), ["open"]);
+    assert!(h.s.is_open());
+}
+
+#[test]
+fn a_server_that_does_not_say_ohai_fails_the_attempt() {
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    h.drain();
+    h.s.handle_connected(h.now);
+    h.drain();
+    h.frame("/qio/heartbeat:0=null");
+    let outs = h.drain();
+    assert_eq!(kinds(&outs), ["close", "failed", "reconnecting"]);
+    assert!(h.s.status(h.now).last_error.unwrap().contains("instead of /qio/ohai"));
+}
+
+#[test]
+fn handshake_timeout_fails_the_attempt() {
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    h.drain();
+    h.s.handle_connected(h.now);
+    h.drain();
+    h.at(Duration::from_secs(9));
+    assert!(h.drain().is_empty());
+    h.at(Duration::from_secs(10));
+    assert_eq!(kinds(&h.drain()), ["close", "failed", "reconnecting"]);
+}
+
+#[test]
+fn callbacks_count_from_one_per_connection_and_carry_the_envelope() {
+    let mut h = Harness::open();
+    h.s.request(h.now, "/app/a", &raw("1"), 10);
+    h.s.request(h.now, "/app/@b", &raw("{\"x\":2}"), 11);
+    assert_eq!(sent(&h.drain()), ["/app/a:1=1", "/app/b:2={\"x\":2}"]);
+    h.frame("/qio/callback/2:5={\"code\":404,\"data\":\"d\",\"err_msg\":\"nope\"}");
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":[1]}");
+    let outs = h.drain();
+    let got: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Reply(t, o) => Some((*t, o.code, o.data.get(), o.err_msg.clone(), o.cb)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (11, 404, "\"d\"", Some("nope".into()), Some(CbHandle { conn: 1, id: 5 })),
+            (10, 200, "[1]", None, None),
+        ]
+    );
+    // After a reconnect, ids start over at 1.
+    h.s.handle_closed(h.now, "gone");
+    h.at(Duration::from_secs(1));
+    h.drain();
+    h.handshake();
+    h.s.request(h.now, "/app/a", &raw("null"), 12);
+    assert_eq!(sent(&h.drain()), ["/app/a:1=null"]);
+}
+
+#[test]
+fn every_request_resolves_exactly_once() {
+    // (what happens after the request, the code its caller gets)
+    type Step = fn(&mut Harness);
+    let cases: [(&str, Step, i64); 5] = [
+        ("answered", |h| h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}"), 200),
+        ("connection lost", |h| h.s.handle_closed(h.now, "boom"), code::DISCONNECTED),
+        ("timed out", |h| h.at(Duration::from_secs(30)), code::TIMEOUT),
+        ("invalid frame", |h| h.frame("garbage"), code::DISCONNECTED),
+        ("shutdown", |h| h.s.shutdown(), code::DISCONNECTED),
+    ];
+    for (name, step, want) in cases {
+        let mut h = Harness::open();
+        h.s.request(h.now, "/app/x", &raw("null"), 7);
+        h.drain();
+        step(&mut h);
+        let mut got = replies(&h.drain());
+        // Nothing that happens afterwards answers it again.
+        h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+        h.s.handle_closed(h.now, "again");
+        h.at(Duration::from_secs(100));
+        got.extend(replies(&h.drain()));
+        assert_eq!(got, [(7, want)], "{name}");
+    }
+}
+
+#[test]
+fn requests_while_offline_fail_at_once_and_emits_are_queued() {
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    h.drain();
+    h.s.request(h.now, "/app/x", &raw("null"), 1);
+    assert_eq!(replies(&h.drain()), [(1, code::DISCONNECTED)]);
+    h.s.emit("/app/e1", &raw("1")).unwrap();
+    h.s.emit("/app/e2", &raw("2")).unwrap();
+    h.s.subscribe(h.now, "/news", None, 2);
+    assert_eq!(h.s.status(h.now).queued_events, 2);
+    let outs = h.handshake();
+    // Re-subscribe first, then the queue in order, then report open.
+    assert_eq!(
+        kinds(&outs),
+        ["send", "send", "send", "open"],
+        "order after the handshake"
+    );
+    assert_eq!(sent(&outs), ["/qio/on:1=\"/news\"", "/app/e1:0=1", "/app/e2:0=2"]);
+}
+
+#[test]
+fn the_offline_queue_is_bounded_and_says_so() {
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    for i in 0..3 {
+        h.s.emit("/app/e", &raw(&i.to_string())).unwrap();
+    }
+    let err = h.s.emit("/app/e", &raw("3")).unwrap_err();
+    assert!(matches!(err, SessionError::QueueFull(_)), "{err:?}");
+    assert_eq!(err.code(), code::OVERLOADED);
+    assert!(err.to_string().contains("queue_max_events"));
+    let big = format!("\"{}\"", "x".repeat(2000));
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    assert!(matches!(h.s.emit("/app/e", &raw(&big)), Err(SessionError::QueueFull(_))));
+}
+
+#[test]
+fn bad_paths_are_refused_locally() {
+    let mut h = Harness::open();
+    for (i, p) in ["", "@@@", "/qio/ping", "/qio"].iter().enumerate() {
+        assert!(matches!(h.s.emit(p, &raw("1")), Err(SessionError::BadPath(_))), "{p}");
+        h.s.request(h.now, p, &raw("1"), i as u32);
+        h.s.subscribe(h.now, p, None, 100 + i as u32);
+    }
+    let outs = h.drain();
+    assert!(sent(&outs).is_empty());
+    assert!(replies(&outs).iter().all(|(_, c)| *c == code::BAD_REQUEST));
+    assert_eq!(replies(&outs).len(), 8);
+}
+
+#[test]
+fn subscriptions_are_reference_counted() {
+    let mut h = Harness::open();
+    h.s.subscribe(h.now, "/news", None, 1);
+    h.s.subscribe(h.now, "//news/", None, 2);
+    assert_eq!(sent(&h.drain()), ["/qio/on:1=\"/news\""], "one upstream on");
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    assert_eq!(replies(&h.drain()), [(1, 200), (2, 200)]);
+    h.s.subscribe(h.now, "/news", None, 3);
+    let outs = h.drain();
+    assert_eq!((sent(&outs).len(), replies(&outs)), (0, vec![(3, 200)]));
+    assert_eq!(h.s.status(h.now).subscriptions[0].refs, 3);
+    assert!(h.s.unsubscribe("/news"));
+    assert!(h.s.unsubscribe("/news"));
+    assert!(sent(&h.drain()).is_empty(), "still one holder");
+    assert!(h.s.unsubscribe("/news"));
+    assert_eq!(sent(&h.drain()), ["/qio/off:0=\"/news\""]);
+    assert!(!h.s.unsubscribe("/news"), "nothing left to give back");
+    assert!(h.s.status(h.now).subscriptions.is_empty());
+}
+
+#[test]
+fn subscription_data_is_sent_with_the_path() {
+    let mut h = Harness::open();
+    h.s.subscribe(h.now, "/clienttest/on-data", Some(&raw("123987")), 1);
+    assert_eq!(sent(&h.drain()), ["/qio/on:1=[\"/clienttest/on-data\",123987]"]);
+}
+
+#[test]
+fn a_refusal_reaches_every_waiter_and_purges_the_path() {
+    for code in [401, 404, 420, 500] {
+        let mut h = Harness::open();
+        h.s.subscribe(h.now, "/secret", None, 1);
+        h.s.subscribe(h.now, "/secret", None, 2);
+        h.drain();
+        h.frame(&format!("/qio/callback/1:0={{\"code\":{code},\"data\":null,\"err_msg\":\"no\"}}"));
+        assert_eq!(replies(&h.drain()), [(1, code), (2, code)]);
+        assert!(h.s.status(h.now).subscriptions.is_empty());
+        assert!(!h.s.unsubscribe("/secret"));
+        h.s.subscribe(h.now, "/secret", None, 3);
+        assert_eq!(sent(&h.drain()), ["/qio/on:2=\"/secret\""], "asks again");
+    }
+}
+
+#[test]
+fn pending_202_waits_for_the_final_answer() {
+    // on, off, on, then approval of the first on: the in-progress conformance event.
+    let mut h = Harness::open();
+    h.s.subscribe(h.now, "/clienttest/in-progress", None, 1);
+    h.drain();
+    h.at(Duration::from_secs(31));
+    assert_eq!(replies(&h.drain()), [(1, code::TIMEOUT)], "the waiter gave up");
+    let outs = h.drain();
+    assert!(sent(&outs).is_empty());
+    h.s.subscribe(h.now, "/clienttest/in-progress", None, 2);
+    assert_eq!(sent(&h.drain()), ["/qio/on:2=\"/clienttest/in-progress\""]);
+    h.frame("/qio/callback/2:0={\"code\":202,\"data\":null,\"err_msg\":\"subscription pending\"}");
+    assert!(replies(&h.drain()).is_empty(), "202 is not final");
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    assert_eq!(replies(&h.drain()), [(2, 200)]);
+    assert_eq!(h.s.status(h.now).subscriptions[0].state, "active");
+}
+
+#[test]
+fn a_late_confirmation_of_an_abandoned_subscription_is_given_back() {
+    let mut h = Harness::open();
+    h.s.subscribe(h.now, "/slow", None, 1);
+    h.drain();
+    h.at(Duration::from_secs(30));
+    assert_eq!(replies(&h.drain()), [(1, code::TIMEOUT)]);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    assert_eq!(sent(&h.drain()), ["/qio/off:0=\"/slow\""]);
+}
+
+#[test]
+fn events_reach_only_subscribed_paths() {
+    let mut h = Harness::open();
+    h.s.subscribe(h.now, "/news", None, 1);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.drain();
+    h.frame("/other:0=1");
+    h.frame("/news:0={\"a\":1}");
+    h.frame("/news:9=2");
+    let outs = h.drain();
+    let evs: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Event(e) => Some((e.path.as_str(), e.data.get(), e.cb)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        evs,
+        [
+            ("/news", "{\"a\":1}", None),
+            ("/news", "2", Some(CbHandle { conn: 1, id: 9 }))
+        ]
+    );
+    assert_eq!(h.s.status(h.now).events_in, 2);
+}
+
+#[test]
+fn heartbeat_watch_pings_after_silence_and_reconnects_without_answer() {
+    let mut h = Harness::open();
+    h.at(Duration::from_secs(30));
+    h.frame("/qio/heartbeat:0=null");
+    h.at(Duration::from_secs(65));
+    assert!(h.drain().is_empty(), "a frame re-armed the timer");
+    h.at(Duration::from_secs(95));
+    assert_eq!(sent(&h.drain()), ["/qio/ping:1=null"]);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.at(Duration::from_secs(106));
+    assert!(h.drain().is_empty(), "the answer re-armed the timer");
+    h.at(Duration::from_secs(160));
+    assert_eq!(sent(&h.drain()), ["/qio/ping:2=null"]);
+    h.at(Duration::from_secs(169));
+    assert!(h.drain().is_empty());
+    h.at(Duration::from_secs(170));
+    assert_eq!(kinds(&h.drain()), ["close", "closed", "reconnecting"]);
+    assert!(!h.s.is_open());
+}
+
+#[test]
+fn heartbeat_challenges_are_answered() {
+    let mut h = Harness::open();
+    h.frame("/qio/heartbeat:42=null");
+    assert_eq!(sent(&h.drain()), ["/qio/callback/42:0=null"]);
+}
+
+#[test]
+fn server_requests_are_answered_and_stale_handles_fail() {
+    let mut h = Harness::open();
+    let handle = CbHandle { conn: 1, id: 4 };
+    h.s.answer(h.now, handle, &raw("\"hi\""), None).unwrap();
+    h.s.answer(h.now, handle, &raw("2"), Some(5)).unwrap();
+    assert_eq!(sent(&h.drain()), ["/qio/callback/4:0=\"hi\"", "/qio/callback/4:1=2"]);
+    h.s.handle_closed(h.now, "gone");
+    h.at(Duration::from_secs(1));
+    h.handshake();
+    assert_eq!(h.s.answer(h.now, handle, &raw("1"), None), Err(SessionError::Disconnected));
+    h.s.answer(h.now, handle, &raw("1"), Some(6)).unwrap();
+    assert_eq!(replies(&h.drain()), [(6, code::DISCONNECTED)]);
+    assert_eq!("1.4".parse::<CbHandle>(), Ok(handle));
+    assert_eq!(handle.to_string(), "1.4");
+    assert!("14".parse::<CbHandle>().is_err());
+}
+
+#[test]
+fn an_invalid_frame_closes_and_reconnects() {
+    let mut h = Harness::open();
+    h.frame("unicorns, ponies, princesses, and magic!:good times");
+    let outs = h.drain();
+    assert_eq!(kinds(&outs), ["close", "closed", "reconnecting"]);
+    match states(&outs)[0] {
+        StateChange::Closed { reason } => assert!(reason.contains("invalid frame"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    h.at(Duration::from_millis(100));
+    assert_eq!(kinds(&h.drain()), ["connecting", "connect"]);
+}
+
+#[test]
+fn subscriptions_survive_reconnects_and_refusals_on_restore_are_reported() {
+    let mut h = Harness::open();
+    h.s.subscribe(h.now, "/a", None, 1);
+    h.s.subscribe(h.now, "/b", None, 2);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.frame("/qio/callback/2:0={\"code\":200,\"data\":null}");
+    h.drain();
+    h.s.handle_closed(h.now, "gone");
+    assert!(h.s.status(h.now).subscriptions.iter().all(|s| s.state == "offline"));
+    h.at(Duration::from_secs(1));
+    h.drain();
+    let outs = h.handshake();
+    assert_eq!(sent(&outs), ["/qio/on:1=\"/a\"", "/qio/on:2=\"/b\""], "pipelined");
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.frame("/qio/callback/2:0={\"code\":401,\"data\":null,\"err_msg\":\"no\"}");
+    let outs = h.drain();
+    assert_eq!(kinds(&outs), ["lost"]);
+    let paths: Vec<_> = h.s.status(h.now).subscriptions.into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["/a"]);
+}
+
+#[test]
+fn backoff_grows_while_failing_and_resets_after_a_handshake() {
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    h.drain();
+    let mut delays = Vec::new();
+    let mut t = T0;
+    for _ in 0..10 {
+        h.s.handle_connect_failed(h.now, "refused");
+        let outs = h.drain();
+        let after = states(&outs)
+            .into_iter()
+            .find_map(|s| match s {
+                StateChange::Reconnecting { after } => Some(*after),
+                _ => None,
+            })
+            .unwrap();
+        delays.push(after);
+        t += after;
+        h.at(t);
+        assert_eq!(kinds(&h.drain()), ["connecting", "connect"]);
+    }
+    let caps = [100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 25600];
+    for (d, cap) in delays.iter().zip(caps) {
+        let cap = Duration::from_millis(cap);
+        assert!(*d <= cap && *d >= cap.mul_f64(0.75), "{d:?} vs {cap:?}");
+    }
+    h.handshake();
+    h.s.handle_closed(h.now, "gone");
+    let outs = h.drain();
+    let after = states(&outs)
+        .into_iter()
+        .find_map(|s| match s {
+            StateChange::Reconnecting { after } => Some(*after),
+            _ => None,
+        })
+        .unwrap();
+    assert!(after <= Duration::from_millis(100), "reset: {after:?}");
+}
+
+#[test]
+fn several_servers_are_all_tried() {
+    let mut h = Harness::new(cfg(&["ws://a.test/", "ws://b.test/", "ws://c.test/"]));
+    let mut seen = Vec::new();
+    let mut t = T0;
+    for _ in 0..3 {
+        let outs = h.drain();
+        for o in &outs {
+            if let Output::Connect(u) = o {
+                seen.push(u.host_str().unwrap().to_owned());
+            }
+        }
+        h.s.handle_connect_failed(h.now, "refused");
+        t += Duration::from_secs(30);
+        h.at(t);
+    }
+    seen.sort();
+    assert_eq!(seen, ["a.test", "b.test", "c.test"]);
+}
+
+#[test]
+fn a_move_reconnects_at_once_and_falls_back_when_the_target_fails() {
+    let mut h = Harness::open();
+    h.s.subscribe(h.now, "/a", None, 1);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.s.request(h.now, "/x", &raw("1"), 2);
+    h.drain();
+    h.frame("/qio/move:0=\"ws://b.test:81/\"");
+    let outs = h.drain();
+    assert_eq!(
+        kinds(&outs),
+        ["moved", "close", "reply", "closed", "connecting", "connect"]
+    );
+    assert_eq!(replies(&outs), [(2, code::DISCONNECTED)]);
+    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test:81/"));
+    let outs = h.handshake();
+    assert_eq!(sent(&outs), ["/qio/on:1=\"/a\""], "subscriptions follow the move");
+    // A later loss goes back to the moved-to server...
+    h.s.handle_closed(h.now, "gone");
+    h.at(Duration::from_secs(1));
+    let outs = h.drain();
+    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test:81/"));
+    // ...until it cannot be reached: then the configured one again.
+    h.s.handle_connect_failed(h.now, "refused");
+    h.at(Duration::from_secs(2));
+    let outs = h.drain();
+    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://a.test/"));
+}
+
+#[test]
+fn an_invalid_move_is_ignored() {
+    let mut h = Harness::open();
+    h.frame("/qio/move:0=\"ftp://nowhere/\"");
+    h.frame("/qio/move:0=42");
+    assert!(h.drain().is_empty());
+    assert!(h.s.is_open());
+}
+
+#[test]
+fn callbacks_for_unknown_ids_are_dropped() {
+    let mut h = Harness::open();
+    h.frame("/qio/callback/999:0={\"code\":200,\"data\":null}");
+    h.frame("/qio/callback/abc:0=null");
+    assert!(h.drain().is_empty());
+    assert!(h.s.is_open());
+}
+
+#[test]
+fn pending_callbacks_are_bounded() {
+    let mut c = cfg(&["ws://a.test/"]);
+    c.max_pending_callbacks = 2;
+    let mut h = Harness::new(c);
+    h.drain();
+    h.handshake();
+    for i in 0..3 {
+        h.s.request(h.now, "/x", &raw("1"), i);
+    }
+    assert_eq!(replies(&h.drain()), [(2, code::OVERLOADED)]);
+}
+
+#[test]
+fn shutdown_answers_everyone_and_refuses_more() {
+    let mut h = Harness::open();
+    h.s.request(h.now, "/x", &raw("1"), 1);
+    h.s.subscribe(h.now, "/pending", None, 2);
+    h.drain();
+    h.s.shutdown();
+    let outs = h.drain();
+    assert_eq!(replies(&outs), [(1, code::DISCONNECTED), (2, code::DISCONNECTED)]);
+    assert_eq!(states(&outs), [&StateChange::Stopped]);
+    assert_eq!(h.s.emit("/x", &raw("1")), Err(SessionError::Stopped));
+    h.s.subscribe(h.now, "/y", None, 3);
+    assert_eq!(replies(&h.drain()), [(3, code::DISCONNECTED)]);
+    assert_eq!(h.s.poll_timeout(), None);
+}
