@@ -72,7 +72,17 @@ pub enum Notice {
     },
 }
 
-type Reply = oneshot::Sender<Outcome>;
+/// Where an answer goes. A subscription's answer remembers its path: when its caller is
+/// gone by the time the server confirms, the reference is given back at once instead of
+/// leaking.
+#[derive(Debug)]
+enum Reply {
+    Plain(oneshot::Sender<Outcome>),
+    Subscribe {
+        tx: oneshot::Sender<Outcome>,
+        path: String,
+    },
+}
 
 enum Command {
     Emit {
@@ -101,6 +111,9 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<SessionStatus>,
+    },
+    SetServers {
+        servers: Vec<Url>,
     },
 }
 
@@ -136,13 +149,23 @@ impl SessionHandle {
 
     /// Sends an event and waits for the server's callback.
     pub async fn request(&self, path: &str, data: Box<RawValue>) -> Outcome {
-        let (reply, rx) = oneshot::channel();
+        self.request_deferred(path, data).await.await
+    }
+
+    /// Hands the request to the session (in call order) and returns the wait for its
+    /// answer, so a caller can pipeline many requests.
+    pub async fn request_deferred(
+        &self,
+        path: &str,
+        data: Box<RawValue>,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
         let cmd = Command::Request {
             path: path.to_owned(),
             data,
-            reply,
+            reply: Reply::Plain(tx),
         };
-        self.call(cmd, rx).await
+        self.deferred(cmd, rx).await
     }
 
     /// Answers a server's callback request without asking for one back.
@@ -160,28 +183,46 @@ impl SessionHandle {
         rx.await.unwrap_or(Err(SessionError::Stopped))
     }
 
-    /// Answers a server's callback request and waits for the server's callback to it.
-    pub async fn answer_request(&self, handle: CbHandle, data: Box<RawValue>) -> Outcome {
-        let (reply, rx) = oneshot::channel();
+    /// Answers a server's callback request; the returned wait ends with the server's
+    /// callback to the answer.
+    pub async fn answer_deferred(
+        &self,
+        handle: CbHandle,
+        data: Box<RawValue>,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
         let (done, _) = oneshot::channel();
         let cmd = Command::Answer {
             handle,
             data,
-            reply: Some(reply),
+            reply: Some(Reply::Plain(tx)),
             done,
         };
-        self.call(cmd, rx).await
+        self.deferred(cmd, rx).await
     }
 
     /// Takes a reference on a subscription; see [`Session::subscribe`].
     pub async fn subscribe(&self, path: &str, data: Option<Box<RawValue>>) -> Outcome {
-        let (reply, rx) = oneshot::channel();
+        self.subscribe_deferred(path, data).await.await
+    }
+
+    /// Like [`SessionHandle::subscribe`], returning the wait for the answer. Dropping the
+    /// wait is safe: a confirmation nobody receives is given back to the session.
+    pub async fn subscribe_deferred(
+        &self,
+        path: &str,
+        data: Option<Box<RawValue>>,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
         let cmd = Command::Subscribe {
             path: path.to_owned(),
             data,
-            reply,
+            reply: Reply::Subscribe {
+                tx,
+                path: path.to_owned(),
+            },
         };
-        self.call(cmd, rx).await
+        self.deferred(cmd, rx).await
     }
 
     /// Gives back a reference taken by a successful subscribe.
@@ -194,6 +235,11 @@ impl SessionHandle {
             .await;
     }
 
+    /// Replaces the configured server addresses (a reload); see [`Session::set_servers`].
+    pub async fn set_servers(&self, servers: Vec<Url>) {
+        let _ = self.tx.send(Command::SetServers { servers }).await;
+    }
+
     /// A snapshot of the session, or `None` when the driver is gone.
     pub async fn status(&self) -> Option<SessionStatus> {
         let (reply, rx) = oneshot::channel();
@@ -201,11 +247,18 @@ impl SessionHandle {
         rx.await.ok()
     }
 
-    async fn call(&self, cmd: Command, rx: oneshot::Receiver<Outcome>) -> Outcome {
-        if self.tx.send(cmd).await.is_err() {
-            return Outcome::disconnected();
+    async fn deferred(
+        &self,
+        cmd: Command,
+        rx: oneshot::Receiver<Outcome>,
+    ) -> impl Future<Output = Outcome> + Send + 'static {
+        let sent = self.tx.send(cmd).await.is_ok();
+        async move {
+            if !sent {
+                return Outcome::disconnected();
+            }
+            rx.await.unwrap_or_else(|_| Outcome::disconnected())
         }
-        rx.await.unwrap_or_else(|_| Outcome::disconnected())
     }
 }
 
@@ -348,6 +401,7 @@ impl Driver {
             Command::Status { reply } => {
                 let _ = reply.send(self.session.status(now));
             }
+            Command::SetServers { servers } => self.session.set_servers(now, servers),
         }
     }
 
@@ -373,8 +427,15 @@ impl Driver {
                     }
                 }
                 Output::Close => self.drop_connection(),
-                Output::Reply(reply, outcome) => {
-                    let _ = reply.send(outcome);
+                Output::Reply(Reply::Plain(tx), outcome) => {
+                    let _ = tx.send(outcome);
+                }
+                Output::Reply(Reply::Subscribe { tx, path }, outcome) => {
+                    if let Err(outcome) = tx.send(outcome) {
+                        if outcome.code == crate::session::code::OK {
+                            self.session.unsubscribe(&path);
+                        }
+                    }
                 }
                 Output::Event(ev) => notify(&self.notices, Notice::Event(ev)).await,
                 Output::State(state) => {

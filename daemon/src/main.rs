@@ -1,1 +1,276 @@
-fn main() {}
+//! The qiod binary: configuration, logging, signals and the socket around [`qiod::run`].
+//!
+//! Exit codes: 0 after a clean shutdown, 2 for a configuration error (one line on
+//! stderr), 1 for anything else that stops the daemon.
+
+use anyhow::Context;
+use clap::Parser;
+use qiod::config::{self, Args, Config};
+use qiod::socket::{self, SocketGuard};
+use std::io::IsTerminal;
+use std::os::unix::net::UnixListener as StdUnixListener;
+use std::process::ExitCode;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match config::load(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("qiod: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match log_filter(&config.log) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("qiod: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = init_tracing(filter);
+    match start(config, filter) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // stderr rather than tracing: the log filter may hide errors, this must show.
+            eprintln!("qiod: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The filter to log with: `RUST_LOG` when set (a developer's override), else `log`.
+fn log_filter(configured: &str) -> Result<EnvFilter, String> {
+    match rust_log() {
+        Some(v) => EnvFilter::builder()
+            .parse(&v)
+            .map_err(|e| format!("RUST_LOG: {v:?} is not a log filter: {e}")),
+        // Checked when the configuration was loaded.
+        None => EnvFilter::builder()
+            .parse(configured)
+            .map_err(|e| format!("log: {configured:?} is not a log filter: {e}")),
+    }
+}
+
+fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty())
+}
+
+fn init_tracing(filter: EnvFilter) -> FilterHandle {
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // Only fails if a subscriber is already set, which nothing here does.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init();
+    handle
+}
+
+/// Sets up the process (fd limit, socket, runtime) and serves until shut down.
+fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
+    let nofile = raise_nofile_limit();
+    if let Some(limit) = nofile {
+        let clients = u64::try_from(config.settings.ipc.max_clients).unwrap_or(u64::MAX);
+        if clients > limit {
+            tracing::warn!(
+                "max_clients ({clients}) is above the open-file limit ({limit}); \
+                 connections beyond the limit will fail"
+            );
+        }
+    }
+    // Before the runtime starts threads: taking the systemd socket edits the environment.
+    let (listener, guard) = listen(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(serve(config, listener, filter));
+    drop(runtime);
+    drop(guard);
+    result
+}
+
+fn listen(config: &Config) -> anyhow::Result<(StdUnixListener, Option<SocketGuard>)> {
+    if let Some(listener) = socket::from_systemd() {
+        tracing::info!("listening on the socket passed by systemd");
+        return Ok((listener, None));
+    }
+    let path = &config.socket;
+    let listener = if config.settings.ipc.allowed_gids.is_empty() {
+        socket::bind(path)
+    } else {
+        socket::bind_shared(path)
+    }?;
+    let guard = SocketGuard::new(path);
+    tracing::info!("listening on {}", path.display());
+    Ok((listener, Some(guard)))
+}
+
+async fn serve(
+    config: Config,
+    listener: StdUnixListener,
+    filter: FilterHandle,
+) -> anyhow::Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context("cannot make the socket non-blocking")?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .context("cannot register the socket with the runtime")?;
+    // Registered before serving so that no signal arrives to the default (fatal) action.
+    let signals = Signals {
+        term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+    };
+    let shutdown = CancellationToken::new();
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+
+    let servers: Vec<&str> = config
+        .settings
+        .driver
+        .session
+        .servers
+        .iter()
+        .map(|u| u.as_str())
+        .collect();
+    match &config.config_file {
+        Some(file) => tracing::info!(?servers, config = %file.display(), "qiod starting"),
+        None => tracing::info!(?servers, "qiod starting (no config file)"),
+    }
+
+    let settings = config.settings.clone();
+    let signal_task = tokio::spawn(handle_signals(
+        signals,
+        config,
+        filter,
+        shutdown.clone(),
+        reload_tx,
+    ));
+    let result = qiod::run(settings, listener, shutdown.clone(), reload_rx).await;
+    shutdown.cancel();
+    signal_task.abort();
+    match &result {
+        Ok(()) => tracing::info!("stopped"),
+        Err(e) => tracing::error!("stopped: {e:#}"),
+    }
+    result
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+/// SIGTERM/SIGINT stop the daemon (a second one during shutdown exits at once);
+/// SIGHUP reloads the configuration.
+async fn handle_signals(
+    mut signals: Signals,
+    config: Config,
+    filter: FilterHandle,
+    shutdown: CancellationToken,
+    reload_tx: mpsc::Sender<qiod::Reload>,
+) {
+    loop {
+        let name = tokio::select! {
+            _ = signals.term.recv() => "SIGTERM",
+            _ = signals.int.recv() => "SIGINT",
+            _ = signals.hup.recv() => {
+                reload(&config, &filter, &reload_tx).await;
+                continue;
+            }
+        };
+        if shutdown.is_cancelled() {
+            tracing::warn!("{name} again: exiting without waiting for a clean shutdown");
+            std::process::exit(1);
+        }
+        tracing::info!("{name}: shutting down");
+        shutdown.cancel();
+    }
+}
+
+/// Applies what a reload can change while running (servers, log filter) and says which
+/// other changes wait for a restart. A bad configuration keeps the running one.
+async fn reload(running: &Config, filter: &FilterHandle, reload_tx: &mpsc::Sender<qiod::Reload>) {
+    tracing::info!("SIGHUP: reloading the configuration");
+    let current = running.clone();
+    // Group names may be resolved over the network (NSS), so off the async threads.
+    let new = match tokio::task::spawn_blocking(move || current.reload()).await {
+        Ok(Ok(new)) => new,
+        Ok(Err(e)) => {
+            tracing::error!("reload failed, keeping the running configuration: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::error!("reload failed, keeping the running configuration: {e}");
+            return;
+        }
+    };
+    if rust_log().is_some() {
+        tracing::debug!("RUST_LOG is set and wins over log");
+    } else {
+        match EnvFilter::builder().parse(&new.log) {
+            Ok(f) => {
+                if let Err(e) = filter.reload(f) {
+                    tracing::warn!("cannot change the log filter: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("log: {:?} is not a log filter: {e}", new.log),
+        }
+    }
+    let restart = running.needs_restart(&new);
+    if !restart.is_empty() {
+        tracing::warn!(
+            "changes to {} take effect at the next start",
+            restart.join(", ")
+        );
+    }
+    let servers = new.settings.driver.session.servers.clone();
+    tracing::info!(
+        servers = ?servers.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
+        log = %new.log,
+        "configuration reloaded"
+    );
+    if reload_tx.send(qiod::Reload { servers }).await.is_err() {
+        tracing::debug!("the daemon is stopping; reload not applied");
+    }
+}
+
+/// Raises the soft open-file limit to the hard one, since every client is an fd; returns
+/// the limit in force.
+fn raise_nofile_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to write into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!("cannot read the open-file limit: {e}");
+        return None;
+    }
+    let old = lim.rlim_cur;
+    if old >= lim.rlim_max {
+        tracing::info!("open-file limit: {old}");
+        return Some(old);
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!("cannot raise the open-file limit from {old}: {e}");
+        return Some(old);
+    }
+    tracing::info!("open-file limit raised from {old} to {}", lim.rlim_cur);
+    Some(lim.rlim_cur)
+}

@@ -148,7 +148,8 @@ impl Outcome {
         Outcome::local(code::DISCONNECTED, "disconnected")
     }
 
-    fn ok() -> Self {
+    /// Success with no data.
+    pub fn ok() -> Self {
         Outcome {
             code: code::OK,
             data: codec::null(),
@@ -698,6 +699,43 @@ impl<T> Session<T> {
         sub.holders -= 1;
         self.drop_if_unused(&path);
         true
+    }
+
+    /// Replaces the configured servers (a reload). When the current connection goes to an
+    /// address no longer configured, and was not reached through a move, it is closed and
+    /// the session reconnects at once to one of the new addresses.
+    pub fn set_servers(&mut self, now: Instant, servers: Vec<Url>) {
+        if servers.is_empty() || servers == self.cfg.servers {
+            return;
+        }
+        self.cfg.servers = servers;
+        self.order.clear();
+        self.cursor = 0;
+        self.moved_to = None;
+        let current = match &self.phase {
+            Phase::Connecting { url, .. }
+            | Phase::Handshaking { url, .. }
+            | Phase::Open { url, .. } => Some(url.clone()),
+            Phase::Waiting { .. } | Phase::Stopped => None,
+        };
+        match current {
+            Some(url) if self.cfg.servers.contains(&url) => {}
+            Some(_) => {
+                if self.is_open() {
+                    self.lose("the configured server address changed".into(), true);
+                } else {
+                    self.out.push_back(Output::Close);
+                }
+                self.backoff.reset();
+                self.start_connect(now);
+            }
+            None => {
+                if matches!(self.phase, Phase::Waiting { .. }) {
+                    self.backoff.reset();
+                    self.start_connect(now);
+                }
+            }
+        }
     }
 
     /// Shuts down: every waiting caller gets -1 and the connection is closed.

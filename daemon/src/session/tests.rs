@@ -565,3 +565,16 @@ fn shutdown_answers_everyone_and_refuses_more() {
     assert_eq!(replies(&h.drain()), [(3, code::DISCONNECTED)]);
     assert_eq!(h.s.poll_timeout(), None);
 }
+
+#[test]
+fn changing_the_servers_reconnects_only_when_the_current_one_went_away() {
+    let mut h = Harness::open();
+    h.s.set_servers(h.now, vec![Url::parse("ws://a.test/").unwrap(), Url::parse("ws://z.test/").unwrap()]);
+    assert!(h.drain().is_empty(), "current server still configured");
+    h.s.request(h.now, "/x", &raw("1"), 1);
+    h.drain();
+    h.s.set_servers(h.now, vec![Url::parse("ws://b.test/").unwrap()]);
+    let outs = h.drain();
+    assert_eq!(kinds(&outs), ["close", "reply", "closed", "connecting", "connect"]);
+    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test/"));
+}

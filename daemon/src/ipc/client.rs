@@ -1,0 +1,404 @@
+//! One local client: reads its request lines, runs one handler per op, writes its lines.
+
+use super::hub::{error_event, event_line, to_raw, ClientRef, Hub};
+use super::lines::{Line, LineDecoder};
+use super::outbox::Outbox;
+use super::IpcConfig;
+use crate::codec;
+use crate::driver::SessionHandle;
+use crate::session::{code, CbHandle, Outcome};
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use qio_ipc::{events, Id, Op, RawRequest, ReplyOut};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+/// An answer that arrived for one of the client's requests.
+enum Done {
+    Reply {
+        id: Option<Id>,
+        op: Op,
+        path: Option<String>,
+        outcome: Outcome,
+    },
+    Subscribed {
+        id: Option<Id>,
+        op: Op,
+        path: String,
+        outcome: Outcome,
+    },
+}
+
+struct Conn {
+    client: Arc<ClientRef>,
+    hub: Arc<Hub>,
+    session: SessionHandle,
+    cfg: Arc<IpcConfig>,
+    waits: FuturesUnordered<BoxFuture<'static, Done>>,
+    subscribing: HashSet<String>,
+    cancelled: HashSet<String>,
+}
+
+/// Serves one client until it leaves, is kicked, or the daemon stops.
+pub async fn serve_client(
+    stream: UnixStream,
+    id: u64,
+    hub: Arc<Hub>,
+    session: SessionHandle,
+    cfg: Arc<IpcConfig>,
+    stop: CancellationToken,
+) {
+    let (rd, wr) = stream.into_split();
+    let client = Arc::new(ClientRef {
+        id,
+        outbox: Outbox::new(cfg.client_queue_events, cfg.slow_client),
+        kick: stop.child_token(),
+    });
+    hub.join(client.clone());
+    let writer = tokio::spawn(write_loop(wr, client.clone()));
+    let mut lines = FramedRead::new(rd, LineDecoder::new(cfg.max_line_bytes));
+    let mut conn = Conn {
+        client: client.clone(),
+        hub: hub.clone(),
+        session: session.clone(),
+        cfg,
+        waits: FuturesUnordered::new(),
+        subscribing: HashSet::new(),
+        cancelled: HashSet::new(),
+    };
+    let mut reading = true;
+    loop {
+        if !reading && conn.waits.is_empty() && hub.subscription_count(id) == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = client.kick.cancelled() => break,
+            Some(done) = conn.waits.next(), if !conn.waits.is_empty() => conn.finish(done).await,
+            line = lines.next(), if reading => match line {
+                Some(Ok(line)) => conn.handle_line(line).await,
+                Some(Err(e)) => {
+                    tracing::debug!(client = id, "read error: {e}");
+                    break;
+                }
+                // The client closed its sending side: answer what it asked, then go.
+                None => reading = false,
+            },
+        }
+    }
+    // Answers that are already there (at shutdown, every one is) still reach the client.
+    while let Some(Some(done)) = conn.waits.next().now_or_never() {
+        conn.finish(done).await;
+    }
+    // Dropping the remaining waits is safe: the driver gives back unreceived subscriptions.
+    drop(conn);
+    for path in hub.leave(id) {
+        session.unsubscribe(&path).await;
+    }
+    client.outbox.close();
+    // A client that stopped reading must not hold up shutdown.
+    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+        tracing::debug!(client = id, "writer did not finish; dropping it");
+    }
+    tracing::debug!(client = id, "client left");
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, client: Arc<ClientRef>) {
+    while let Some(batch) = client.outbox.next_batch().await {
+        let mut buf = BytesMut::new();
+        if batch.lost > 0 {
+            let data = to_raw(&serde_json::json!({ "count": batch.lost }));
+            buf.extend_from_slice(&event_line(events::LOST, Some(&data), None));
+        }
+        // One write for the whole batch: a client that fell behind catches up in few
+        // syscalls.
+        let res = if buf.is_empty() && batch.lines.len() == 1 {
+            wr.write_all(&batch.lines[0]).await
+        } else {
+            for line in &batch.lines {
+                buf.extend_from_slice(line);
+            }
+            wr.write_all(&buf).await
+        };
+        if let Err(e) = res {
+            tracing::debug!(client = client.id, "write failed: {e}");
+            client.kick.cancel();
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+impl Conn {
+    async fn handle_line(&mut self, line: Line) {
+        let text = match line {
+            Line::Text(t) => t,
+            Line::TooLong => {
+                let max = self.cfg.max_line_bytes;
+                let msg = format!("request line longer than max_line_bytes ({max}); it was skipped");
+                return self.fail(None, None, None, code::BAD_REQUEST, msg);
+            }
+            Line::NotUtf8 => {
+                let msg = "request line is not UTF-8; it was skipped".to_owned();
+                return self.fail(None, None, None, code::BAD_REQUEST, msg);
+            }
+        };
+        if text.trim().is_empty() {
+            return;
+        }
+        let req = match RawRequest::parse(text.as_bytes()) {
+            Ok(req) => req,
+            Err(bad) => {
+                return self.fail(bad.id, bad.op, None, code::BAD_REQUEST, bad.message);
+            }
+        };
+        // One handler per op, and no wildcard: a new op does not compile until handled.
+        match req.op {
+            Op::Send => self.op_send(req).await,
+            Op::Callback => self.op_callback(req).await,
+            Op::On | Op::One => self.op_on(req).await,
+            Op::Off => self.op_off(req).await,
+            Op::Status => self.op_status(req).await,
+        }
+    }
+
+    async fn op_send(&mut self, req: RawRequest) {
+        let path = req.path.unwrap_or_default();
+        let data = req.data.unwrap_or_else(codec::null);
+        match req.id {
+            Some(id) => {
+                if !self.may_wait(&id, Op::Send, &path) {
+                    return;
+                }
+                let wait = self.session.request_deferred(&path, data).await;
+                self.waits.push(Box::pin(wait.map(move |outcome| Done::Reply {
+                    id: Some(id),
+                    op: Op::Send,
+                    path: Some(path),
+                    outcome,
+                })));
+            }
+            None => {
+                if let Err(e) = self.session.emit(&path, data).await {
+                    self.fail(None, Some(Op::Send), Some(&path), e.code(), e.to_string());
+                }
+            }
+        }
+    }
+
+    async fn op_callback(&mut self, req: RawRequest) {
+        let raw = req.cb.unwrap_or_default();
+        let data = req.data.unwrap_or_else(codec::null);
+        let handle: CbHandle = match raw.parse() {
+            Ok(h) => h,
+            Err(msg) => return self.fail(req.id, Some(Op::Callback), None, code::BAD_REQUEST, msg),
+        };
+        if !self.hub.is_current(handle) {
+            let msg = format!("callback handle {raw} belongs to a connection that is gone");
+            return self.fail(req.id, Some(Op::Callback), None, code::DISCONNECTED, msg);
+        }
+        if !self.hub.take_handle(handle, self.client.id) {
+            let msg = format!(
+                "callback handle {raw} was not given to this client, or was already answered"
+            );
+            return self.fail(req.id, Some(Op::Callback), None, code::BAD_REQUEST, msg);
+        }
+        match req.id {
+            Some(id) => {
+                if !self.may_wait(&id, Op::Callback, "") {
+                    return;
+                }
+                let wait = self.session.answer_deferred(handle, data).await;
+                self.waits.push(Box::pin(wait.map(move |outcome| Done::Reply {
+                    id: Some(id),
+                    op: Op::Callback,
+                    path: None,
+                    outcome,
+                })));
+            }
+            None => {
+                if let Err(e) = self.session.answer(handle, data).await {
+                    self.fail(None, Some(Op::Callback), None, e.code(), e.to_string());
+                }
+            }
+        }
+    }
+
+    async fn op_on(&mut self, req: RawRequest) {
+        let op = req.op;
+        let path = codec::clean_path(&req.path.unwrap_or_default());
+        self.cancelled.remove(&path);
+        if self.hub.is_subscribed(self.client.id, &path) || self.subscribing.contains(&path) {
+            // Already (being) subscribed: one reference per client and path is enough.
+            return self.answer(req.id, op, Some(&path), Outcome::ok());
+        }
+        let max = self.cfg.max_subscriptions_per_client;
+        if self.hub.subscription_count(self.client.id) + self.subscribing.len() >= max {
+            let msg = format!("too many subscriptions for one client (max_subscriptions_per_client = {max})");
+            return self.fail(req.id, Some(op), Some(&path), code::OVERLOADED, msg);
+        }
+        if let Some(id) = &req.id {
+            if !self.may_wait(id, op, &path) {
+                return;
+            }
+        }
+        let wait = self.session.subscribe_deferred(&path, req.data).await;
+        self.subscribing.insert(path.clone());
+        let id = req.id;
+        self.waits.push(Box::pin(wait.map(move |outcome| Done::Subscribed {
+            id,
+            op,
+            path,
+            outcome,
+        })));
+    }
+
+    async fn op_off(&mut self, req: RawRequest) {
+        let path = codec::clean_path(&req.path.unwrap_or_default());
+        if self.subscribing.contains(&path) {
+            self.cancelled.insert(path.clone());
+        }
+        if self.hub.unsubscribe(self.client.id, &path) {
+            self.session.unsubscribe(&path).await;
+        }
+        self.answer(req.id, Op::Off, Some(&path), Outcome::ok());
+    }
+
+    async fn op_status(&mut self, req: RawRequest) {
+        let Some(st) = self.session.status().await else {
+            let msg = "the upstream session has stopped".to_owned();
+            return self.fail(req.id, Some(Op::Status), None, code::DISCONNECTED, msg);
+        };
+        let (clients, delivered, local) = self.hub.counts();
+        let subscriptions: Vec<_> = st
+            .subscriptions
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "path": s.path,
+                    "refs": s.refs,
+                    "state": s.state,
+                    "local_subscribers": local.get(&s.path).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        let connected_since = st.open_for.and_then(|d| {
+            let since = std::time::SystemTime::now().checked_sub(d)?;
+            since.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
+        });
+        let data = serde_json::json!({
+            "state": st.state,
+            "url": st.url.as_ref().map(|u| u.as_str()),
+            "dialect": "0.2",
+            "connected_since_ms": connected_since,
+            "open_for_ms": st.open_for.map(|d| d.as_millis() as u64),
+            "reconnects": st.reconnects,
+            "last_error": st.last_error,
+            "clients": clients,
+            "subscriptions": subscriptions,
+            "queued_events": st.queued_events,
+            "queued_bytes": st.queued_bytes,
+            "pending_callbacks": st.pending_callbacks,
+            "events_in": st.events_in,
+            "events_out": st.events_out,
+            "events_delivered": delivered,
+            "events_lost": self.client.outbox.lost_total(),
+        });
+        let outcome = Outcome {
+            data: to_raw(&data),
+            ..Outcome::ok()
+        };
+        self.answer(req.id, Op::Status, None, outcome);
+    }
+
+    async fn finish(&mut self, done: Done) {
+        match done {
+            Done::Reply {
+                id,
+                op,
+                path,
+                outcome,
+            } => {
+                if let Some(h) = outcome.cb {
+                    self.hub.allow_handle(h, self.client.id);
+                }
+                self.answer(id, op, path.as_deref(), outcome);
+            }
+            Done::Subscribed {
+                id,
+                op,
+                path,
+                outcome,
+            } => {
+                self.subscribing.remove(&path);
+                if outcome.code == code::OK {
+                    if self.cancelled.remove(&path) {
+                        self.session.unsubscribe(&path).await;
+                    } else {
+                        self.hub.subscribe(&self.client, &path, op == Op::One);
+                    }
+                }
+                self.answer(id, op, Some(&path), outcome);
+            }
+        }
+    }
+
+    /// Checks the per-client cap on requests waiting for an answer.
+    fn may_wait(&mut self, id: &Id, op: Op, path: &str) -> bool {
+        let max = self.cfg.max_pending_per_client;
+        if self.waits.len() < max {
+            return true;
+        }
+        let msg = format!("too many requests waiting for an answer (max_pending_per_client = {max}); read your replies");
+        let path = (!path.is_empty()).then_some(path);
+        self.fail(Some(id.clone()), Some(op), path, code::OVERLOADED, msg);
+        false
+    }
+
+    fn fail(&self, id: Option<Id>, op: Option<Op>, path: Option<&str>, code: i64, msg: String) {
+        let outcome = Outcome::local(code, msg);
+        match id {
+            Some(id) => self.push_reply(&id, &outcome),
+            None => {
+                let line = error_event(op.map(Op::as_str), path, &outcome);
+                self.client.outbox.push_reply(line);
+            }
+        }
+    }
+
+    /// Answers a request: a reply when it had an id, an `/error` event when it failed
+    /// without one, nothing when it succeeded without one.
+    fn answer(&self, id: Option<Id>, op: Op, path: Option<&str>, outcome: Outcome) {
+        match id {
+            Some(id) => self.push_reply(&id, &outcome),
+            None if outcome.code == code::OK => {}
+            None => {
+                let line = error_event(Some(op.as_str()), path, &outcome);
+                self.client.outbox.push_reply(line);
+            }
+        }
+    }
+
+    fn push_reply(&self, id: &Id, outcome: &Outcome) {
+        let cb = outcome.cb.map(|h| h.to_string());
+        let reply = ReplyOut {
+            id,
+            code: outcome.code,
+            data: &outcome.data,
+            err_msg: outcome.err_msg.as_deref(),
+            cb: cb.as_deref(),
+        };
+        let mut v = serde_json::to_vec(&reply).unwrap_or_default();
+        v.push(b'\n');
+        self.client.outbox.push_reply(Bytes::from(v));
+    }
+}
+
+

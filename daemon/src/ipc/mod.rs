@@ -1,0 +1,128 @@
+//! The IPC server: local processes speak line-JSON over a Unix socket.
+
+/// What to do with a client whose outbound buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowClientPolicy {
+    /// Drop the client's oldest events and tell it how many were lost (the default).
+    DropOldest,
+    /// Disconnect the client.
+    Disconnect,
+}
+
+/// Bounds and policies of the local side.
+#[derive(Debug, Clone)]
+pub struct IpcConfig {
+    /// Longest request line accepted, in bytes.
+    pub max_line_bytes: usize,
+    /// Events buffered for one client before the slow-client policy applies.
+    pub client_queue_events: usize,
+    /// What happens to a client that does not read fast enough.
+    pub slow_client: SlowClientPolicy,
+    /// Most local clients connected at once.
+    pub max_clients: usize,
+    /// Most requests one client may have waiting for an answer.
+    pub max_pending_per_client: usize,
+    /// Most paths one client may subscribe to.
+    pub max_subscriptions_per_client: usize,
+    /// Groups whose members may connect besides the daemon's own user.
+    pub allowed_gids: Vec<u32>,
+}
+
+impl Default for IpcConfig {
+    fn default() -> Self {
+        IpcConfig {
+            max_line_bytes: 1024 * 1024,
+            client_queue_events: 4096,
+            slow_client: SlowClientPolicy::DropOldest,
+            max_clients: 16_384,
+            max_pending_per_client: 1024,
+            max_subscriptions_per_client: 4096,
+            allowed_gids: Vec::new(),
+        }
+    }
+}
+
+mod client;
+mod hub;
+mod lines;
+mod outbox;
+
+pub use hub::{run_notices, Hub};
+
+use crate::driver::SessionHandle;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Accepts local clients until `stop_accepting`; each client runs until it leaves or
+/// `stop_clients`. Returns once every client task has ended.
+pub async fn serve(
+    listener: UnixListener,
+    cfg: IpcConfig,
+    session: SessionHandle,
+    hub: Arc<Hub>,
+    stop_accepting: CancellationToken,
+    stop_clients: CancellationToken,
+) {
+    let cfg = Arc::new(cfg);
+    let tracker = TaskTracker::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop_accepting.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Usually EMFILE: wait a little rather than spin, the clients will leave.
+                tracing::warn!("accepting a local client failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) => {
+                if let Err(why) = crate::socket::peer_allowed(
+                    cred.uid(),
+                    cred.gid(),
+                    cred.pid(),
+                    own_uid,
+                    &cfg.allowed_gids,
+                ) {
+                    tracing::warn!(uid = cred.uid(), pid = cred.pid(), "refused a local client: {why}");
+                    continue;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("refused a local client whose credentials cannot be read: {e}");
+                continue;
+            }
+        }
+        if tracker.len() >= cfg.max_clients {
+            tracing::warn!(max_clients = cfg.max_clients, "refused a local client: too many clients");
+            let mut stream = stream;
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let line = b"{\"event\":\"/error\",\"data\":{\"code\":-3,\"err_msg\":\"too many local clients (max_clients); try again later\"}}\n";
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line)).await;
+            });
+            continue;
+        }
+        next_id += 1;
+        tracker.spawn(client::serve_client(
+            stream,
+            next_id,
+            hub.clone(),
+            session.clone(),
+            cfg.clone(),
+            stop_clients.clone(),
+        ));
+    }
+    tracker.close();
+    tracker.wait().await;
+}

@@ -1,0 +1,554 @@
+//! The local socket: where it lives, binding it safely, and who may connect.
+//!
+//! Binding is careful because the socket is the daemon's only access control besides the
+//! peer check: the folder is created private, a live daemon is never displaced, a stale
+//! socket left by a crash is replaced, and nothing that is not a socket is ever deleted.
+
+use std::ffi::{CStr, OsString};
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Why the local socket could not be set up.
+#[derive(Debug, Error)]
+pub enum SocketError {
+    /// A daemon answers on the path; replacing its socket would cut its clients off.
+    #[error("another qiod is already listening on {}; stop it or pass --socket", .0.display())]
+    InUse(PathBuf),
+    /// Something other than a socket is at the path; it may be someone's data.
+    #[error("{} exists and is not a socket; refusing to replace it: remove it or pass --socket", .0.display())]
+    NotASocket(PathBuf),
+    /// The socket's folder is a file (or something else), so no socket can go in it.
+    #[error("{} is not a directory; pass --socket with a path in a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// The socket's folder belongs to another user, who could replace our socket.
+    #[error("{} belongs to uid {owner}, not to us (uid {own}); refusing to put the socket there: remove it or pass --socket", .path.display())]
+    ForeignDirectory {
+        /// The folder.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The daemon's uid.
+        own: u32,
+    },
+    /// A system call failed.
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        /// What we were doing, as a verb phrase ("create directory").
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The system's answer.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SocketError + 'a {
+    move |source| SocketError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where the daemon listens unless told otherwise; clients compute the same path.
+///
+/// `QIOD_SOCKET` wins; then `$XDG_RUNTIME_DIR/qiod/qiod.sock` (a per-user tmpfs that
+/// systemd cleans up); then `/run/qiod/qiod.sock` for root; else `/tmp/qiod-<uid>/qiod.sock`.
+pub fn default_socket_path() -> PathBuf {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    socket_path_from(&|key| std::env::var_os(key), uid)
+}
+
+/// [`default_socket_path`] over an explicit environment, so config tests need no globals.
+pub(crate) fn socket_path_from(env: &dyn Fn(&str) -> Option<OsString>, uid: u32) -> PathBuf {
+    let set = |key: &str| env(key).filter(|v| !v.is_empty());
+    if let Some(path) = set("QIOD_SOCKET") {
+        return PathBuf::from(path);
+    }
+    // The XDG spec says to ignore a relative runtime dir.
+    if let Some(dir) = set("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        if dir.is_absolute() {
+            return dir.join("qiod").join("qiod.sock");
+        }
+    }
+    if uid == 0 {
+        PathBuf::from("/run/qiod/qiod.sock")
+    } else {
+        PathBuf::from(format!("/tmp/qiod-{uid}/qiod.sock"))
+    }
+}
+
+/// Binds a listening socket at `path` that only our user (and root) can reach, creating its
+/// folder (mode 0700) when missing.
+///
+/// An existing socket file is probed first: if a daemon answers, this refuses rather than
+/// steal the path; if nobody does (a crash left it behind), it is replaced. A file that is
+/// not a socket is never removed. An existing folder keeps its mode. The listener is
+/// blocking; tokio callers set it non-blocking themselves.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    bind_mode(path, 0o700, 0o600)
+}
+
+/// Like [`bind`], but reachable by other users, for when `allowed_groups` lets some in.
+///
+/// Group members cannot connect through a 0600 socket in a 0700 folder, and one file group
+/// cannot stand for several allowed groups, so the socket is made 0666 and a created
+/// folder 0711 (enterable, not listable); [`peer_allowed`] is then what keeps others out.
+pub fn bind_shared(path: &Path) -> Result<UnixListener, SocketError> {
+    bind_mode(path, 0o711, 0o666)
+}
+
+fn bind_mode(path: &Path, dir_mode: u32, sock_mode: u32) -> Result<UnixListener, SocketError> {
+    prepare_dir(path, dir_mode)?;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("inspect", path)(e)),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(SocketError::NotASocket(path.to_owned()))
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(SocketError::InUse(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "removing stale socket");
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_err("remove stale socket", path)(e))
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) => return Err(io_err("probe existing socket", path)(e)),
+        },
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            // Someone bound it between our probe and our bind.
+            SocketError::InUse(path.to_owned())
+        } else {
+            io_err("bind", path)(e)
+        }
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(sock_mode))
+        .map_err(io_err("set permissions of", path))?;
+    Ok(listener)
+}
+
+fn prepare_dir(path: &Path, mode: u32) -> Result<(), SocketError> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let own = unsafe { libc::getuid() };
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Err(SocketError::NotADirectory(dir.to_owned())),
+        // Another user's folder (the classic /tmp/qiod-<uid> squatting) lets them swap the
+        // socket under our clients; root-owned folders (/run, /tmp) are fine.
+        Ok(meta) if meta.uid() != own && meta.uid() != 0 => Err(SocketError::ForeignDirectory {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            own,
+        }),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(dir)
+                .map_err(io_err("create directory", dir))?;
+            // The umask can only take bits away, but make the mode exact anyway.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(io_err("set permissions of", dir))
+        }
+        Err(e) => Err(io_err("inspect", dir)(e)),
+    }
+}
+
+/// Removes the socket file the daemon bound when dropped, so clients see "no daemon"
+/// (connection refused or not found) rather than a stale file.
+///
+/// It remembers which file it was: if another process has since put its own socket at
+/// the path, that one is left alone. Sockets passed by systemd get no guard; systemd owns
+/// those files.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+impl SocketGuard {
+    /// Takes charge of the socket file just created by [`bind`] at `path`.
+    pub fn new(path: &Path) -> SocketGuard {
+        SocketGuard {
+            path: path.to_owned(),
+            identity: identity(path),
+        }
+    }
+
+    /// The guarded path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    meta.file_type()
+        .is_socket()
+        .then(|| (meta.dev(), meta.ino()))
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if self.identity.is_some() && identity(&self.path) == self.identity {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!(path = %self.path.display(), "cannot remove socket: {e}");
+            }
+        }
+    }
+}
+
+/// The first socket passed by systemd socket activation, if we were started that way.
+///
+/// Follows `sd_listen_fds`: the fds are ours only when `LISTEN_PID` is our pid, they start
+/// at 3, and the variables are removed so children do not take them too. Call it before
+/// starting threads: removing environment variables races with threads reading them.
+pub fn from_systemd() -> Option<UnixListener> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    for key in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(key);
+    }
+    let count = listen_fds(pid.as_deref(), fds.as_deref(), std::process::id())?;
+    if count > 1 {
+        tracing::warn!("systemd passed {count} sockets; using the first one only");
+    }
+    const FD: libc::c_int = 3;
+    if let Err(why) = check_listening_unix(FD) {
+        tracing::warn!("ignoring the socket systemd passed (fd 3): {why}");
+        return None;
+    }
+    // systemd passes the fds without close-on-exec.
+    // SAFETY: fcntl on an fd number is always safe to call; errors are reported.
+    unsafe {
+        let flags = libc::fcntl(FD, libc::F_GETFD);
+        if flags >= 0 {
+            libc::fcntl(FD, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
+    // SAFETY: systemd handed fd 3 to this process alone (LISTEN_PID matched) and we just
+    // removed the variables, so no second call can wrap it again.
+    Some(unsafe { UnixListener::from_raw_fd(FD) })
+}
+
+/// How many fds systemd passed to `own_pid`, per the `LISTEN_*` variables.
+fn listen_fds(pid: Option<&str>, fds: Option<&str>, own_pid: u32) -> Option<u32> {
+    let pid: u32 = pid?.trim().parse().ok()?;
+    let fds: u32 = fds?.trim().parse().ok()?;
+    (pid == own_pid && fds >= 1).then_some(fds)
+}
+
+fn check_listening_unix(fd: libc::c_int) -> Result<(), String> {
+    // SAFETY: the out-pointers point at properly sized locals; the calls only fail.
+    unsafe {
+        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(fd, (&raw mut addr).cast(), &mut len) != 0 {
+            return Err(format!("not a socket: {}", io::Error::last_os_error()));
+        }
+        if libc::c_int::from(addr.ss_family) != libc::AF_UNIX {
+            return Err("not a Unix socket".into());
+        }
+        let mut listening: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        if libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut listening).cast(),
+            &mut len,
+        ) != 0
+        {
+            return Err(format!("getsockopt: {}", io::Error::last_os_error()));
+        }
+        if listening == 0 {
+            return Err("not listening (use ListenStream= with Accept=no)".into());
+        }
+    }
+    Ok(())
+}
+
+/// Decides whether a connecting process may use the daemon.
+///
+/// The daemon speaks upstream with one identity, so anyone who can connect acts as the
+/// daemon's user: by default only that user and root may; `allowed_gids` widens it to
+/// members of those groups, primary or supplementary. A failed group lookup denies.
+pub fn peer_allowed(
+    peer_uid: u32,
+    peer_gid: u32,
+    peer_pid: Option<i32>,
+    own_uid: u32,
+    allowed_gids: &[u32],
+) -> Result<(), String> {
+    peer_allowed_with(
+        peer_uid,
+        peer_gid,
+        peer_pid,
+        own_uid,
+        allowed_gids,
+        user_groups,
+    )
+}
+
+fn peer_allowed_with(
+    peer_uid: u32,
+    peer_gid: u32,
+    peer_pid: Option<i32>,
+    own_uid: u32,
+    allowed_gids: &[u32],
+    groups_of: impl FnOnce(u32, u32) -> Option<Vec<u32>>,
+) -> Result<(), String> {
+    if peer_uid == own_uid || peer_uid == 0 || allowed_gids.contains(&peer_gid) {
+        return Ok(());
+    }
+    if !allowed_gids.is_empty() {
+        if let Some(groups) = groups_of(peer_uid, peer_gid) {
+            if groups.iter().any(|g| allowed_gids.contains(g)) {
+                return Ok(());
+            }
+        }
+    }
+    let who = match peer_pid {
+        Some(pid) => format!("uid {peer_uid} (pid {pid})"),
+        None => format!("uid {peer_uid}"),
+    };
+    Err(if allowed_gids.is_empty() {
+        format!("{who} is not the daemon's user (uid {own_uid}); set allowed_groups to let other users in")
+    } else {
+        format!("{who} is not the daemon's user (uid {own_uid}) and is in none of allowed_groups")
+    })
+}
+
+/// All groups of the user `uid` (primary `gid` included), or `None` if unknown.
+fn user_groups(uid: u32, gid: u32) -> Option<Vec<u32>> {
+    let name = user_name(uid)?;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..8 {
+        let mut n = libc::c_int::try_from(groups.len()).ok()?;
+        // SAFETY: `groups` has room for `n` entries; getgrouplist writes at most that many
+        // and reports the real count in `n`.
+        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        let n = usize::try_from(n).ok()?;
+        if rc >= 0 {
+            groups.truncate(n);
+            return Some(groups);
+        }
+        groups.resize(n.max(groups.len() * 2), 0);
+    }
+    None
+}
+
+fn user_name(uid: u32) -> Option<std::ffi::CString> {
+    let mut buf: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: zeroed passwd is a valid out-value (null pointers, zero ids).
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live local of the right size.
+        let rc =
+            unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
+            return None;
+        }
+        // SAFETY: on success pw_name points at a NUL-terminated string inside `buf`.
+        return Some(unsafe { CStr::from_ptr(pwd.pw_name) }.to_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn bind_creates_private_folder_and_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("a/b/qiod.sock");
+        let listener = bind(&path).unwrap();
+        assert_eq!(mode(&tmp.path().join("a/b")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_socket());
+        // It really listens.
+        UnixStream::connect(&path).unwrap();
+        drop(listener);
+    }
+
+    #[test]
+    fn bind_shared_opens_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("d/qiod.sock");
+        let _l = bind_shared(&path).unwrap();
+        assert_eq!(mode(&tmp.path().join("d")), 0o711);
+        assert_eq!(mode(&path), 0o666);
+    }
+
+    #[test]
+    fn bind_leaves_existing_folder_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+        let _l = bind(&tmp.path().join("s.sock")).unwrap();
+        assert_eq!(mode(tmp.path()), 0o750);
+    }
+
+    #[test]
+    fn bind_refuses_a_live_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("qiod.sock");
+        let _live = bind(&path).unwrap();
+        let err = bind(&path).unwrap_err();
+        assert!(matches!(err, SocketError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("already listening"), "{err}");
+        // The live one still works.
+        UnixStream::connect(&path).unwrap();
+    }
+
+    #[test]
+    fn bind_replaces_a_stale_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("qiod.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists(), "a dropped listener leaves its file");
+        let _l = bind(&path).unwrap();
+        UnixStream::connect(&path).unwrap();
+    }
+
+    #[test]
+    fn bind_refuses_a_regular_file_and_keeps_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("qiod.sock");
+        std::fs::write(&path, "precious").unwrap();
+        let err = bind(&path).unwrap_err();
+        assert!(matches!(err, SocketError::NotASocket(_)), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+    }
+
+    #[test]
+    fn bind_refuses_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        std::fs::write(&target, "x").unwrap();
+        let path = tmp.path().join("qiod.sock");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(matches!(bind(&path), Err(SocketError::NotASocket(_))));
+        assert!(target.exists());
+    }
+
+    #[test]
+    fn bind_refuses_a_file_as_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = bind(&file.join("qiod.sock")).unwrap_err();
+        assert!(matches!(err, SocketError::NotADirectory(_)), "{err}");
+    }
+
+    #[test]
+    fn guard_removes_only_its_own_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("qiod.sock");
+        let l = bind(&path).unwrap();
+        drop(SocketGuard::new(&path));
+        assert!(!path.exists());
+        drop(l);
+
+        // A guard whose file was replaced by someone else's leaves the new one alone.
+        let l = bind(&path).unwrap();
+        let guard = SocketGuard::new(&path);
+        drop(l);
+        // Moved aside rather than removed, so the new file cannot reuse the inode.
+        std::fs::rename(&path, tmp.path().join("old.sock")).unwrap();
+        let _other = UnixListener::bind(&path).unwrap();
+        drop(guard);
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn socket_path_defaults() {
+        let env = |pairs: &[(&str, &str)]| {
+            let map: HashMap<String, OsString> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), OsString::from(v)))
+                .collect();
+            move |k: &str| map.get(k).cloned()
+        };
+        let e = env(&[("XDG_RUNTIME_DIR", "/run/user/1000")]);
+        assert_eq!(
+            socket_path_from(&e, 1000),
+            Path::new("/run/user/1000/qiod/qiod.sock")
+        );
+        let e = env(&[
+            ("XDG_RUNTIME_DIR", "/run/user/1000"),
+            ("QIOD_SOCKET", "/x/y.sock"),
+        ]);
+        assert_eq!(socket_path_from(&e, 1000), Path::new("/x/y.sock"));
+        let e = env(&[("XDG_RUNTIME_DIR", "relative")]);
+        assert_eq!(socket_path_from(&e, 0), Path::new("/run/qiod/qiod.sock"));
+        let e = env(&[("XDG_RUNTIME_DIR", ""), ("QIOD_SOCKET", "")]);
+        assert_eq!(
+            socket_path_from(&e, 1234),
+            Path::new("/tmp/qiod-1234/qiod.sock")
+        );
+    }
+
+    #[test]
+    fn listen_fds_rules() {
+        assert_eq!(listen_fds(Some("42"), Some("1"), 42), Some(1));
+        assert_eq!(listen_fds(Some("42"), Some("2"), 42), Some(2));
+        assert_eq!(listen_fds(Some("41"), Some("1"), 42), None);
+        assert_eq!(listen_fds(Some("42"), Some("0"), 42), None);
+        assert_eq!(listen_fds(None, Some("1"), 42), None);
+        assert_eq!(listen_fds(Some("x"), Some("1"), 42), None);
+    }
+
+    #[test]
+    fn peer_rules() {
+        let never = |_: u32, _: u32| -> Option<Vec<u32>> { panic!("no lookup needed") };
+        assert!(peer_allowed_with(1000, 1000, None, 1000, &[], never).is_ok());
+        assert!(peer_allowed_with(0, 0, None, 1000, &[], never).is_ok());
+        assert!(peer_allowed_with(1001, 50, None, 1000, &[50], never).is_ok());
+        // No allowed groups: no lookup, denied, and the message names the uid.
+        let err = peer_allowed_with(1001, 1001, Some(7), 1000, &[], never).unwrap_err();
+        assert!(err.contains("uid 1001") && err.contains("pid 7"), "{err}");
+        // Supplementary groups count.
+        let member = |_: u32, _: u32| Some(vec![1001, 50, 60]);
+        assert!(peer_allowed_with(1001, 1001, None, 1000, &[60], member).is_ok());
+        let err = peer_allowed_with(1001, 1001, None, 1000, &[70], member).unwrap_err();
+        assert!(err.contains("uid 1001"), "{err}");
+        // A failed lookup denies.
+        let unknown = |_: u32, _: u32| None;
+        assert!(peer_allowed_with(1001, 1001, None, 1000, &[60], unknown).is_err());
+    }
+
+    #[test]
+    fn group_lookup_of_root() {
+        // Every system has root in passwd with primary group 0.
+        let groups = user_groups(0, 0).expect("root has a passwd entry");
+        assert!(groups.contains(&0), "{groups:?}");
+        assert_eq!(user_groups(u32::MAX - 7, 0), None);
+    }
+}

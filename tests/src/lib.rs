@@ -1,0 +1,39 @@
+//! `qio_testserver`: a Quick.IO 0.2 WebSocket server for testing clients (qiod in particular).
+//!
+//! It speaks the 0.2 wire dialect (`<path>:<cb>=<json>`, `quickio` subprotocol, `/qio/ohai`
+//! greeting), runs the server-side conformance app (`/clienttest/*`), and exposes a control API
+//! ([`TestServer`]) so end-to-end tests can break the server on purpose (kill, restart on the
+//! same port, stall, refuse subscriptions, drop callbacks) and assert on everything clients
+//! sent ([`TestServer::received`], [`TestServer::log`]).
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use qio_testserver::{ServerConfig, TestServer};
+//! use std::time::Duration;
+//!
+//! let server = TestServer::start(ServerConfig {
+//!     heartbeat_interval: Duration::from_millis(50),
+//!     ..ServerConfig::default()
+//! })
+//! .await?;
+//! // ... point a client at server.url() ...
+//! assert!(server.wait_until(Duration::from_secs(5), |s| s.connection_count() == 1).await);
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`codec`] is the pure wire codec (everything dialect-specific is behind
+//! [`Dialect`]); `conn` runs one connection; `app` is the conformance app; `server` holds the
+//! shared state and the control API.
+
+#![deny(missing_docs)]
+
+mod app;
+pub mod codec;
+mod conn;
+mod server;
+
+pub use codec::{clean_path, Dialect, Frame, ParseError, Reply};
+pub use server::{CallbackKind, CloseReason, LogEntry, Received, ServerConfig, TestServer};
+
+#[cfg(test)]
+mod wire_tests;

@@ -1,0 +1,828 @@
+//! The server's shared state, listener and control API ([`TestServer`]).
+//!
+//! One `Arc<Inner>` is shared by the accept loop, the broadcast ticker and one task per
+//! connection. Tests hold [`TestServer`] handles; when the last one is dropped every task is
+//! aborted, so a test can never leak a server into the next one.
+
+use crate::app;
+use crate::codec::{clean_path, Dialect};
+use crate::conn;
+use futures_util::future::join_all;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// Server settings. [`Default`] gives the real Quick.IO 0.2 server's timings, which are far too
+/// slow for tests: tests shorten them to milliseconds.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Send `/qio/heartbeat:0=null` when nothing was sent to a client for this long (60 s).
+    pub heartbeat_interval: Duration,
+    /// Send a heartbeat challenge when nothing was received from a client for this long (15 min).
+    pub challenge_after: Duration,
+    /// Drop a client that has not answered a challenge within this long (60 s).
+    pub challenge_timeout: Duration,
+    /// Period of the `/clienttest/broadcast` events while anyone is subscribed (10 ms).
+    pub broadcast_interval: Duration,
+    /// Whether every path outside `/qio/` can be subscribed to (true). When false only the
+    /// conformance app's subscribable paths can, and everything else answers 404.
+    pub open_subscriptions: bool,
+    /// Bound of each connection's outbound queue (8192 frames). Bounded so a client that stops
+    /// reading cannot make the server eat all memory.
+    pub max_queued_frames: usize,
+    /// How long a full outbound queue may stay full before the client is considered hopelessly
+    /// behind and dropped (5 s). Senders wait this long, which gives benchmarks backpressure
+    /// instead of dropped clients.
+    pub slow_client_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            heartbeat_interval: Duration::from_secs(60),
+            challenge_after: Duration::from_secs(15 * 60),
+            challenge_timeout: Duration::from_secs(60),
+            broadcast_interval: Duration::from_millis(10),
+            open_subscriptions: true,
+            max_queued_frames: 8192,
+            slow_client_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Clamps zero durations and sizes so a careless test config cannot make timers spin or
+    /// `tokio::time::interval` panic.
+    fn sanitized(mut self) -> Self {
+        let min = Duration::from_millis(1);
+        for d in [
+            &mut self.heartbeat_interval,
+            &mut self.challenge_after,
+            &mut self.challenge_timeout,
+            &mut self.broadcast_interval,
+        ] {
+            *d = (*d).max(min);
+        }
+        self.max_queued_frames = self.max_queued_frames.max(1);
+        self
+    }
+}
+
+/// One frame received from a client after the handshake, in arrival order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// The connection id (see [`LogEntry::Accepted`]); ids count up from 1 per server.
+    pub conn: u64,
+    /// The cleaned path.
+    pub path: String,
+    /// The path exactly as sent, to check a client's own path cleaning.
+    pub raw_path: String,
+    /// The callback id the client requested (0 = none).
+    pub cb: u64,
+    /// The data.
+    pub data: Value,
+}
+
+/// What kind of server-requested callback a client answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackKind {
+    /// A heartbeat challenge (`/qio/heartbeat:<cb>=null`).
+    Challenge,
+    /// A `/clienttest/echo` answer requesting a callback back (a chain link).
+    Echo,
+    /// A request sent by [`TestServer::request_from_all`].
+    Request,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a WebSocket close frame (with its close code, if any).
+    ClientClose {
+        /// The close code the client sent.
+        code: Option<u16>,
+    },
+    /// The TCP stream ended without a close frame.
+    ClientGone,
+    /// A read or write error, including WebSocket protocol violations detected by tungstenite.
+    Transport(String),
+    /// The HTTP upgrade failed or timed out.
+    HandshakeFailed(String),
+    /// The first frame after the upgrade was not the greeting (`/qio/ohai`); holds its start.
+    NotGreeting(String),
+    /// A text frame that is not a valid event.
+    Malformed {
+        /// The parse error.
+        error: String,
+        /// The start of the offending frame.
+        text: String,
+    },
+    /// The client sent a WebSocket ping frame (the real 0.2 server closes on that opcode).
+    PingFrame,
+    /// The client sent a WebSocket pong frame (also an unsupported opcode for 0.2).
+    PongFrame,
+    /// The client sent a binary frame.
+    BinaryFrame,
+    /// A heartbeat challenge was not answered within `challenge_timeout`.
+    ChallengeTimeout,
+    /// The server closed it on request (`/clienttest/close`), with a close frame.
+    ServerClose,
+    /// The server sent `/qio/move` and closed (`/clienttest/move`).
+    Moved,
+    /// The outbound queue stayed full for `slow_client_timeout`.
+    SlowConsumer,
+    /// [`TestServer::kill`] (or `restart`) dropped it without a close frame.
+    Killed,
+    /// The server shut down.
+    Shutdown,
+}
+
+/// Notable happenings, in order, for tests to assert on (see [`TestServer::log`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogEntry {
+    /// A TCP connection was accepted and got its id.
+    Accepted {
+        /// Connection id.
+        conn: u64,
+        /// The client's address.
+        peer: SocketAddr,
+    },
+    /// The WebSocket upgrade succeeded.
+    Upgraded {
+        /// Connection id.
+        conn: u64,
+        /// The request URI (path and query) the client asked for.
+        uri: String,
+        /// Whether the client requested the dialect's subprotocol (`quickio`), which was then
+        /// echoed.
+        subprotocol_requested: bool,
+    },
+    /// The Quick.IO handshake completed (greeting answered): the connection is open.
+    Opened {
+        /// Connection id.
+        conn: u64,
+    },
+    /// The connection ended; every accepted connection gets exactly one of these.
+    Closed {
+        /// Connection id.
+        conn: u64,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// A subscription became active.
+    Subscribed {
+        /// Connection id.
+        conn: u64,
+        /// Cleaned path.
+        path: String,
+    },
+    /// A subscription was removed by `/qio/off` (not by the connection closing).
+    Unsubscribed {
+        /// Connection id.
+        conn: u64,
+        /// Cleaned path.
+        path: String,
+    },
+    /// A heartbeat challenge was sent.
+    ChallengeSent {
+        /// Connection id.
+        conn: u64,
+        /// The callback id requested.
+        cb: u64,
+    },
+    /// A client answered a server-requested callback.
+    CallbackAnswered {
+        /// Connection id.
+        conn: u64,
+        /// The server's callback id that was answered.
+        cb: u64,
+        /// What the server had asked for.
+        kind: CallbackKind,
+        /// The data of the answer.
+        data: Value,
+    },
+    /// A client answered a callback id the server never requested (or already saw answered).
+    UnknownCallback {
+        /// Connection id.
+        conn: u64,
+        /// The callback id.
+        cb: u64,
+    },
+    /// A frame was discarded because the connection's queue was full while stalled.
+    FrameDiscarded {
+        /// Connection id.
+        conn: u64,
+    },
+    /// [`TestServer::kill`] ran.
+    Killed,
+    /// [`TestServer::restart`] is listening again.
+    Restarted,
+    /// [`TestServer::set_stalled`] changed the stall state.
+    Stalled {
+        /// The new state.
+        on: bool,
+    },
+}
+
+/// Something for a connection task to send, queued by the control API or the ticker.
+#[derive(Debug, Clone)]
+pub(crate) enum Out {
+    /// A pre-encoded text frame (encoded once, shared by every receiver).
+    Text(Utf8Bytes),
+    /// An event with a server-requested callback; the connection picks the id, because ids
+    /// count per connection.
+    Request { path: Arc<str>, data: Arc<Value> },
+}
+
+struct ConnEntry {
+    tx: mpsc::Sender<Out>,
+    task: Option<JoinHandle<()>>,
+    opened: bool,
+    subs: HashSet<String>,
+}
+
+#[derive(Default)]
+struct State {
+    conns: HashMap<u64, ConnEntry>,
+    subs: HashMap<String, HashSet<u64>>,
+    /// Set under the lock by shutdown so a racing accept cannot register a new connection.
+    shut: bool,
+}
+
+/// Shared server state. Connection tasks and the control API meet here.
+pub(crate) struct Inner {
+    pub(crate) cfg: ServerConfig,
+    pub(crate) dialect: Dialect,
+    addr: SocketAddr,
+    state: Mutex<State>,
+    accept_task: Mutex<Option<JoinHandle<()>>>,
+    ticker_task: Mutex<Option<JoinHandle<()>>>,
+    received: Mutex<Vec<Received>>,
+    log: Mutex<Vec<LogEntry>>,
+    stalled: watch::Sender<bool>,
+    drop_callbacks: AtomicBool,
+    refuse: Mutex<HashMap<String, i64>>,
+    bytes_sent: AtomicU64,
+    next_conn: AtomicU64,
+    ticker_wakeup: Notify,
+}
+
+/// Locks a mutex, ignoring poisoning: the state stays usable for the assertions of a test even
+/// if some task panicked (which would be a bug, but should not hide the test's real failure).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Inner {
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn push_log(&self, entry: LogEntry) {
+        tracing::debug!(?entry, "log");
+        lock(&self.log).push(entry);
+    }
+
+    pub(crate) fn record(&self, r: Received) {
+        lock(&self.received).push(r);
+    }
+
+    pub(crate) fn stall_rx(&self) -> watch::Receiver<bool> {
+        self.stalled.subscribe()
+    }
+
+    pub(crate) fn is_stalled(&self) -> bool {
+        *self.stalled.borrow()
+    }
+
+    pub(crate) fn drop_callbacks(&self) -> bool {
+        self.drop_callbacks.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn refused(&self, path: &str) -> Option<i64> {
+        lock(&self.refuse).get(path).copied()
+    }
+
+    pub(crate) fn add_bytes_sent(&self, n: usize) {
+        self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn wake_ticker(&self) {
+        self.ticker_wakeup.notify_one();
+    }
+
+    pub(crate) async fn ticker_wakeup(&self) {
+        self.ticker_wakeup.notified().await;
+    }
+
+    /// Registers a freshly accepted TCP connection and starts its task.
+    fn spawn_conn(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let (tx, rx) = mpsc::channel(self.cfg.max_queued_frames);
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = lock(&self.state);
+            if st.shut {
+                return;
+            }
+            // Registered before the task exists, so kill() can never miss a connection: the
+            // accept loop has no await point between here and storing the task handle.
+            st.conns.insert(
+                id,
+                ConnEntry {
+                    tx,
+                    task: None,
+                    opened: false,
+                    subs: HashSet::new(),
+                },
+            );
+        }
+        self.push_log(LogEntry::Accepted { conn: id, peer });
+        let task = tokio::spawn(conn::run(self.clone(), id, stream, rx));
+        match lock(&self.state).conns.get_mut(&id) {
+            Some(entry) => entry.task = Some(task),
+            None => drop(task), // already finished: detach
+        }
+    }
+
+    pub(crate) fn mark_opened(&self, id: u64) {
+        if let Some(e) = lock(&self.state).conns.get_mut(&id) {
+            e.opened = true;
+        }
+        self.push_log(LogEntry::Opened { conn: id });
+    }
+
+    /// Forgets a connection (subscriptions included) and logs why it closed. Returns its task
+    /// handle, or `None` if it was already removed (so each close is logged exactly once).
+    pub(crate) fn remove_conn(
+        &self,
+        id: u64,
+        reason: CloseReason,
+    ) -> Option<Option<JoinHandle<()>>> {
+        let entry = {
+            let mut st = lock(&self.state);
+            let entry = st.conns.remove(&id)?;
+            for path in &entry.subs {
+                if let Some(set) = st.subs.get_mut(path) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        st.subs.remove(path);
+                    }
+                }
+            }
+            entry
+        };
+        self.push_log(LogEntry::Closed { conn: id, reason });
+        Some(entry.task)
+    }
+
+    /// Removes a connection from outside its task and aborts the task (no close frame).
+    fn drop_conn(&self, id: u64, reason: CloseReason) -> Option<JoinHandle<()>> {
+        let task = self.remove_conn(id, reason)??;
+        task.abort();
+        Some(task)
+    }
+
+    pub(crate) fn is_subscribed(&self, id: u64, path: &str) -> bool {
+        lock(&self.state)
+            .conns
+            .get(&id)
+            .is_some_and(|e| e.subs.contains(path))
+    }
+
+    /// Adds a subscription; false if it already existed (or the connection is gone).
+    pub(crate) fn subscribe(&self, id: u64, path: &str) -> bool {
+        {
+            let mut st = lock(&self.state);
+            let Some(entry) = st.conns.get_mut(&id) else {
+                return false;
+            };
+            if !entry.subs.insert(path.to_owned()) {
+                return false;
+            }
+            st.subs.entry(path.to_owned()).or_default().insert(id);
+        }
+        self.push_log(LogEntry::Subscribed {
+            conn: id,
+            path: path.to_owned(),
+        });
+        true
+    }
+
+    /// Removes a subscription; false if there was none.
+    pub(crate) fn unsubscribe(&self, id: u64, path: &str) -> bool {
+        {
+            let mut st = lock(&self.state);
+            let Some(entry) = st.conns.get_mut(&id) else {
+                return false;
+            };
+            if !entry.subs.remove(path) {
+                return false;
+            }
+            if let Some(set) = st.subs.get_mut(path) {
+                set.remove(&id);
+                if set.is_empty() {
+                    st.subs.remove(path);
+                }
+            }
+        }
+        self.push_log(LogEntry::Unsubscribed {
+            conn: id,
+            path: path.to_owned(),
+        });
+        true
+    }
+
+    pub(crate) fn subscriber_count(&self, path: &str) -> usize {
+        lock(&self.state).subs.get(path).map_or(0, HashSet::len)
+    }
+
+    fn subscribers(&self, path: &str) -> Vec<(u64, mpsc::Sender<Out>)> {
+        let st = lock(&self.state);
+        let Some(set) = st.subs.get(path) else {
+            return Vec::new();
+        };
+        set.iter()
+            .filter_map(|id| st.conns.get(id).map(|e| (*id, e.tx.clone())))
+            .collect()
+    }
+
+    fn open_conns(&self) -> Vec<(u64, mpsc::Sender<Out>)> {
+        lock(&self.state)
+            .conns
+            .iter()
+            .filter(|(_, e)| e.opened)
+            .map(|(id, e)| (*id, e.tx.clone()))
+            .collect()
+    }
+
+    /// Sends an event with cb 0 to every subscriber of `path`, encoding it once.
+    pub(crate) async fn broadcast(&self, path: &str, data: &Value) -> usize {
+        let targets = self.subscribers(path);
+        if targets.is_empty() {
+            return 0;
+        }
+        let text = Utf8Bytes::from(self.dialect.encode(path, 0, data));
+        self.deliver(targets, Out::Text(text)).await
+    }
+
+    /// Queues `out` for every target. Full queues are waited on concurrently for up to
+    /// `slow_client_timeout` (backpressure for fast producers); a client whose queue stays full
+    /// that long is dropped. While stalled, nobody drains queues, so a full queue just loses
+    /// the frame instead. Returns how many targets got it.
+    async fn deliver(&self, targets: Vec<(u64, mpsc::Sender<Out>)>, out: Out) -> usize {
+        let mut delivered = 0;
+        let mut slow = Vec::new();
+        for (id, tx) in targets {
+            match tx.try_send(out.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(o)) => slow.push((id, tx, o)),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        if slow.is_empty() {
+            return delivered;
+        }
+        if self.is_stalled() {
+            for (id, _, _) in slow {
+                self.push_log(LogEntry::FrameDiscarded { conn: id });
+            }
+            return delivered;
+        }
+        let timeout = self.cfg.slow_client_timeout;
+        let results = join_all(
+            slow.into_iter()
+                .map(|(id, tx, o)| async move { (id, tx.send_timeout(o, timeout).await) }),
+        )
+        .await;
+        for (id, res) in results {
+            match res {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    tracing::warn!(conn = id, "client too far behind: dropped");
+                    self.drop_conn(id, CloseReason::SlowConsumer);
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => {}
+            }
+        }
+        delivered
+    }
+
+    /// Aborts every task at once without waiting (usable from `Drop`).
+    fn shutdown_now(&self) -> Vec<JoinHandle<()>> {
+        let mut handles = Vec::new();
+        handles.extend(lock(&self.accept_task).take());
+        handles.extend(lock(&self.ticker_task).take());
+        let ids: Vec<u64> = {
+            let mut st = lock(&self.state);
+            st.shut = true;
+            st.conns.keys().copied().collect()
+        };
+        for id in ids {
+            if let Some(Some(task)) = self.remove_conn(id, CloseReason::Shutdown) {
+                handles.push(task);
+            }
+        }
+        for h in &handles {
+            h.abort();
+        }
+        handles
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                // Quick.IO frames are small and latency matters more than packet count.
+                let _ = stream.set_nodelay(true);
+                inner.spawn_conn(stream, peer);
+            }
+            Err(e) => {
+                // Typically EMFILE: back off a little instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Dropping the last [`TestServer`] drops this, which aborts every task.
+struct Guard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.inner.shutdown_now();
+    }
+}
+
+/// A running Quick.IO 0.2 test server and its control API.
+///
+/// Cheap to clone (an `Arc` inside); all clones control the same server. Dropping the last
+/// clone (or calling [`TestServer::shutdown`]) stops the listener, every connection and the
+/// broadcast ticker.
+#[derive(Clone)]
+pub struct TestServer {
+    guard: Arc<Guard>,
+}
+
+impl std::fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestServer")
+            .field("addr", &self.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestServer {
+    fn inner(&self) -> &Arc<Inner> {
+        &self.guard.inner
+    }
+
+    /// Starts a server on `127.0.0.1` with a free port chosen by the OS.
+    pub async fn start(cfg: ServerConfig) -> std::io::Result<TestServer> {
+        Self::bind(cfg, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// Starts a server on a given address (port 0 = any free port). Used by the binary's
+    /// `--bind`/`--port`; tests should prefer [`TestServer::start`].
+    pub async fn bind(cfg: ServerConfig, addr: SocketAddr) -> std::io::Result<TestServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stalled, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            cfg: cfg.sanitized(),
+            dialect: Dialect::V02,
+            addr,
+            state: Mutex::new(State::default()),
+            accept_task: Mutex::new(None),
+            ticker_task: Mutex::new(None),
+            received: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
+            stalled,
+            drop_callbacks: AtomicBool::new(false),
+            refuse: Mutex::new(HashMap::new()),
+            bytes_sent: AtomicU64::new(0),
+            next_conn: AtomicU64::new(1),
+            ticker_wakeup: Notify::new(),
+        });
+        *lock(&inner.accept_task) = Some(tokio::spawn(accept_loop(inner.clone(), listener)));
+        *lock(&inner.ticker_task) = Some(tokio::spawn(app::broadcast_ticker(inner.clone())));
+        tracing::info!(%addr, "test server listening");
+        Ok(TestServer {
+            guard: Arc::new(Guard { inner }),
+        })
+    }
+
+    /// The address the server listens on (stays the same across [`TestServer::restart`]).
+    pub fn addr(&self) -> SocketAddr {
+        self.inner().addr
+    }
+
+    /// The WebSocket URL of the server, `ws://127.0.0.1:PORT/`.
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr())
+    }
+
+    /// Simulates a crash: closes the listener (new connects are refused) and drops every
+    /// connection at once without a WebSocket close frame (the kernel closes the TCP stream,
+    /// as it would for a dead process). Returns when all of them are gone.
+    pub async fn kill(&self) {
+        let inner = self.inner();
+        let accept = lock(&inner.accept_task).take();
+        if let Some(task) = accept {
+            task.abort();
+            let _ = task.await;
+        }
+        let ids: Vec<u64> = lock(&inner.state).conns.keys().copied().collect();
+        let tasks: Vec<_> = ids
+            .into_iter()
+            .filter_map(|id| inner.drop_conn(id, CloseReason::Killed))
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+        inner.push_log(LogEntry::Killed);
+    }
+
+    /// Listens again on the same port after [`TestServer::kill`] (if the server is still
+    /// listening, kills it first, so `restart` alone simulates a server restart). Retries the
+    /// bind for about 2 s because the port can be briefly busy.
+    pub async fn restart(&self) -> std::io::Result<()> {
+        let running = lock(&self.inner().accept_task)
+            .as_ref()
+            .is_some_and(|t| !t.is_finished());
+        if running {
+            self.kill().await;
+        }
+        let inner = self.inner();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let listener = loop {
+            match TcpListener::bind(inner.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let task = tokio::spawn(accept_loop(inner.clone(), listener));
+        if let Some(old) = lock(&inner.accept_task).replace(task) {
+            old.abort();
+        }
+        inner.push_log(LogEntry::Restarted);
+        Ok(())
+    }
+
+    /// Stalls or resumes the server. Stalled, it keeps its TCP connections and still accepts
+    /// new ones, but reads nothing and sends nothing: no handshakes, answers, heartbeats or
+    /// ticker broadcasts, like a hung process. Frames queued meanwhile (e.g. by
+    /// [`TestServer::broadcast`]) go out after resuming; time spent stalled does not count
+    /// towards heartbeat or challenge timers.
+    pub fn set_stalled(&self, on: bool) {
+        let old = self.inner().stalled.send_replace(on);
+        if old != on {
+            self.inner().push_log(LogEntry::Stalled { on });
+        }
+    }
+
+    /// `Some(code)`: subscribing to `path` (cleaned) answers that code with an `err_msg`.
+    /// `None`: back to normal. Existing subscriptions are not touched.
+    pub fn set_refuse_subscriptions(&self, path: &str, code: Option<i64>) {
+        let path = clean_path(path);
+        let mut refuse = lock(&self.inner().refuse);
+        match code {
+            Some(code) => refuse.insert(path, code),
+            None => refuse.remove(&path),
+        };
+    }
+
+    /// While on, application events (outside `/qio/`) that request a callback get no answer,
+    /// as with `/clienttest/drop-callback`. Side effects of `/clienttest/*` events still happen.
+    pub fn set_drop_callbacks(&self, on: bool) {
+        self.inner().drop_callbacks.store(on, Ordering::Relaxed);
+    }
+
+    /// The number of open connections (Quick.IO handshake done, not closed).
+    pub fn connection_count(&self) -> usize {
+        lock(&self.inner().state)
+            .conns
+            .values()
+            .filter(|e| e.opened)
+            .count()
+    }
+
+    /// Path -> number of connections subscribed to it (paths with none are absent). A
+    /// multiplexing client must show at most 1 per path.
+    pub fn subscriptions(&self) -> BTreeMap<String, usize> {
+        lock(&self.inner().state)
+            .subs
+            .iter()
+            .map(|(p, s)| (p.clone(), s.len()))
+            .collect()
+    }
+
+    /// Every frame received from clients after their greeting (the greeting included, as
+    /// `/qio/ohai` with cb 0 and data null), in arrival order, `/qio/*` frames included.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.inner().received).clone()
+    }
+
+    /// How many frames [`TestServer::received`] holds, without copying them (for polling in
+    /// benchmarks).
+    pub fn received_count(&self) -> usize {
+        lock(&self.inner().received).len()
+    }
+
+    /// Forgets the received frames (e.g. between benchmark phases).
+    pub fn clear_received(&self) {
+        lock(&self.inner().received).clear();
+    }
+
+    /// Every notable happening so far, in order.
+    pub fn log(&self) -> Vec<LogEntry> {
+        lock(&self.inner().log).clone()
+    }
+
+    /// Forgets the log.
+    pub fn clear_log(&self) {
+        lock(&self.inner().log).clear();
+    }
+
+    /// The close reasons in the log, as `(conn, reason)` pairs in order: the usual thing to
+    /// assert ("no connection was closed for a ping frame").
+    pub fn closes(&self) -> Vec<(u64, CloseReason)> {
+        lock(&self.inner().log)
+            .iter()
+            .filter_map(|e| match e {
+                LogEntry::Closed { conn, reason } => Some((*conn, reason.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sends an event (cb 0) to every subscriber of `path` (cleaned), encoded once. Returns
+    /// how many subscribers it was queued for. Waits (up to `slow_client_timeout`) while a
+    /// subscriber's queue is full.
+    pub async fn broadcast(&self, path: &str, data: Value) -> usize {
+        self.inner().broadcast(&clean_path(path), &data).await
+    }
+
+    /// Sends a raw text frame, as is, to every open connection.
+    pub async fn send_raw_to_all(&self, text: &str) {
+        let inner = self.inner();
+        let targets = inner.open_conns();
+        inner
+            .deliver(targets, Out::Text(Utf8Bytes::from(text)))
+            .await;
+    }
+
+    /// Sends an event with a server-requested callback (cb > 0, per connection) to every open
+    /// connection. Answers show up in [`TestServer::received`] as `/qio/callback/<id>` frames
+    /// and in the log as [`LogEntry::CallbackAnswered`] with [`CallbackKind::Request`].
+    pub async fn request_from_all(&self, path: &str, data: Value) {
+        let inner = self.inner();
+        let targets = inner.open_conns();
+        let out = Out::Request {
+            path: Arc::from(clean_path(path)),
+            data: Arc::new(data),
+        };
+        inner.deliver(targets, out).await;
+    }
+
+    /// Total bytes of text payload written to clients so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.inner().bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Polls `f` every 2 ms until it returns true (then true) or `timeout` passes (then false).
+    /// Tests use this instead of fixed sleeps.
+    pub async fn wait_until<F: Fn(&TestServer) -> bool>(&self, timeout: Duration, f: F) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Stops the server now (listener, ticker, every connection) and waits for the tasks to
+    /// end. The handle stays usable for inspecting the log; dropping the last handle does the
+    /// same without waiting.
+    pub async fn shutdown(&self) {
+        for task in self.inner().shutdown_now() {
+            let _ = task.await;
+        }
+    }
+}

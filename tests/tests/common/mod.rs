@@ -1,0 +1,155 @@
+//! Shared fixtures for the end-to-end tests: the test server on port 0, the upstream
+//! session with millisecond timings, a daemon in a temp dir, and wait-until helpers.
+#![allow(dead_code)]
+
+use qio_testserver::{ServerConfig, TestServer};
+use qiod::driver::{self, DriverConfig, Notice, SessionHandle};
+use qiod::session::{SessionConfig, StateChange};
+use serde_json::value::RawValue;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A test server with millisecond heartbeats.
+pub async fn server() -> TestServer {
+    server_with(|_| {}).await
+}
+
+/// A test server with its configuration adjusted.
+pub async fn server_with(f: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let mut cfg = ServerConfig::default();
+    f(&mut cfg);
+    TestServer::start(cfg).await.expect("test server starts")
+}
+
+/// Session settings for tests: every interval in milliseconds.
+pub fn fast_config(urls: &[String]) -> DriverConfig {
+    let servers = urls.iter().map(|u| Url::parse(u).expect("url")).collect();
+    let mut s = SessionConfig::new(servers);
+    s.heartbeat_interval = Duration::from_secs(5);
+    s.ping_timeout = Duration::from_secs(2);
+    s.request_timeout = Duration::from_secs(5);
+    s.handshake_timeout = Duration::from_secs(2);
+    s.backoff_initial = Duration::from_millis(10);
+    s.backoff_max = Duration::from_millis(200);
+    let mut d = DriverConfig::new(s);
+    d.seed = 42;
+    d
+}
+
+/// A running upstream session with its notices.
+pub struct Upstream {
+    /// Talk to the session.
+    pub handle: SessionHandle,
+    /// What the session reports.
+    pub notices: mpsc::Receiver<Notice>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts a session against one server.
+    pub async fn start(url: &str) -> Upstream {
+        Upstream::start_with(fast_config(&[url.to_owned()])).await
+    }
+
+    /// Starts a session with the given configuration and waits until it is open.
+    pub async fn start_with(cfg: DriverConfig) -> Upstream {
+        let mut up = Upstream::spawn(cfg);
+        up.wait_open().await;
+        up
+    }
+
+    /// Starts a session without waiting for anything.
+    pub fn spawn(cfg: DriverConfig) -> Upstream {
+        let stop = CancellationToken::new();
+        let (handle, notices, task) = driver::spawn(cfg, stop.clone()).expect("session starts");
+        Upstream {
+            handle,
+            notices,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits for the next notice matching `f`, skipping others; fails the test at the deadline.
+    pub async fn wait_for<T>(&mut self, what: &str, mut f: impl FnMut(&Notice) -> Option<T>) -> T {
+        let fut = async {
+            while let Some(n) = self.notices.recv().await {
+                if let Some(t) = f(&n) {
+                    return Some(t);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(DEADLINE, fut).await {
+            Ok(Some(t)) => t,
+            Ok(None) => panic!("session ended while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+
+    /// Waits until the session reports open.
+    pub async fn wait_open(&mut self) -> Url {
+        self.wait_for("open", |n| match n {
+            Notice::State(StateChange::Open { url }) => Some(url.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits until the session reports a closed connection; returns the reason.
+    pub async fn wait_closed(&mut self) -> String {
+        self.wait_for("closed", |n| match n {
+            Notice::State(StateChange::Closed { reason }) => Some(reason.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for an event on `path`; returns its data and callback handle.
+    pub async fn wait_event(
+        &mut self,
+        path: &str,
+    ) -> (serde_json::Value, Option<qiod::session::CbHandle>) {
+        self.wait_for(&format!("an event on {path}"), |n| match n {
+            Notice::Event(e) if e.path == path => {
+                Some((serde_json::from_str(e.data.get()).expect("json"), e.cb))
+            }
+            _ => None,
+        })
+        .await
+    }
+
+    /// Stops the session and waits for its task.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// JSON text as the session's data type.
+pub fn raw(s: &str) -> Box<RawValue> {
+    RawValue::from_string(s.to_owned()).expect("valid JSON")
+}
+
+/// Polls `f` every few milliseconds until it is true; fails the test at the deadline.
+pub async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !f().await {
+        if start.elapsed() > DEADLINE {
+            panic!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
