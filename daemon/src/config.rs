@@ -46,6 +46,7 @@ servers and log apply at once, other changes at the next start.";
     name = "qiod",
     version,
     about = "Keeps one Quick.IO connection and shares it with local processes over a Unix socket",
+    long_about = None,
     after_help = AFTER_HELP,
     mut_args(with_default)
 )]

@@ -656,8 +656,12 @@ impl TestServer {
 
     /// Listens again on the same port after [`TestServer::kill`] (if the server is still
     /// listening, kills it first, so `restart` alone simulates a server restart). Retries the
-    /// bind for about 2 s because the port can be briefly busy.
+    /// bind for about 2 s because the port can be briefly busy. Fails after
+    /// [`TestServer::shutdown`].
     pub async fn restart(&self) -> std::io::Result<()> {
+        if lock(&self.inner().state).shut {
+            return Err(std::io::Error::other("the test server was shut down"));
+        }
         let running = lock(&self.inner().accept_task)
             .as_ref()
             .is_some_and(|t| !t.is_finished());
@@ -818,8 +822,8 @@ impl TestServer {
     }
 
     /// Stops the server now (listener, ticker, every connection) and waits for the tasks to
-    /// end. The handle stays usable for inspecting the log; dropping the last handle does the
-    /// same without waiting.
+    /// end. The handle stays usable for inspecting the log, but the server cannot be restarted.
+    /// Dropping the last handle does the same without waiting.
     pub async fn shutdown(&self) {
         for task in self.inner().shutdown_now() {
             let _ = task.await;

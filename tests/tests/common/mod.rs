@@ -153,3 +153,156 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A daemon running in-process on a socket in its own temp dir.
+pub struct Daemon {
+    /// The socket path.
+    pub socket: std::path::PathBuf,
+    /// Sends reloads, as SIGHUP does.
+    pub reload: mpsc::Sender<qiod::Reload>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Daemon settings for tests around fast session timings.
+pub fn daemon_settings(url: &str) -> qiod::Settings {
+    qiod::Settings {
+        driver: fast_config(&[url.to_owned()]),
+        ipc: qiod::ipc::IpcConfig::default(),
+    }
+}
+
+impl Daemon {
+    /// Starts a daemon against one server.
+    pub async fn start(url: &str) -> Daemon {
+        Daemon::start_with(daemon_settings(url)).await
+    }
+
+    /// Starts a daemon with the given settings.
+    pub async fn start_with(settings: qiod::Settings) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("qiod.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let stop = CancellationToken::new();
+        let (reload, reload_rx) = mpsc::channel(4);
+        let task = tokio::spawn(qiod::run(settings, listener, stop.clone(), reload_rx));
+        Daemon {
+            socket,
+            reload,
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// A new raw line client; waits for the daemon's first line (the state event).
+    pub async fn client(&self) -> LineClient {
+        LineClient::connect(&self.socket).await
+    }
+
+    /// A client that has seen `/open`.
+    pub async fn open_client(&self) -> LineClient {
+        let mut c = self.client().await;
+        loop {
+            let ev = c.next_event().await;
+            if ev["event"] == "/open" {
+                return c;
+            }
+        }
+    }
+
+    /// Stops the daemon (like SIGTERM) and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let res = tokio::time::timeout(DEADLINE, self.task).await;
+        res.expect("daemon stops in time").expect("no panic").expect("clean exit");
+    }
+
+    /// Cancels without waiting.
+    pub fn cancel(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// A local client speaking raw JSON lines, as any language would.
+pub struct LineClient {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    /// The writing half, for raw bytes.
+    pub writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl LineClient {
+    /// Connects to a socket.
+    pub async fn connect(path: &std::path::Path) -> LineClient {
+        use tokio::io::AsyncBufReadExt;
+        let stream = tokio::net::UnixStream::connect(path).await.expect("connect");
+        let (r, w) = stream.into_split();
+        LineClient {
+            lines: tokio::io::BufReader::new(r).lines(),
+            writer: w,
+        }
+    }
+
+    /// Writes raw bytes.
+    pub async fn write_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.writer.write_all(bytes).await.expect("write");
+    }
+
+    /// Writes one request line.
+    pub async fn send(&mut self, v: serde_json::Value) {
+        let mut line = serde_json::to_vec(&v).expect("json");
+        line.push(b'\n');
+        self.write_raw(&line).await;
+    }
+
+    /// The next line from the daemon, parsed; fails the test at the deadline.
+    pub async fn next(&mut self) -> serde_json::Value {
+        self.try_next().await.expect("the daemon closed the connection")
+    }
+
+    /// The next line, or `None` when the daemon closed the connection.
+    pub async fn try_next(&mut self) -> Option<serde_json::Value> {
+        let line = tokio::time::timeout(DEADLINE, self.lines.next_line())
+            .await
+            .expect("timed out waiting for a line from the daemon")
+            .expect("read");
+        line.map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+    }
+
+    /// The next event line (skipping nothing: a reply here fails the test).
+    pub async fn next_event(&mut self) -> serde_json::Value {
+        let v = self.next().await;
+        assert!(v.get("event").is_some(), "expected an event, got {v}");
+        v
+    }
+
+    /// Waits for the reply with this id, skipping events.
+    pub async fn reply(&mut self, id: serde_json::Value) -> serde_json::Value {
+        loop {
+            let v = self.next().await;
+            if v.get("id") == Some(&id) {
+                return v;
+            }
+            assert!(v.get("event").is_some(), "unexpected reply {v} while waiting for id {id}");
+        }
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn call(&mut self, mut v: serde_json::Value, id: u64) -> serde_json::Value {
+        v["id"] = id.into();
+        self.send(v).await;
+        self.reply(id.into()).await
+    }
+
+    /// Waits for an event on `path`, skipping others.
+    pub async fn event(&mut self, path: &str) -> serde_json::Value {
+        loop {
+            let v = self.next().await;
+            if v["event"] == path {
+                return v;
+            }
+        }
+    }
+}
