@@ -152,11 +152,20 @@ mod tests {
                 "{\"code\":404,\"data\":null,\"err_msg\":null}",
             ),
             ("/a//b/:0=\"x:y=z\"", "/a/b", 0, "\"x:y=z\""),
-            ("/big:18446744073709551615=1e400000", "/big", u64::MAX, "1e400000"),
+            (
+                "/big:18446744073709551615=1e400000",
+                "/big",
+                u64::MAX,
+                "1e400000",
+            ),
         ];
         for (text, path, cb, data) in cases {
             let f = decode(text).unwrap_or_else(|e| panic!("decode({text:?}): {e}"));
-            assert_eq!((f.path.as_str(), f.cb, f.data.get()), (path, cb, data), "{text}");
+            assert_eq!(
+                (f.path.as_str(), f.cb, f.data.get()),
+                (path, cb, data),
+                "{text}"
+            );
         }
     }
 
@@ -197,7 +206,10 @@ mod tests {
         let text = encode("/x/y", 42, &data);
         assert_eq!(text, "/x/y:42={\"a\":[1,2]}");
         let f = decode(&text).unwrap();
-        assert_eq!((f.path.as_str(), f.cb, f.data.get()), ("/x/y", 42, "{\"a\":[1,2]}"));
+        assert_eq!(
+            (f.path.as_str(), f.cb, f.data.get()),
+            ("/x/y", 42, "{\"a\":[1,2]}")
+        );
     }
 
     proptest::proptest! {

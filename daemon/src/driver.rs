@@ -341,15 +341,13 @@ impl Driver {
         self.carry_out().await;
     }
 
-    fn on_message(
-        &mut self,
-        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-    ) {
+    fn on_message(&mut self, msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) {
         match msg {
             Some(Ok(Message::Text(text))) => self.session.handle_frame(now(), text.as_str()),
             Some(Ok(Message::Binary(_))) => {
                 // Quick.IO never sends binary frames: treat one like any invalid frame.
-                self.session.handle_frame(now(), "(a binary WebSocket frame)");
+                self.session
+                    .handle_frame(now(), "(a binary WebSocket frame)");
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
             Some(Ok(Message::Close(frame))) => {
@@ -365,7 +363,8 @@ impl Driver {
             }
             Some(Err(e)) => {
                 self.ws = None;
-                self.session.handle_closed(now(), &format!("connection error: {e}"));
+                self.session
+                    .handle_closed(now(), &format!("connection error: {e}"));
             }
             None => {
                 self.ws = None;
@@ -443,7 +442,11 @@ impl Driver {
                     notify(&self.notices, Notice::State(state)).await
                 }
                 Output::SubscriptionLost { path, outcome } => {
-                    tracing::warn!(path, code = outcome.code, "the server refused a restored subscription");
+                    tracing::warn!(
+                        path,
+                        code = outcome.code,
+                        "the server refused a restored subscription"
+                    );
                     notify(&self.notices, Notice::SubscriptionLost { path, outcome }).await
                 }
             }
@@ -503,12 +506,12 @@ async fn connect(url: Url, config: WebSocketConfig) -> Result<Ws, String> {
         .as_str()
         .into_client_request()
         .map_err(|e| format!("bad address {url}: {e}"))?;
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("quickio"));
-    let (ws, _response) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), true)
-            .await
-            .map_err(|e| e.to_string())?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("quickio"),
+    );
+    let (ws, _response) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(ws)
 }

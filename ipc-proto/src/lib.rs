@@ -97,8 +97,12 @@ impl<'de> Deserialize<'de> for Id {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // Through Value rather than RawValue so an Id also works inside untagged enums.
         match serde_json::Value::deserialize(d)? {
-            v @ (serde_json::Value::Number(_) | serde_json::Value::String(_)) => Ok(Id(v.to_string())),
-            _ => Err(serde::de::Error::custom("an id must be a number or a string")),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::String(_)) => {
+                Ok(Id(v.to_string()))
+            }
+            _ => Err(serde::de::Error::custom(
+                "an id must be a number or a string",
+            )),
         }
     }
 }
@@ -209,7 +213,11 @@ impl RawRequest {
     pub fn parse(line: &[u8]) -> Result<RawRequest, BadRequest> {
         let bad = |id: Option<Id>, op: Option<Op>, message: String| BadRequest { id, op, message };
         if line.trim_ascii_start().first() != Some(&b'{') {
-            return Err(bad(None, None, "not a JSON object; send one JSON object per line".into()));
+            return Err(bad(
+                None,
+                None,
+                "not a JSON object; send one JSON object per line".into(),
+            ));
         }
         let fields: Fields<'_> = serde_json::from_slice(line).map_err(|e| {
             bad(
@@ -222,13 +230,31 @@ impl RawRequest {
             None => None,
             Some(raw) if raw.get() == "null" => None,
             Some(raw) => Some(Id::from_raw(raw).ok_or_else(|| {
-                bad(None, None, format!("\"id\" must be a number or a string, not {}", short(raw.get())))
+                bad(
+                    None,
+                    None,
+                    format!(
+                        "\"id\" must be a number or a string, not {}",
+                        short(raw.get())
+                    ),
+                )
             })?),
         };
         let op_name = match fields.op {
-            None => return Err(bad(id, None, "missing \"op\"; one of: send, callback, on, one, off, status".into())),
-            Some(raw) => serde_json::from_str::<&str>(raw.get())
-                .map_err(|_| bad(id.clone(), None, format!("\"op\" must be a string, not {}", short(raw.get()))))?,
+            None => {
+                return Err(bad(
+                    id,
+                    None,
+                    "missing \"op\"; one of: send, callback, on, one, off, status".into(),
+                ))
+            }
+            Some(raw) => serde_json::from_str::<&str>(raw.get()).map_err(|_| {
+                bad(
+                    id.clone(),
+                    None,
+                    format!("\"op\" must be a string, not {}", short(raw.get())),
+                )
+            })?,
         };
         let op = Op::parse(op_name).ok_or_else(|| {
             bad(
@@ -241,9 +267,15 @@ impl RawRequest {
             match raw {
                 None => Ok(None),
                 Some(raw) if raw.get() == "null" => Ok(None),
-                Some(raw) => serde_json::from_str::<String>(raw.get()).map(Some).map_err(|_| {
-                    bad(id.clone(), Some(op), format!("\"{name}\" must be a string, not {}", short(raw.get())))
-                }),
+                Some(raw) => serde_json::from_str::<String>(raw.get())
+                    .map(Some)
+                    .map_err(|_| {
+                        bad(
+                            id.clone(),
+                            Some(op),
+                            format!("\"{name}\" must be a string, not {}", short(raw.get())),
+                        )
+                    }),
             }
         };
         let path = string("path", fields.path)?;
@@ -252,7 +284,11 @@ impl RawRequest {
             if present {
                 Ok(())
             } else {
-                Err(bad(id.clone(), Some(op), format!("op {:?} needs \"{what}\"", op.as_str())))
+                Err(bad(
+                    id.clone(),
+                    Some(op),
+                    format!("op {:?} needs \"{what}\"", op.as_str()),
+                ))
             }
         };
         match op {
@@ -375,14 +411,23 @@ mod tests {
     #[test]
     fn good_requests() {
         let r = parse(r#"{"op":"send","path":"/app/login","data":{"a":[1, 2]},"id":1}"#).unwrap();
-        assert_eq!((r.op, r.id, r.path.as_deref()), (Op::Send, Some(Id::from(1)), Some("/app/login")));
+        assert_eq!(
+            (r.op, r.id, r.path.as_deref()),
+            (Op::Send, Some(Id::from(1)), Some("/app/login"))
+        );
         assert_eq!(r.data.unwrap().get(), r#"{"a":[1, 2]}"#, "data is kept raw");
         let r = parse(r#"{"op":"callback","cb":"3.7","id":"x","extra":true}"#).unwrap();
-        assert_eq!((r.op, r.id, r.cb.as_deref()), (Op::Callback, Some(Id::from("x")), Some("3.7")));
+        assert_eq!(
+            (r.op, r.id, r.cb.as_deref()),
+            (Op::Callback, Some(Id::from("x")), Some("3.7"))
+        );
         let r = parse(r#"{"op":"status"}"#).unwrap();
         assert_eq!((r.op, r.id), (Op::Status, None));
         let big = parse(r#"{"op":"status","id":123456789012345678901234567890}"#).unwrap();
-        assert_eq!(serde_json::to_string(&big.id).unwrap(), "123456789012345678901234567890");
+        assert_eq!(
+            serde_json::to_string(&big.id).unwrap(),
+            "123456789012345678901234567890"
+        );
     }
 
     #[test]
@@ -391,13 +436,41 @@ mod tests {
             ("not json", None, "not a JSON object"),
             ("[1,2]", None, "not a JSON object"),
             (r#"{"id":1}"#, Some(Id::from(1)), "missing \"op\""),
-            (r#"{"op":"fly","id":2}"#, Some(Id::from(2)), "unknown op \"fly\""),
-            (r#"{"op":7,"id":3}"#, Some(Id::from(3)), "\"op\" must be a string"),
-            (r#"{"op":"send","id":4}"#, Some(Id::from(4)), "needs \"path\""),
-            (r#"{"op":"on","path":5,"id":5}"#, Some(Id::from(5)), "\"path\" must be a string"),
-            (r#"{"op":"callback","id":6}"#, Some(Id::from(6)), "needs \"cb\""),
-            (r#"{"op":"send","id":[1]}"#, None, "\"id\" must be a number or a string"),
-            (r#"{"op":"send","path":"/a","data":[1,"#, None, "not a JSON object"),
+            (
+                r#"{"op":"fly","id":2}"#,
+                Some(Id::from(2)),
+                "unknown op \"fly\"",
+            ),
+            (
+                r#"{"op":7,"id":3}"#,
+                Some(Id::from(3)),
+                "\"op\" must be a string",
+            ),
+            (
+                r#"{"op":"send","id":4}"#,
+                Some(Id::from(4)),
+                "needs \"path\"",
+            ),
+            (
+                r#"{"op":"on","path":5,"id":5}"#,
+                Some(Id::from(5)),
+                "\"path\" must be a string",
+            ),
+            (
+                r#"{"op":"callback","id":6}"#,
+                Some(Id::from(6)),
+                "needs \"cb\"",
+            ),
+            (
+                r#"{"op":"send","id":[1]}"#,
+                None,
+                "\"id\" must be a number or a string",
+            ),
+            (
+                r#"{"op":"send","path":"/a","data":[1,"#,
+                None,
+                "not a JSON object",
+            ),
         ];
         for (line, id, msg) in cases {
             let e = parse(line).unwrap_err();
@@ -419,12 +492,20 @@ mod tests {
 
     #[test]
     fn incoming_lines_are_told_apart() {
-        let ev: Incoming = serde_json::from_str(r#"{"event":"/news","data":1,"cb":"1.2"}"#).unwrap();
+        let ev: Incoming =
+            serde_json::from_str(r#"{"event":"/news","data":1,"cb":"1.2"}"#).unwrap();
         assert_eq!(
             ev,
-            Incoming::Event(Event { event: "/news".into(), data: 1.into(), cb: Some("1.2".into()) })
+            Incoming::Event(Event {
+                event: "/news".into(),
+                data: 1.into(),
+                cb: Some("1.2".into())
+            })
         );
-        let rep: Incoming = serde_json::from_str(r#"{"id":1,"code":-1,"data":null,"err_msg":"disconnected","new":0}"#).unwrap();
+        let rep: Incoming = serde_json::from_str(
+            r#"{"id":1,"code":-1,"data":null,"err_msg":"disconnected","new":0}"#,
+        )
+        .unwrap();
         assert!(matches!(rep, Incoming::Reply(Reply { code: -1, .. })));
     }
 
@@ -432,9 +513,21 @@ mod tests {
     fn outgoing_lines() {
         let data = RawValue::from_string("{\"a\":1}".into()).unwrap();
         let id = Id::from(9);
-        let line = serde_json::to_string(&ReplyOut { id: &id, code: 200, data: &data, err_msg: None, cb: Some("1.2") }).unwrap();
+        let line = serde_json::to_string(&ReplyOut {
+            id: &id,
+            code: 200,
+            data: &data,
+            err_msg: None,
+            cb: Some("1.2"),
+        })
+        .unwrap();
         assert_eq!(line, r#"{"id":9,"code":200,"data":{"a":1},"cb":"1.2"}"#);
-        let line = serde_json::to_string(&EventOut { event: "/open", data: None, cb: None }).unwrap();
+        let line = serde_json::to_string(&EventOut {
+            event: "/open",
+            data: None,
+            cb: None,
+        })
+        .unwrap();
         assert_eq!(line, r#"{"event":"/open"}"#);
     }
 }

@@ -12,7 +12,10 @@ async fn a_new_client_is_told_the_state_first() {
     let daemon = Daemon::start(&server.url()).await;
     let mut c = daemon.client().await;
     let first = c.next_event().await;
-    assert!(first["event"] == "/open" || first["event"] == "/close", "{first}");
+    assert!(
+        first["event"] == "/open" || first["event"] == "/close",
+        "{first}"
+    );
     if first["event"] == "/close" {
         assert_eq!(c.next_event().await["event"], "/open");
     }
@@ -25,17 +28,33 @@ async fn two_clients_share_one_upstream_subscription() {
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
     let mut b = daemon.open_client().await;
-    assert_eq!(a.call(json!({"op":"on","path":"/news"}), 1).await["code"], 200);
-    assert_eq!(b.call(json!({"op":"on","path":"/news"}), 1).await["code"], 200);
-    assert_eq!(server.subscriptions().get("/news"), Some(&1), "one upstream subscription");
+    assert_eq!(
+        a.call(json!({"op":"on","path":"/news"}), 1).await["code"],
+        200
+    );
+    assert_eq!(
+        b.call(json!({"op":"on","path":"/news"}), 1).await["code"],
+        200
+    );
+    assert_eq!(
+        server.subscriptions().get("/news"),
+        Some(&1),
+        "one upstream subscription"
+    );
     assert_eq!(server.broadcast("/news", json!({"n":1})).await, 1);
     assert_eq!(a.event("/news").await["data"], json!({"n":1}));
     assert_eq!(b.event("/news").await["data"], json!({"n":1}));
-    assert_eq!(a.call(json!({"op":"off","path":"/news"}), 2).await["code"], 200);
+    assert_eq!(
+        a.call(json!({"op":"off","path":"/news"}), 2).await["code"],
+        200
+    );
     // b still holds it: a later check must still see it upstream.
     assert_eq!(b.call(json!({"op":"status"}), 2).await["code"], 200);
     assert_eq!(server.subscriptions().get("/news"), Some(&1));
-    assert_eq!(b.call(json!({"op":"off","path":"/news"}), 3).await["code"], 200);
+    assert_eq!(
+        b.call(json!({"op":"off","path":"/news"}), 3).await["code"],
+        200
+    );
     until("the last off unsubscribes upstream", || async {
         server.subscriptions().is_empty()
     })
@@ -48,11 +67,18 @@ async fn the_last_subscriber_disconnecting_unsubscribes_upstream() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(a.call(json!({"op":"on","path":"/news"}), 1).await["code"], 200);
+    assert_eq!(
+        a.call(json!({"op":"on","path":"/news"}), 1).await["code"],
+        200
+    );
     // It also leaves a request pending: crashing mid-request must leak nothing.
-    a.send(json!({"op":"send","path":"/clienttest/drop-callback","id":2})).await;
+    a.send(json!({"op":"send","path":"/clienttest/drop-callback","id":2}))
+        .await;
     until("the server got the request", || async {
-        server.received().iter().any(|r| r.path == "/clienttest/drop-callback")
+        server
+            .received()
+            .iter()
+            .any(|r| r.path == "/clienttest/drop-callback")
     })
     .await;
     drop(a);
@@ -73,19 +99,36 @@ async fn callbacks_are_routed_to_the_client_that_asked() {
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
     let mut b = daemon.open_client().await;
-    a.send(json!({"op":"send","path":"/clienttest/echo","data":"for a","id":"x"})).await;
-    b.send(json!({"op":"send","path":"/clienttest/echo","data":"for b","id":"x"})).await;
+    a.send(json!({"op":"send","path":"/clienttest/echo","data":"for a","id":"x"}))
+        .await;
+    b.send(json!({"op":"send","path":"/clienttest/echo","data":"for b","id":"x"}))
+        .await;
     let ra = a.reply(json!("x")).await;
     let rb = b.reply(json!("x")).await;
-    assert_eq!((ra["code"].clone(), ra["data"].clone()), (json!(200), json!("for a")));
-    assert_eq!((rb["code"].clone(), rb["data"].clone()), (json!(200), json!("for b")));
+    assert_eq!(
+        (ra["code"].clone(), ra["data"].clone()),
+        (json!(200), json!("for a"))
+    );
+    assert_eq!(
+        (rb["code"].clone(), rb["data"].clone()),
+        (json!(200), json!("for b"))
+    );
     // The echo asks for a callback: only the client that received the handle may answer.
     let handle = ra["cb"].as_str().expect("a cb handle").to_owned();
-    let stolen = b.call(json!({"op":"callback","cb":handle,"data":1}), 5).await;
+    let stolen = b
+        .call(json!({"op":"callback","cb":handle,"data":1}), 5)
+        .await;
     assert_eq!(stolen["code"], 400, "{stolen}");
-    let answered = a.call(json!({"op":"callback","cb":handle,"data":"chain"}), 6).await;
-    assert_eq!((answered["code"].clone(), answered["data"].clone()), (json!(200), json!("chain")));
-    let again = a.call(json!({"op":"callback","cb":handle,"data":2}), 7).await;
+    let answered = a
+        .call(json!({"op":"callback","cb":handle,"data":"chain"}), 6)
+        .await;
+    assert_eq!(
+        (answered["code"].clone(), answered["data"].clone()),
+        (json!(200), json!("chain"))
+    );
+    let again = a
+        .call(json!({"op":"callback","cb":handle,"data":2}), 7)
+        .await;
     assert_eq!(again["code"], 400, "a handle is answered once: {again}");
     daemon.stop().await;
 }
@@ -95,15 +138,21 @@ async fn server_requests_are_answered_by_a_client() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(a.call(json!({"op":"on","path":"/ask"}), 1).await["code"], 200);
+    assert_eq!(
+        a.call(json!({"op":"on","path":"/ask"}), 1).await["code"],
+        200
+    );
     server.request_from_all("/ask", json!("question")).await;
     let ev = a.event("/ask").await;
     assert_eq!(ev["data"], "question");
     let cb = ev["cb"].as_str().expect("cb").to_owned();
-    a.send(json!({"op":"callback","cb":cb,"data":"answer"})).await;
+    a.send(json!({"op":"callback","cb":cb,"data":"answer"}))
+        .await;
     until("the server got the answer", || async {
-        server.log().iter().any(|e| matches!(e,
-            qio_testserver::LogEntry::CallbackAnswered { data, .. } if data == &json!("answer")))
+        server.log().iter().any(|e| {
+            matches!(e,
+            qio_testserver::LogEntry::CallbackAnswered { data, .. } if data == &json!("answer"))
+        })
     })
     .await;
     daemon.stop().await;
@@ -114,7 +163,10 @@ async fn one_gets_a_single_event() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(a.call(json!({"op":"one","path":"/once"}), 1).await["code"], 200);
+    assert_eq!(
+        a.call(json!({"op":"one","path":"/once"}), 1).await["code"],
+        200
+    );
     server.broadcast("/once", json!(1)).await;
     assert_eq!(a.event("/once").await["data"], 1);
     until("the one-shot subscription is given back", || async {
@@ -145,16 +197,27 @@ async fn a_slow_client_does_not_slow_a_fast_one_and_is_told_what_it_lost() {
     let daemon = Daemon::start_with(settings).await;
     let mut slow = daemon.open_client().await;
     let mut fast = daemon.open_client().await;
-    assert_eq!(slow.call(json!({"op":"on","path":"/feed"}), 1).await["code"], 200);
-    assert_eq!(fast.call(json!({"op":"on","path":"/feed"}), 1).await["code"], 200);
+    assert_eq!(
+        slow.call(json!({"op":"on","path":"/feed"}), 1).await["code"],
+        200
+    );
+    assert_eq!(
+        fast.call(json!({"op":"on","path":"/feed"}), 1).await["code"],
+        200
+    );
     let payload = "x".repeat(4096);
     let n = 1000;
     // In lockstep with the fast reader: were the slow client holding up the daemon, the
     // fast one would stall here as soon as the slow one's socket buffer filled.
     for i in 0..n {
-        server.broadcast("/feed", json!({"i": i, "p": payload})).await;
+        server
+            .broadcast("/feed", json!({"i": i, "p": payload}))
+            .await;
         let ev = fast.event("/feed").await;
-        assert_eq!(ev["data"]["i"], i, "the fast client gets every event, in order");
+        assert_eq!(
+            ev["data"]["i"], i,
+            "the fast client gets every event, in order"
+        );
     }
     // Now the slow one reads: some events were dropped and it was told how many.
     let mut got = 0u64;
@@ -184,7 +247,10 @@ async fn malformed_input_gets_400_and_the_connection_stays_usable() {
         (r#"{"op":"fly","id":1}"#, "unknown op"),
         (r#"{"op":"send","id":1}"#, "needs \"path\""),
         (r#"{"op":"on","path":7,"id":1}"#, "must be a string"),
-        (r#"{"op":"callback","cb":"nope","id":1}"#, "not a callback handle"),
+        (
+            r#"{"op":"callback","cb":"nope","id":1}"#,
+            "not a callback handle",
+        ),
         (r#"{"op":"send","path":"/qio/ping","id":1}"#, "reserved"),
         (r#"{"op":"on","path":"@@@","id":1}"#, "empty once cleaned"),
     ];
@@ -204,12 +270,25 @@ async fn malformed_input_gets_400_and_the_connection_stays_usable() {
     for bytes in without_id {
         c.write_raw(bytes).await;
         let ev = c.next_event().await;
-        assert_eq!((ev["event"].clone(), ev["data"]["code"].clone()), (json!("/error"), json!(400)), "{ev}");
+        assert_eq!(
+            (ev["event"].clone(), ev["data"]["code"].clone()),
+            (json!("/error"), json!(400)),
+            "{ev}"
+        );
     }
-    let long = format!("{{\"op\":\"send\",\"path\":\"/a\",\"data\":\"{}\"}}\n", "x".repeat(5000));
+    let long = format!(
+        "{{\"op\":\"send\",\"path\":\"/a\",\"data\":\"{}\"}}\n",
+        "x".repeat(5000)
+    );
     c.write_raw(long.as_bytes()).await;
     let ev = c.next_event().await;
-    assert!(ev["data"]["err_msg"].as_str().unwrap().contains("max_line_bytes"), "{ev}");
+    assert!(
+        ev["data"]["err_msg"]
+            .as_str()
+            .unwrap()
+            .contains("max_line_bytes"),
+        "{ev}"
+    );
     // Still usable, and other clients never noticed.
     assert_eq!(c.call(json!({"op":"status"}), 9).await["code"], 200);
     daemon.stop().await;
@@ -229,21 +308,38 @@ async fn fire_and_forget_sends_reach_the_server_in_order_and_overflow_is_reporte
         server.received().iter().filter(|r| r.path == "/ff").count() == 5
     })
     .await;
-    let order: Vec<_> = server.received().into_iter().filter(|r| r.path == "/ff").map(|r| r.data).collect();
+    let order: Vec<_> = server
+        .received()
+        .into_iter()
+        .filter(|r| r.path == "/ff")
+        .map(|r| r.data)
+        .collect();
     assert_eq!(order, [json!(0), json!(1), json!(2), json!(3), json!(4)]);
     server.kill().await;
     assert_eq!(c.event("/close").await["event"], "/close");
     for i in 0..4 {
-        c.send(json!({"op":"send","path":"/offline","data":i})).await;
+        c.send(json!({"op":"send","path":"/offline","data":i}))
+            .await;
     }
     let ev = c.event("/error").await;
-    assert_eq!((ev["data"]["code"].clone(), ev["data"]["op"].clone()), (json!(-3), json!("send")), "{ev}");
-    let r = c.call(json!({"op":"send","path":"/clienttest/echo","data":1}), 3).await;
+    assert_eq!(
+        (ev["data"]["code"].clone(), ev["data"]["op"].clone()),
+        (json!(-3), json!("send")),
+        "{ev}"
+    );
+    let r = c
+        .call(json!({"op":"send","path":"/clienttest/echo","data":1}), 3)
+        .await;
     assert_eq!(r["code"], -1, "requests are not queued offline: {r}");
     server.restart().await.unwrap();
     c.event("/open").await;
     until("the three queued arrived", || async {
-        server.received().iter().filter(|r| r.path == "/offline").count() == 3
+        server
+            .received()
+            .iter()
+            .filter(|r| r.path == "/offline")
+            .count()
+            == 3
     })
     .await;
     daemon.stop().await;
@@ -254,9 +350,13 @@ async fn shutdown_answers_pending_requests_with_disconnected() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut c = daemon.open_client().await;
-    c.send(json!({"op":"send","path":"/clienttest/drop-callback","id":42})).await;
+    c.send(json!({"op":"send","path":"/clienttest/drop-callback","id":42}))
+        .await;
     until("the server got the request", || async {
-        server.received().iter().any(|r| r.path == "/clienttest/drop-callback")
+        server
+            .received()
+            .iter()
+            .any(|r| r.path == "/clienttest/drop-callback")
     })
     .await;
     daemon.cancel();
@@ -281,8 +381,18 @@ async fn status_reports_the_daemon_state() {
     assert_eq!(st["url"], server.url());
     assert_eq!(st["dialect"], "0.2");
     assert_eq!(st["clients"], 1);
-    assert_eq!(st["subscriptions"], json!([{"path":"/s","refs":1,"state":"active","local_subscribers":1}]));
-    for key in ["reconnects", "queued_events", "pending_callbacks", "events_in", "events_out", "connected_since_ms"] {
+    assert_eq!(
+        st["subscriptions"],
+        json!([{"path":"/s","refs":1,"state":"active","local_subscribers":1}])
+    );
+    for key in [
+        "reconnects",
+        "queued_events",
+        "pending_callbacks",
+        "events_in",
+        "events_out",
+        "connected_since_ms",
+    ] {
         assert!(st.get(key).is_some(), "{key} in {st}");
     }
     daemon.stop().await;
@@ -297,7 +407,9 @@ async fn a_reload_with_a_new_address_reconnects_there() {
     c.call(json!({"op":"on","path":"/news"}), 1).await;
     daemon
         .reload
-        .send(qiod::Reload { servers: vec![url::Url::parse(&b.url()).unwrap()] })
+        .send(qiod::Reload {
+            servers: vec![url::Url::parse(&b.url()).unwrap()],
+        })
         .await
         .unwrap();
     until("the daemon moved to b", || async {

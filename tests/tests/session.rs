@@ -338,7 +338,12 @@ async fn kill_and_restart_restores_subscriptions_fails_callbacks_and_flushes_the
     server.restart().await.unwrap();
     up.wait_open().await;
     until("the queue reached the server", || async {
-        server.received().iter().filter(|r| r.path == "/queued").count() == 5
+        server
+            .received()
+            .iter()
+            .filter(|r| r.path == "/queued")
+            .count()
+            == 5
     })
     .await;
     let received: Vec<_> = server

@@ -104,7 +104,10 @@ pub async fn serve_client(
     }
     client.outbox.close();
     // A client that stopped reading must not hold up shutdown.
-    if tokio::time::timeout(Duration::from_secs(2), writer).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), writer)
+        .await
+        .is_err()
+    {
         tracing::debug!(client = id, "writer did not finish; dropping it");
     }
     tracing::debug!(client = id, "client left");
@@ -142,7 +145,8 @@ impl Conn {
             Line::Text(t) => t,
             Line::TooLong => {
                 let max = self.cfg.max_line_bytes;
-                let msg = format!("request line longer than max_line_bytes ({max}); it was skipped");
+                let msg =
+                    format!("request line longer than max_line_bytes ({max}); it was skipped");
                 return self.fail(None, None, None, code::BAD_REQUEST, msg);
             }
             Line::NotUtf8 => {
@@ -178,12 +182,13 @@ impl Conn {
                     return;
                 }
                 let wait = self.session.request_deferred(&path, data).await;
-                self.waits.push(Box::pin(wait.map(move |outcome| Done::Reply {
-                    id: Some(id),
-                    op: Op::Send,
-                    path: Some(path),
-                    outcome,
-                })));
+                self.waits
+                    .push(Box::pin(wait.map(move |outcome| Done::Reply {
+                        id: Some(id),
+                        op: Op::Send,
+                        path: Some(path),
+                        outcome,
+                    })));
             }
             None => {
                 if let Err(e) = self.session.emit(&path, data).await {
@@ -216,12 +221,13 @@ impl Conn {
                     return;
                 }
                 let wait = self.session.answer_deferred(handle, data).await;
-                self.waits.push(Box::pin(wait.map(move |outcome| Done::Reply {
-                    id: Some(id),
-                    op: Op::Callback,
-                    path: None,
-                    outcome,
-                })));
+                self.waits
+                    .push(Box::pin(wait.map(move |outcome| Done::Reply {
+                        id: Some(id),
+                        op: Op::Callback,
+                        path: None,
+                        outcome,
+                    })));
             }
             None => {
                 if let Err(e) = self.session.answer(handle, data).await {
@@ -241,7 +247,9 @@ impl Conn {
         }
         let max = self.cfg.max_subscriptions_per_client;
         if self.hub.subscription_count(self.client.id) + self.subscribing.len() >= max {
-            let msg = format!("too many subscriptions for one client (max_subscriptions_per_client = {max})");
+            let msg = format!(
+                "too many subscriptions for one client (max_subscriptions_per_client = {max})"
+            );
             return self.fail(req.id, Some(op), Some(&path), code::OVERLOADED, msg);
         }
         if let Some(id) = &req.id {
@@ -252,12 +260,13 @@ impl Conn {
         let wait = self.session.subscribe_deferred(&path, req.data).await;
         self.subscribing.insert(path.clone());
         let id = req.id;
-        self.waits.push(Box::pin(wait.map(move |outcome| Done::Subscribed {
-            id,
-            op,
-            path,
-            outcome,
-        })));
+        self.waits
+            .push(Box::pin(wait.map(move |outcome| Done::Subscribed {
+                id,
+                op,
+                path,
+                outcome,
+            })));
     }
 
     async fn op_off(&mut self, req: RawRequest) {
@@ -291,7 +300,10 @@ impl Conn {
             .collect();
         let connected_since = st.open_for.and_then(|d| {
             let since = std::time::SystemTime::now().checked_sub(d)?;
-            since.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64)
+            since
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_millis() as u64)
         });
         let data = serde_json::json!({
             "state": st.state,
@@ -400,5 +412,3 @@ impl Conn {
         self.client.outbox.push_reply(Bytes::from(v));
     }
 }
-
-

@@ -207,7 +207,8 @@ impl Hub {
                     return Vec::new();
                 };
                 let mut kicked = Vec::new();
-                let mut receivers = Vec::with_capacity(if ev.cb.is_some() { list.len() } else { 0 });
+                let mut receivers =
+                    Vec::with_capacity(if ev.cb.is_some() { list.len() } else { 0 });
                 let mut once_gone = Vec::new();
                 list.retain(|s| {
                     if !s.client.outbox.push_event(line.clone()) {
@@ -296,7 +297,11 @@ impl Hub {
 }
 
 /// Runs the fan-out until the session's notice channel closes.
-pub async fn run_notices(hub: Arc<Hub>, session: SessionHandle, mut notices: mpsc::Receiver<Notice>) {
+pub async fn run_notices(
+    hub: Arc<Hub>,
+    session: SessionHandle,
+    mut notices: mpsc::Receiver<Notice>,
+) {
     while let Some(notice) = notices.recv().await {
         let give_back = hub.dispatch(notice);
         if !give_back.is_empty() {

@@ -94,7 +94,11 @@ pub async fn serve(
                     own_uid,
                     &cfg.allowed_gids,
                 ) {
-                    tracing::warn!(uid = cred.uid(), pid = cred.pid(), "refused a local client: {why}");
+                    tracing::warn!(
+                        uid = cred.uid(),
+                        pid = cred.pid(),
+                        "refused a local client: {why}"
+                    );
                     continue;
                 }
             }
@@ -104,7 +108,10 @@ pub async fn serve(
             }
         }
         if tracker.len() >= cfg.max_clients {
-            tracing::warn!(max_clients = cfg.max_clients, "refused a local client: too many clients");
+            tracing::warn!(
+                max_clients = cfg.max_clients,
+                "refused a local client: too many clients"
+            );
             let mut stream = stream;
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;

@@ -110,7 +110,9 @@ impl fmt::Display for CbHandle {
 impl FromStr for CbHandle {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not a callback handle (expected the \"cb\" value of an event or reply, like \"3.7\")");
+        let bad = || {
+            format!("{s:?} is not a callback handle (expected the \"cb\" value of an event or reply, like \"3.7\")")
+        };
         let (conn, id) = s.split_once('.').ok_or_else(bad)?;
         Ok(CbHandle {
             conn: conn.parse().map_err(|_| bad())?,
@@ -750,7 +752,8 @@ impl<T> Session<T> {
         self.fail_pending();
         for (_, sub) in self.subs.drain() {
             for w in sub.waiters {
-                self.out.push_back(Output::Reply(w.reply, Outcome::disconnected()));
+                self.out
+                    .push_back(Output::Reply(w.reply, Outcome::disconnected()));
             }
         }
         self.timers.clear();
@@ -813,7 +816,9 @@ impl<T> Session<T> {
                     let outcome = self.envelope(&frame);
                     self.subscription_answer(&path, outcome);
                 }
-                None => tracing::debug!(path = %frame.path, "callback for an id never issued or already answered; dropped"),
+                None => {
+                    tracing::debug!(path = %frame.path, "callback for an id never issued or already answered; dropped")
+                }
             }
             return;
         }
@@ -1081,7 +1086,8 @@ impl<T> Session<T> {
         self.heartbeat_at = None;
         self.ping_deadline = None;
         self.last_error = Some(reason.clone());
-        self.out.push_back(Output::State(StateChange::Closed { reason }));
+        self.out
+            .push_back(Output::State(StateChange::Closed { reason }));
     }
 
     fn fail_pending(&mut self) {

@@ -126,7 +126,12 @@ fn a_server_that_does_not_say_ohai_fails_the_attempt() {
     h.frame("/qio/heartbeat:0=null");
     let outs = h.drain();
     assert_eq!(kinds(&outs), ["close", "failed", "reconnecting"]);
-    assert!(h.s.status(h.now).last_error.unwrap().contains("instead of /qio/ohai"));
+    assert!(h
+        .s
+        .status(h.now)
+        .last_error
+        .unwrap()
+        .contains("instead of /qio/ohai"));
 }
 
 #[test]
@@ -160,7 +165,13 @@ fn callbacks_count_from_one_per_connection_and_carry_the_envelope() {
     assert_eq!(
         got,
         [
-            (11, 404, "\"d\"", Some("nope".into()), Some(CbHandle { conn: 1, id: 5 })),
+            (
+                11,
+                404,
+                "\"d\"",
+                Some("nope".into()),
+                Some(CbHandle { conn: 1, id: 5 })
+            ),
             (10, 200, "[1]", None, None),
         ]
     );
@@ -178,9 +189,21 @@ fn every_request_resolves_exactly_once() {
     // (what happens after the request, the code its caller gets)
     type Step = fn(&mut Harness);
     let cases: [(&str, Step, i64); 5] = [
-        ("answered", |h| h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}"), 200),
-        ("connection lost", |h| h.s.handle_closed(h.now, "boom"), code::DISCONNECTED),
-        ("timed out", |h| h.at(Duration::from_secs(30)), code::TIMEOUT),
+        (
+            "answered",
+            |h| h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}"),
+            200,
+        ),
+        (
+            "connection lost",
+            |h| h.s.handle_closed(h.now, "boom"),
+            code::DISCONNECTED,
+        ),
+        (
+            "timed out",
+            |h| h.at(Duration::from_secs(30)),
+            code::TIMEOUT,
+        ),
         ("invalid frame", |h| h.frame("garbage"), code::DISCONNECTED),
         ("shutdown", |h| h.s.shutdown(), code::DISCONNECTED),
     ];
@@ -216,7 +239,10 @@ fn requests_while_offline_fail_at_once_and_emits_are_queued() {
         ["send", "send", "send", "open"],
         "order after the handshake"
     );
-    assert_eq!(sent(&outs), ["/qio/on:1=\"/news\"", "/app/e1:0=1", "/app/e2:0=2"]);
+    assert_eq!(
+        sent(&outs),
+        ["/qio/on:1=\"/news\"", "/app/e1:0=1", "/app/e2:0=2"]
+    );
 }
 
 #[test]
@@ -231,14 +257,20 @@ fn the_offline_queue_is_bounded_and_says_so() {
     assert!(err.to_string().contains("queue_max_events"));
     let big = format!("\"{}\"", "x".repeat(2000));
     let mut h = Harness::new(cfg(&["ws://a.test/"]));
-    assert!(matches!(h.s.emit("/app/e", &raw(&big)), Err(SessionError::QueueFull(_))));
+    assert!(matches!(
+        h.s.emit("/app/e", &raw(&big)),
+        Err(SessionError::QueueFull(_))
+    ));
 }
 
 #[test]
 fn bad_paths_are_refused_locally() {
     let mut h = Harness::open();
     for (i, p) in ["", "@@@", "/qio/ping", "/qio"].iter().enumerate() {
-        assert!(matches!(h.s.emit(p, &raw("1")), Err(SessionError::BadPath(_))), "{p}");
+        assert!(
+            matches!(h.s.emit(p, &raw("1")), Err(SessionError::BadPath(_))),
+            "{p}"
+        );
         h.s.request(h.now, p, &raw("1"), i as u32);
         h.s.subscribe(h.now, p, None, 100 + i as u32);
     }
@@ -273,7 +305,10 @@ fn subscriptions_are_reference_counted() {
 fn subscription_data_is_sent_with_the_path() {
     let mut h = Harness::open();
     h.s.subscribe(h.now, "/clienttest/on-data", Some(&raw("123987")), 1);
-    assert_eq!(sent(&h.drain()), ["/qio/on:1=[\"/clienttest/on-data\",123987]"]);
+    assert_eq!(
+        sent(&h.drain()),
+        ["/qio/on:1=[\"/clienttest/on-data\",123987]"]
+    );
 }
 
 #[test]
@@ -283,7 +318,9 @@ fn a_refusal_reaches_every_waiter_and_purges_the_path() {
         h.s.subscribe(h.now, "/secret", None, 1);
         h.s.subscribe(h.now, "/secret", None, 2);
         h.drain();
-        h.frame(&format!("/qio/callback/1:0={{\"code\":{code},\"data\":null,\"err_msg\":\"no\"}}"));
+        h.frame(&format!(
+            "/qio/callback/1:0={{\"code\":{code},\"data\":null,\"err_msg\":\"no\"}}"
+        ));
         assert_eq!(replies(&h.drain()), [(1, code), (2, code)]);
         assert!(h.s.status(h.now).subscriptions.is_empty());
         assert!(!h.s.unsubscribe("/secret"));
@@ -299,7 +336,11 @@ fn pending_202_waits_for_the_final_answer() {
     h.s.subscribe(h.now, "/clienttest/in-progress", None, 1);
     h.drain();
     h.at(Duration::from_secs(31));
-    assert_eq!(replies(&h.drain()), [(1, code::TIMEOUT)], "the waiter gave up");
+    assert_eq!(
+        replies(&h.drain()),
+        [(1, code::TIMEOUT)],
+        "the waiter gave up"
+    );
     let outs = h.drain();
     assert!(sent(&outs).is_empty());
     h.s.subscribe(h.now, "/clienttest/in-progress", None, 2);
@@ -383,11 +424,17 @@ fn server_requests_are_answered_and_stale_handles_fail() {
     let handle = CbHandle { conn: 1, id: 4 };
     h.s.answer(h.now, handle, &raw("\"hi\""), None).unwrap();
     h.s.answer(h.now, handle, &raw("2"), Some(5)).unwrap();
-    assert_eq!(sent(&h.drain()), ["/qio/callback/4:0=\"hi\"", "/qio/callback/4:1=2"]);
+    assert_eq!(
+        sent(&h.drain()),
+        ["/qio/callback/4:0=\"hi\"", "/qio/callback/4:1=2"]
+    );
     h.s.handle_closed(h.now, "gone");
     h.at(Duration::from_secs(1));
     h.handshake();
-    assert_eq!(h.s.answer(h.now, handle, &raw("1"), None), Err(SessionError::Disconnected));
+    assert_eq!(
+        h.s.answer(h.now, handle, &raw("1"), None),
+        Err(SessionError::Disconnected)
+    );
     h.s.answer(h.now, handle, &raw("1"), Some(6)).unwrap();
     assert_eq!(replies(&h.drain()), [(6, code::DISCONNECTED)]);
     assert_eq!("1.4".parse::<CbHandle>(), Ok(handle));
@@ -418,16 +465,30 @@ fn subscriptions_survive_reconnects_and_refusals_on_restore_are_reported() {
     h.frame("/qio/callback/2:0={\"code\":200,\"data\":null}");
     h.drain();
     h.s.handle_closed(h.now, "gone");
-    assert!(h.s.status(h.now).subscriptions.iter().all(|s| s.state == "offline"));
+    assert!(h
+        .s
+        .status(h.now)
+        .subscriptions
+        .iter()
+        .all(|s| s.state == "offline"));
     h.at(Duration::from_secs(1));
     h.drain();
     let outs = h.handshake();
-    assert_eq!(sent(&outs), ["/qio/on:1=\"/a\"", "/qio/on:2=\"/b\""], "pipelined");
+    assert_eq!(
+        sent(&outs),
+        ["/qio/on:1=\"/a\"", "/qio/on:2=\"/b\""],
+        "pipelined"
+    );
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
     h.frame("/qio/callback/2:0={\"code\":401,\"data\":null,\"err_msg\":\"no\"}");
     let outs = h.drain();
     assert_eq!(kinds(&outs), ["lost"]);
-    let paths: Vec<_> = h.s.status(h.now).subscriptions.into_iter().map(|s| s.path).collect();
+    let paths: Vec<_> =
+        h.s.status(h.now)
+            .subscriptions
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
     assert_eq!(paths, ["/a"]);
 }
 
@@ -506,7 +567,11 @@ fn a_move_reconnects_at_once_and_falls_back_when_the_target_fails() {
     assert_eq!(replies(&outs), [(2, code::DISCONNECTED)]);
     assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test:81/"));
     let outs = h.handshake();
-    assert_eq!(sent(&outs), ["/qio/on:1=\"/a\""], "subscriptions follow the move");
+    assert_eq!(
+        sent(&outs),
+        ["/qio/on:1=\"/a\""],
+        "subscriptions follow the move"
+    );
     // A later loss goes back to the moved-to server...
     h.s.handle_closed(h.now, "gone");
     h.at(Duration::from_secs(1));
@@ -558,7 +623,10 @@ fn shutdown_answers_everyone_and_refuses_more() {
     h.drain();
     h.s.shutdown();
     let outs = h.drain();
-    assert_eq!(replies(&outs), [(1, code::DISCONNECTED), (2, code::DISCONNECTED)]);
+    assert_eq!(
+        replies(&outs),
+        [(1, code::DISCONNECTED), (2, code::DISCONNECTED)]
+    );
     assert_eq!(states(&outs), [&StateChange::Stopped]);
     assert_eq!(h.s.emit("/x", &raw("1")), Err(SessionError::Stopped));
     h.s.subscribe(h.now, "/y", None, 3);
@@ -569,12 +637,21 @@ fn shutdown_answers_everyone_and_refuses_more() {
 #[test]
 fn changing_the_servers_reconnects_only_when_the_current_one_went_away() {
     let mut h = Harness::open();
-    h.s.set_servers(h.now, vec![Url::parse("ws://a.test/").unwrap(), Url::parse("ws://z.test/").unwrap()]);
+    h.s.set_servers(
+        h.now,
+        vec![
+            Url::parse("ws://a.test/").unwrap(),
+            Url::parse("ws://z.test/").unwrap(),
+        ],
+    );
     assert!(h.drain().is_empty(), "current server still configured");
     h.s.request(h.now, "/x", &raw("1"), 1);
     h.drain();
     h.s.set_servers(h.now, vec![Url::parse("ws://b.test/").unwrap()]);
     let outs = h.drain();
-    assert_eq!(kinds(&outs), ["close", "reply", "closed", "connecting", "connect"]);
+    assert_eq!(
+        kinds(&outs),
+        ["close", "reply", "closed", "connecting", "connect"]
+    );
     assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test/"));
 }

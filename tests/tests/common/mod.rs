@@ -216,7 +216,9 @@ impl Daemon {
     pub async fn stop(self) {
         self.stop.cancel();
         let res = tokio::time::timeout(DEADLINE, self.task).await;
-        res.expect("daemon stops in time").expect("no panic").expect("clean exit");
+        res.expect("daemon stops in time")
+            .expect("no panic")
+            .expect("clean exit");
     }
 
     /// Cancels without waiting.
@@ -236,7 +238,9 @@ impl LineClient {
     /// Connects to a socket.
     pub async fn connect(path: &std::path::Path) -> LineClient {
         use tokio::io::AsyncBufReadExt;
-        let stream = tokio::net::UnixStream::connect(path).await.expect("connect");
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
         let (r, w) = stream.into_split();
         LineClient {
             lines: tokio::io::BufReader::new(r).lines(),
@@ -259,7 +263,9 @@ impl LineClient {
 
     /// The next line from the daemon, parsed; fails the test at the deadline.
     pub async fn next(&mut self) -> serde_json::Value {
-        self.try_next().await.expect("the daemon closed the connection")
+        self.try_next()
+            .await
+            .expect("the daemon closed the connection")
     }
 
     /// The next line, or `None` when the daemon closed the connection.
@@ -285,7 +291,10 @@ impl LineClient {
             if v.get("id") == Some(&id) {
                 return v;
             }
-            assert!(v.get("event").is_some(), "unexpected reply {v} while waiting for id {id}");
+            assert!(
+                v.get("event").is_some(),
+                "unexpected reply {v} while waiting for id {id}"
+            );
         }
     }
 
