@@ -1,0 +1,193 @@
+//! The `qiod` binary as users run it: flags, socket permissions, signals.
+
+use qio_testserver::{ServerConfig, TestServer};
+use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Qiod {
+    child: Child,
+}
+
+impl Qiod {
+    /// Runs qiod with a config file beside the socket (empty unless the test wrote one),
+    /// so nothing from the machine's own configuration leaks in.
+    fn spawn(args: &[&str], socket: &Path, config: &Path) -> Qiod {
+        if !config.exists() {
+            std::fs::write(&config, "").expect("write config");
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_qiod"))
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .env_remove("RUST_LOG")
+            .env("QIOD_CONFIG", config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qiod starts");
+        Qiod { child }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(start.elapsed() < DEADLINE, "qiod did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Qiod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(
+    path: &Path,
+) -> (
+    BufReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+) {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = UnixStream::connect(path).await {
+            let (r, w) = s.into_split();
+            return (BufReader::new(r), w);
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "qiod never listened on {path:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn read_line(r: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> Option<Value> {
+    let mut line = String::new();
+    let n = tokio::time::timeout(DEADLINE, r.read_line(&mut line))
+        .await
+        .expect("a line in time")
+        .expect("read");
+    (n > 0).then(|| serde_json::from_str(&line).expect("json"))
+}
+
+async fn until_open(r: &mut BufReader<tokio::net::unix::OwnedReadHalf>) {
+    loop {
+        let v = read_line(r).await.expect("open before eof");
+        if v["event"] == "/open" {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn server_and_socket_flags_are_enough_and_sigterm_answers_pending_requests() {
+    let server = TestServer::start(ServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_dir = dir.path().join("run");
+    let socket = sock_dir.join("qiod.sock");
+    let config = dir.path().join("qiod.toml");
+    let mut qiod = Qiod::spawn(&["--server", &server.url()], &socket, &config);
+    let (mut r, mut w) = connect(&socket).await;
+    until_open(&mut r).await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&sock_dir), 0o700, "socket folder");
+    assert_eq!(mode(&socket), 0o600, "socket");
+
+    // A second daemon on the same socket refuses to start.
+    let mut second = Qiod::spawn(&["--server", &server.url()], &socket, &config);
+    let st = second.wait_exit();
+    assert!(!st.success());
+
+    w.write_all(b"{\"op\":\"send\",\"path\":\"/clienttest/drop-callback\",\"id\":7}\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    while !server
+        .received()
+        .iter()
+        .any(|r| r.path == "/clienttest/drop-callback")
+    {
+        assert!(start.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    qiod.signal(libc::SIGTERM);
+    let mut reply = None;
+    while let Some(v) = read_line(&mut r).await {
+        if v.get("id") == Some(&json!(7)) {
+            reply = Some(v);
+        }
+    }
+    assert_eq!(reply.expect("a reply before the daemon left")["code"], -1);
+    assert!(qiod.wait_exit().success());
+    assert!(!socket.exists(), "the socket file is removed on exit");
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_server_address() {
+    let a = TestServer::start(ServerConfig::default()).await.unwrap();
+    let b = TestServer::start(ServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qiod.sock");
+    let config = socket.with_extension("toml");
+    std::fs::write(&config, format!("servers = [\"{}\"]\n", a.url())).unwrap();
+    let mut qiod = Qiod::spawn(&[], &socket, &config);
+    let (mut r, _w) = connect(&socket).await;
+    until_open(&mut r).await;
+    assert_eq!(a.connection_count(), 1);
+    std::fs::write(&config, format!("servers = [\"{}\"]\n", b.url())).unwrap();
+    qiod.signal(libc::SIGHUP);
+    assert!(b.wait_until(DEADLINE, |s| s.connection_count() == 1).await);
+    assert!(a.wait_until(DEADLINE, |s| s.connection_count() == 0).await);
+    qiod.signal(libc::SIGINT);
+    assert!(qiod.wait_exit().success());
+}
+
+#[test]
+fn a_bad_configuration_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qiod.sock");
+    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+        .args([
+            "--server",
+            "ws://127.0.0.1:1/",
+            "--max-clients",
+            "many",
+            "--socket",
+        ])
+        .arg(&socket)
+        .env("QIOD_CONFIG", dir.path().join("none.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_clients"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+        .arg("--socket")
+        .arg(&socket)
+        .env_remove("QIOD_SERVER")
+        .env("QIOD_CONFIG", dir.path().join("none.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
+}
