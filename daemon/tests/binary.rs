@@ -20,7 +20,7 @@ impl Qiod {
     /// so nothing from the machine's own configuration leaks in.
     fn spawn(args: &[&str], socket: &Path, config: &Path) -> Qiod {
         if !config.exists() {
-            std::fs::write(&config, "").expect("write config");
+            std::fs::write(config, "").expect("write config");
         }
         let child = Command::new(env!("CARGO_BIN_EXE_qiod"))
             .args(args)

@@ -81,6 +81,8 @@ async fn the_last_subscriber_disconnecting_unsubscribes_upstream() {
             .any(|r| r.path == "/clienttest/drop-callback")
     })
     .await;
+    // ...and disconnects in the middle of a line.
+    a.write_raw(b"{\"op\":\"on\",\"pa").await;
     drop(a);
     until("the subscription is given back", || async {
         server.subscriptions().is_empty()
@@ -186,6 +188,37 @@ async fn a_refused_subscription_is_reported_and_not_held() {
     assert_eq!(r["code"], 401, "{r}");
     let st = a.call(json!({"op":"status"}), 2).await;
     assert_eq!(st["data"]["subscriptions"], json!([]));
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscription_refused_after_a_reconnect_is_reported_to_its_clients() {
+    let server = server().await;
+    let daemon = Daemon::start(&server.url()).await;
+    let mut a = daemon.open_client().await;
+    assert_eq!(a.call(json!({"op":"on","path":"/x"}), 1).await["code"], 200);
+    assert_eq!(a.call(json!({"op":"on","path":"/y"}), 2).await["code"], 200);
+    server.set_refuse_subscriptions("/x", Some(401));
+    server.kill().await;
+    server.restart().await.unwrap();
+    let ev = a.event("/error").await;
+    assert_eq!(
+        (&ev["data"]["op"], &ev["data"]["path"], &ev["data"]["code"]),
+        (&json!("on"), &json!("/x"), &json!(401)),
+        "{ev}"
+    );
+    until("/y is restored", || async {
+        server.subscriptions().get("/y") == Some(&1)
+    })
+    .await;
+    let st = a.call(json!({"op":"status"}), 3).await;
+    let paths: Vec<_> = st["data"]["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].clone())
+        .collect();
+    assert_eq!(paths, [json!("/y")], "the refused one is gone: {st}");
     daemon.stop().await;
 }
 
