@@ -406,60 +406,63 @@ impl Driver {
 
     /// Carries out the session's instructions; frames are fed in a batch and flushed once.
     async fn carry_out(&mut self) {
-        let mut unflushed = false;
-        while let Some(out) = self.session.poll_output() {
-            match out {
-                Output::Connect(url) => {
-                    self.drop_connection();
-                    self.connecting = Some(Box::pin(connect(url, self.ws_config)));
-                }
-                Output::Send(text) => {
-                    if let Some(ws) = self.ws.as_mut() {
-                        if let Err(e) = ws.feed(Message::text(text)).await {
-                            self.ws = None;
-                            unflushed = false;
-                            self.session
-                                .handle_closed(now(), &format!("sending failed: {e}"));
-                        } else {
-                            unflushed = true;
+        loop {
+            let mut unflushed = false;
+            while let Some(out) = self.session.poll_output() {
+                match out {
+                    Output::Connect(url) => {
+                        self.drop_connection();
+                        self.connecting = Some(Box::pin(connect(url, self.ws_config)));
+                    }
+                    Output::Send(text) => {
+                        if let Some(ws) = self.ws.as_mut() {
+                            match ws.feed(Message::text(text)).await {
+                                Ok(()) => unflushed = true,
+                                Err(e) => {
+                                    self.ws = None;
+                                    unflushed = false;
+                                    let reason = format!("sending failed: {e}");
+                                    self.session.handle_closed(now(), &reason);
+                                }
+                            }
                         }
                     }
-                }
-                Output::Close => self.drop_connection(),
-                Output::Reply(Reply::Plain(tx), outcome) => {
-                    let _ = tx.send(outcome);
-                }
-                Output::Reply(Reply::Subscribe { tx, path }, outcome) => {
-                    if let Err(outcome) = tx.send(outcome) {
-                        if outcome.code == crate::session::code::OK {
-                            self.session.unsubscribe(&path);
+                    Output::Close => self.drop_connection(),
+                    Output::Reply(Reply::Plain(tx), outcome) => {
+                        let _ = tx.send(outcome);
+                    }
+                    Output::Reply(Reply::Subscribe { tx, path }, outcome) => {
+                        if let Err(outcome) = tx.send(outcome) {
+                            if outcome.code == crate::session::code::OK {
+                                self.session.unsubscribe(&path);
+                            }
                         }
                     }
-                }
-                Output::Event(ev) => notify(&self.notices, Notice::Event(ev)).await,
-                Output::State(state) => {
-                    log_state(&state);
-                    notify(&self.notices, Notice::State(state)).await
-                }
-                Output::SubscriptionLost { path, outcome } => {
-                    tracing::warn!(
-                        path,
-                        code = outcome.code,
-                        "the server refused a restored subscription"
-                    );
-                    notify(&self.notices, Notice::SubscriptionLost { path, outcome }).await
-                }
-            }
-        }
-        if unflushed {
-            if let Some(ws) = self.ws.as_mut() {
-                if let Err(e) = ws.flush().await {
-                    self.ws = None;
-                    self.session
-                        .handle_closed(now(), &format!("sending failed: {e}"));
-                    Box::pin(self.carry_out()).await;
+                    Output::Event(ev) => notify(&self.notices, Notice::Event(ev)).await,
+                    Output::State(state) => {
+                        log_state(&state);
+                        notify(&self.notices, Notice::State(state)).await
+                    }
+                    Output::SubscriptionLost { path, outcome } => {
+                        tracing::warn!(
+                            path,
+                            code = outcome.code,
+                            "the server refused a restored subscription"
+                        );
+                        notify(&self.notices, Notice::SubscriptionLost { path, outcome }).await
+                    }
                 }
             }
+            let Some(ws) = self.ws.as_mut().filter(|_| unflushed) else {
+                return;
+            };
+            let Err(e) = ws.flush().await else {
+                return;
+            };
+            // The failure produces more instructions (fail callbacks, back off): go again.
+            self.ws = None;
+            self.session
+                .handle_closed(now(), &format!("sending failed: {e}"));
         }
     }
 

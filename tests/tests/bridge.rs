@@ -161,6 +161,30 @@ async fn server_requests_are_answered_by_a_client() {
 }
 
 #[tokio::test]
+async fn repeated_ons_from_one_client_hold_one_reference_and_share_the_answer() {
+    let server = server().await;
+    let daemon = Daemon::start(&server.url()).await;
+    let mut a = daemon.open_client().await;
+    for id in 1..=3 {
+        a.send(json!({"op":"on","path":"/dup","id":id})).await;
+    }
+    for id in 1..=3 {
+        assert_eq!(a.reply(json!(id)).await["code"], 200);
+    }
+    let st = a.call(json!({"op":"status"}), 4).await;
+    assert_eq!(st["data"]["subscriptions"][0]["refs"], 1, "{st}");
+    assert_eq!(
+        a.call(json!({"op":"off","path":"/dup"}), 5).await["code"],
+        200
+    );
+    until("one off is enough", || async {
+        server.subscriptions().is_empty()
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
 async fn one_gets_a_single_event() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;

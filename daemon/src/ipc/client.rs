@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use qio_ipc::{events, Id, Op, RawRequest, ReplyOut};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -43,7 +43,10 @@ struct Conn {
     session: SessionHandle,
     cfg: Arc<IpcConfig>,
     waits: FuturesUnordered<BoxFuture<'static, Done>>,
-    subscribing: HashSet<String>,
+    /// Paths this client is subscribing to, with the further `on`s that wait for the same
+    /// answer (one session reference per client and path).
+    subscribing: HashMap<String, Vec<(Option<Id>, Op)>>,
+    /// Paths unsubscribed while their `on` was still waiting.
     cancelled: HashSet<String>,
 }
 
@@ -71,7 +74,7 @@ pub async fn serve_client(
         session: session.clone(),
         cfg,
         waits: FuturesUnordered::new(),
-        subscribing: HashSet::new(),
+        subscribing: HashMap::new(),
         cancelled: HashSet::new(),
     };
     let mut reading = true;
@@ -241,9 +244,12 @@ impl Conn {
         let op = req.op;
         let path = codec::clean_path(&req.path.unwrap_or_default());
         self.cancelled.remove(&path);
-        if self.hub.is_subscribed(self.client.id, &path) || self.subscribing.contains(&path) {
-            // Already (being) subscribed: one reference per client and path is enough.
+        if self.hub.is_subscribed(self.client.id, &path) {
             return self.answer(req.id, op, Some(&path), Outcome::ok());
+        }
+        if let Some(more) = self.subscribing.get_mut(&path) {
+            more.push((req.id, op));
+            return;
         }
         let max = self.cfg.max_subscriptions_per_client;
         if self.hub.subscription_count(self.client.id) + self.subscribing.len() >= max {
@@ -258,7 +264,7 @@ impl Conn {
             }
         }
         let wait = self.session.subscribe_deferred(&path, req.data).await;
-        self.subscribing.insert(path.clone());
+        self.subscribing.insert(path.clone(), Vec::new());
         let id = req.id;
         self.waits
             .push(Box::pin(wait.map(move |outcome| Done::Subscribed {
@@ -271,7 +277,7 @@ impl Conn {
 
     async fn op_off(&mut self, req: RawRequest) {
         let path = codec::clean_path(&req.path.unwrap_or_default());
-        if self.subscribing.contains(&path) {
+        if self.subscribing.contains_key(&path) {
             self.cancelled.insert(path.clone());
         }
         if self.hub.unsubscribe(self.client.id, &path) {
@@ -349,13 +355,18 @@ impl Conn {
                 path,
                 outcome,
             } => {
-                self.subscribing.remove(&path);
+                let more = self.subscribing.remove(&path).unwrap_or_default();
                 if outcome.code == code::OK {
                     if self.cancelled.remove(&path) {
                         self.session.unsubscribe(&path).await;
                     } else {
-                        self.hub.subscribe(&self.client, &path, op == Op::One);
+                        // A plain `on` among the waiters makes the subscription lasting.
+                        let once = op == Op::One && more.iter().all(|(_, o)| *o == Op::One);
+                        self.hub.subscribe(&self.client, &path, once);
                     }
+                }
+                for (more_id, more_op) in more {
+                    self.answer(more_id, more_op, Some(&path), outcome.clone());
                 }
                 self.answer(id, op, Some(&path), outcome);
             }

@@ -40,12 +40,25 @@ struct Handles {
 struct State {
     clients: HashMap<u64, Arc<ClientRef>>,
     subs: HashMap<String, Vec<Subscriber>>,
+    /// The same subscriptions indexed by client, so per-client questions cost O(1).
+    by_client: HashMap<u64, HashSet<String>>,
     handles: Handles,
     open: bool,
     /// Counts opened connections, as the session's handle generations do.
     conn: u64,
     close_reason: Option<String>,
     delivered: u64,
+}
+
+impl State {
+    fn remove_subscriber(&mut self, id: u64, path: &str) {
+        if let Some(list) = self.subs.get_mut(path) {
+            list.retain(|s| s.client.id != id);
+            if list.is_empty() {
+                self.subs.remove(path);
+            }
+        }
+    }
 }
 
 /// Shared routing state; every method takes the lock briefly and never awaits under it.
@@ -83,20 +96,20 @@ impl Hub {
     }
 
     /// Removes a client and returns the paths it was subscribed to (to give back).
+    ///
+    /// Handles the client was allowed to answer stay in the bounded table until they age
+    /// out; ids are never reused, so nobody else can use them.
     pub fn leave(&self, id: u64) -> Vec<String> {
         let mut st = self.lock();
         st.clients.remove(&id);
-        let mut paths = Vec::new();
-        st.subs.retain(|path, list| {
-            let before = list.len();
-            list.retain(|s| s.client.id != id);
-            if list.len() != before {
-                paths.push(path.clone());
-            }
-            !list.is_empty()
-        });
-        for set in st.handles.allowed.values_mut() {
-            set.remove(&id);
+        let paths: Vec<String> = st
+            .by_client
+            .remove(&id)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for path in &paths {
+            st.remove_subscriber(id, path);
         }
         paths
     }
@@ -104,24 +117,28 @@ impl Hub {
     /// Whether the client is subscribed to the path.
     pub fn is_subscribed(&self, id: u64, path: &str) -> bool {
         self.lock()
-            .subs
-            .get(path)
-            .is_some_and(|l| l.iter().any(|s| s.client.id == id))
+            .by_client
+            .get(&id)
+            .is_some_and(|paths| paths.contains(path))
     }
 
     /// How many paths the client is subscribed to.
     pub fn subscription_count(&self, id: u64) -> usize {
-        self.lock()
-            .subs
-            .values()
-            .filter(|l| l.iter().any(|s| s.client.id == id))
-            .count()
+        self.lock().by_client.get(&id).map_or(0, HashSet::len)
     }
 
     /// Registers a confirmed subscription.
     pub fn subscribe(&self, client: &Arc<ClientRef>, path: &str, once: bool) {
-        self.lock()
-            .subs
+        let mut st = self.lock();
+        if !st
+            .by_client
+            .entry(client.id)
+            .or_default()
+            .insert(path.to_owned())
+        {
+            return;
+        }
+        st.subs
             .entry(path.to_owned())
             .or_default()
             .push(Subscriber {
@@ -133,16 +150,14 @@ impl Hub {
     /// Unregisters a subscription; returns whether there was one.
     pub fn unsubscribe(&self, id: u64, path: &str) -> bool {
         let mut st = self.lock();
-        let Some(list) = st.subs.get_mut(path) else {
-            return false;
-        };
-        let before = list.len();
-        list.retain(|s| s.client.id != id);
-        let removed = list.len() != before;
-        if list.is_empty() {
-            st.subs.remove(path);
+        let held = st
+            .by_client
+            .get_mut(&id)
+            .is_some_and(|paths| paths.remove(path));
+        if held {
+            st.remove_subscriber(id, path);
         }
-        removed
+        held
     }
 
     /// Lets `client` answer the server's callback request `handle`.
@@ -210,6 +225,7 @@ impl Hub {
                 let mut receivers =
                     Vec::with_capacity(if ev.cb.is_some() { list.len() } else { 0 });
                 let mut once_gone = Vec::new();
+                let mut once_ids = Vec::new();
                 list.retain(|s| {
                     if !s.client.outbox.push_event(line.clone()) {
                         kicked.push(s.client.clone());
@@ -219,12 +235,18 @@ impl Hub {
                     }
                     if s.once {
                         once_gone.push(ev.path.clone());
+                        once_ids.push(s.client.id);
                     }
                     !s.once
                 });
                 let delivered = list.len() + once_gone.len();
                 if list.is_empty() {
                     st.subs.remove(&ev.path);
+                }
+                for id in &once_ids {
+                    if let Some(paths) = st.by_client.get_mut(id) {
+                        paths.remove(&ev.path);
+                    }
                 }
                 st.delivered += delivered as u64;
                 drop(st);
@@ -285,7 +307,14 @@ impl Hub {
                 Vec::new()
             }
             Notice::SubscriptionLost { path, outcome } => {
-                let list = self.lock().subs.remove(&path).unwrap_or_default();
+                let mut st = self.lock();
+                let list = st.subs.remove(&path).unwrap_or_default();
+                for s in &list {
+                    if let Some(paths) = st.by_client.get_mut(&s.client.id) {
+                        paths.remove(&path);
+                    }
+                }
+                drop(st);
                 let line = error_event(Some("on"), Some(&path), &outcome);
                 for s in list {
                     s.client.outbox.push_event(line.clone());

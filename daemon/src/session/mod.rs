@@ -254,6 +254,9 @@ pub enum SessionError {
     /// The session was shut down.
     #[error("the session is shut down")]
     Stopped,
+    /// No server address was given.
+    #[error("no server address configured")]
+    NoServers,
 }
 
 impl SessionError {
@@ -262,7 +265,9 @@ impl SessionError {
         match self {
             SessionError::BadPath(_) => code::BAD_REQUEST,
             SessionError::QueueFull(_) => code::OVERLOADED,
-            SessionError::Disconnected | SessionError::Stopped => code::DISCONNECTED,
+            SessionError::Disconnected | SessionError::Stopped | SessionError::NoServers => {
+                code::DISCONNECTED
+            }
         }
     }
 }
@@ -391,7 +396,7 @@ impl<T> Session<T> {
     /// A session that starts connecting at once; `seed` drives jitter and server order.
     pub fn new(cfg: SessionConfig, seed: u64, now: Instant) -> Result<Self, SessionError> {
         if cfg.servers.is_empty() {
-            return Err(SessionError::BadPath("no server address configured".into()));
+            return Err(SessionError::NoServers);
         }
         let mut s = Session {
             rng: StdRng::seed_from_u64(seed),
