@@ -365,10 +365,10 @@ impl Conn {
                         self.hub.subscribe(&self.client, &path, once);
                     }
                 }
+                self.answer(id, op, Some(&path), outcome.clone());
                 for (more_id, more_op) in more {
                     self.answer(more_id, more_op, Some(&path), outcome.clone());
                 }
-                self.answer(id, op, Some(&path), outcome);
             }
         }
     }
