@@ -4,7 +4,7 @@
 //! peer check: the folder is created private, a live daemon is never displaced, a stale
 //! socket left by a crash is replaced, and nothing that is not a socket is ever deleted.
 
-use std::ffi::{CStr, OsString};
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
@@ -54,34 +54,7 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// Where the daemon listens unless told otherwise; clients compute the same path.
-///
-/// `QIOD_SOCKET` wins; then `$XDG_RUNTIME_DIR/qiod/qiod.sock` (a per-user tmpfs that
-/// systemd cleans up); then `/run/qiod/qiod.sock` for root; else `/tmp/qiod-<uid>/qiod.sock`.
-pub fn default_socket_path() -> PathBuf {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
-    socket_path_from(&|key| std::env::var_os(key), uid)
-}
-
-/// [`default_socket_path`] over an explicit environment, so config tests need no globals.
-pub(crate) fn socket_path_from(env: &dyn Fn(&str) -> Option<OsString>, uid: u32) -> PathBuf {
-    let set = |key: &str| env(key).filter(|v| !v.is_empty());
-    if let Some(path) = set("QIOD_SOCKET") {
-        return PathBuf::from(path);
-    }
-    // The XDG spec says to ignore a relative runtime dir.
-    if let Some(dir) = set("XDG_RUNTIME_DIR").map(PathBuf::from) {
-        if dir.is_absolute() {
-            return dir.join("qiod").join("qiod.sock");
-        }
-    }
-    if uid == 0 {
-        PathBuf::from("/run/qiod/qiod.sock")
-    } else {
-        PathBuf::from(format!("/tmp/qiod-{uid}/qiod.sock"))
-    }
-}
+pub use qio_ipc::paths::{default_socket_path, socket_path_from};
 
 /// Binds a listening socket at `path` that only our user (and root) can reach, creating its
 /// folder (mode 0700) when missing.
@@ -376,7 +349,6 @@ fn user_name(uid: u32) -> Option<std::ffi::CString> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -485,34 +457,6 @@ mod tests {
         let _other = UnixListener::bind(&path).unwrap();
         drop(guard);
         assert!(path.exists());
-    }
-
-    #[test]
-    fn socket_path_defaults() {
-        let env = |pairs: &[(&str, &str)]| {
-            let map: HashMap<String, OsString> = pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), OsString::from(v)))
-                .collect();
-            move |k: &str| map.get(k).cloned()
-        };
-        let e = env(&[("XDG_RUNTIME_DIR", "/run/user/1000")]);
-        assert_eq!(
-            socket_path_from(&e, 1000),
-            Path::new("/run/user/1000/qiod/qiod.sock")
-        );
-        let e = env(&[
-            ("XDG_RUNTIME_DIR", "/run/user/1000"),
-            ("QIOD_SOCKET", "/x/y.sock"),
-        ]);
-        assert_eq!(socket_path_from(&e, 1000), Path::new("/x/y.sock"));
-        let e = env(&[("XDG_RUNTIME_DIR", "relative")]);
-        assert_eq!(socket_path_from(&e, 0), Path::new("/run/qiod/qiod.sock"));
-        let e = env(&[("XDG_RUNTIME_DIR", ""), ("QIOD_SOCKET", "")]);
-        assert_eq!(
-            socket_path_from(&e, 1234),
-            Path::new("/tmp/qiod-1234/qiod.sock")
-        );
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! One JSON object per line. Requests carry an `op`; everything the daemon sends is either
 //! a reply (it has the request's `id`) or an event (it has `event`). The full contract,
 //! with examples, is in PROTOCOL.md beside this crate. This crate is serde only, so any
-//! client (sync or async, any runtime) can use it.
+//! client (sync or async, any runtime) can use it; [`paths`] tells clients where the daemon
+//! listens, computed exactly as the daemon computes it.
 #![deny(missing_docs)]
+
+pub mod paths;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
