@@ -1,5 +1,8 @@
-//! The Quick.IO 0.2 wire codec: pure functions from text frames to [`Frame`]s and back.
+//! The Quick.IO wire codecs: pure functions from text frames to [`Frame`]s and back.
 //!
+//! Two dialects exist (see WIRE.md): 0.2 frames `<path>:<cb>=<json>`, 0.1 frames
+//! `<path>:<cb>:<type>=<data>` with `plain` or `json` data. Both decode to the same
+//! [`Frame`] with JSON data, so nothing above this module knows which one is spoken.
 //! Nothing here touches a socket, so every rule of the wire format is unit tested in
 //! isolation, including hostile input.
 
@@ -43,6 +46,106 @@ pub enum DecodeError {
     /// The data after `=` is not valid JSON.
     #[error("frame data is not valid JSON: {0}")]
     BadJson(String),
+    /// A 0.1 frame's type is neither `plain` nor `json`.
+    #[error("frame type {0:?} is neither plain nor json")]
+    BadType(String),
+}
+
+/// The two wire dialects of Quick.IO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// The 2014 release line: JSON data, `/qio/ohai` handshake, code envelopes.
+    V02,
+    /// The 2012-2013 line: typed `plain`/`json` data, no handshake, no codes.
+    V01,
+}
+
+impl Dialect {
+    /// The version as users write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::V02 => "0.2",
+            Dialect::V01 => "0.1",
+        }
+    }
+
+    /// Decodes one text frame.
+    pub fn decode(self, text: &str) -> Result<Frame, DecodeError> {
+        match self {
+            Dialect::V02 => decode(text),
+            Dialect::V01 => decode_v01(text),
+        }
+    }
+
+    /// Encodes one frame; `path` must already be clean.
+    ///
+    /// In 0.1 a JSON string goes as `plain` with its text, `null` as an empty `plain` (what
+    /// a 0.1 client sends when it has nothing to say), anything else as `json`.
+    pub fn encode(self, path: &str, cb: u64, data: &RawValue) -> String {
+        match self {
+            Dialect::V02 => encode(path, cb, data),
+            Dialect::V01 => {
+                let text = data.get();
+                let (kind, body) = if text == "null" {
+                    ("plain", String::new())
+                } else if let Ok(s) = serde_json::from_str::<String>(text) {
+                    ("plain", s)
+                } else {
+                    ("json", text.to_owned())
+                };
+                format!("{path}:{cb}:{kind}={body}")
+            }
+        }
+    }
+
+    /// The frame that subscribes to `path`; `data` only exists in 0.2.
+    pub fn subscribe(self, cb: u64, path: &str, data: Option<&RawValue>) -> String {
+        match (self, data) {
+            (Dialect::V02, None) => encode("/qio/on", cb, &json_string(path)),
+            (Dialect::V02, Some(d)) => {
+                format!("/qio/on:{cb}=[{},{}]", json_string(path).get(), d.get())
+            }
+            (Dialect::V01, _) => format!("/qio/sub:{cb}:plain={path}"),
+        }
+    }
+
+    /// The frame that unsubscribes from `path`, asking for no callback.
+    pub fn unsubscribe(self, path: &str) -> String {
+        match self {
+            Dialect::V02 => encode("/qio/off", 0, &json_string(path)),
+            Dialect::V01 => format!("/qio/unsub:0:plain={path}"),
+        }
+    }
+}
+
+/// Decodes one `<path>:<cb>:<type>=<data>` text frame of the 0.1 dialect.
+///
+/// `plain` data becomes a JSON string, `json` data its JSON value.
+fn decode_v01(text: &str) -> Result<Frame, DecodeError> {
+    let (raw_path, rest) = text.split_once(':').ok_or(DecodeError::MissingColon)?;
+    let (cb, rest) = rest.split_once(':').ok_or(DecodeError::MissingColon)?;
+    let (kind, data) = rest.split_once('=').ok_or(DecodeError::MissingEquals)?;
+    let cb = parse_cb(cb)?;
+    let path = clean_path(raw_path);
+    if path == "/" {
+        return Err(DecodeError::EmptyPath);
+    }
+    let data = match kind {
+        "plain" => json_string(data),
+        "json" => RawValue::from_string(data.trim().to_owned())
+            .map_err(|e| DecodeError::BadJson(e.to_string()))?,
+        other => return Err(DecodeError::BadType(truncate(other))),
+    };
+    Ok(Frame { path, cb, data })
+}
+
+fn parse_cb(cb: &str) -> Result<u64, DecodeError> {
+    // u64::from_str accepts a leading '+', which the wire format does not.
+    if cb.is_empty() || !cb.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(DecodeError::BadCallbackId(truncate(cb)));
+    }
+    cb.parse::<u64>()
+        .map_err(|_| DecodeError::BadCallbackId(truncate(cb)))
 }
 
 /// Cleans a path the way both ends of a Quick.IO connection do.
@@ -69,13 +172,7 @@ pub fn clean_path(raw: &str) -> String {
 pub fn decode(text: &str) -> Result<Frame, DecodeError> {
     let (raw_path, rest) = text.split_once(':').ok_or(DecodeError::MissingColon)?;
     let (cb, data) = rest.split_once('=').ok_or(DecodeError::MissingEquals)?;
-    // u64::from_str accepts a leading '+', which the wire format does not.
-    if cb.is_empty() || !cb.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(DecodeError::BadCallbackId(truncate(cb)));
-    }
-    let cb = cb
-        .parse::<u64>()
-        .map_err(|_| DecodeError::BadCallbackId(truncate(cb)))?;
+    let cb = parse_cb(cb)?;
     let path = clean_path(raw_path);
     if path == "/" {
         return Err(DecodeError::EmptyPath);
@@ -212,7 +309,91 @@ mod tests {
         );
     }
 
+    #[test]
+    fn v01_decode_table() {
+        let d = Dialect::V01;
+        let cases = [
+            (
+                "/qio/callback/1:0:plain=test",
+                "/qio/callback/1",
+                0,
+                "\"test\"",
+            ),
+            ("/qio/callback/4:0:plain=", "/qio/callback/4", 0, "\"\""),
+            ("/qio/heartbeat:0:plain=", "/qio/heartbeat", 0, "\"\""),
+            (
+                "/qio/move:0:plain=ws://h:1/qio",
+                "/qio/move",
+                0,
+                "\"ws://h:1/qio\"",
+            ),
+            ("/a/b:3:json={\"x\":[1]}", "/a/b", 3, "{\"x\":[1]}"),
+            (
+                "/a:0:plain=a \"quoted\" = : text",
+                "/a",
+                0,
+                "\"a \\\"quoted\\\" = : text\"",
+            ),
+        ];
+        for (text, path, cb, data) in cases {
+            let f = d.decode(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(
+                (f.path.as_str(), f.cb, f.data.get()),
+                (path, cb, data),
+                "{text}"
+            );
+        }
+        let bad: [(&str, DecodeError); 6] = [
+            ("/a:1=null", DecodeError::MissingColon),
+            ("/a", DecodeError::MissingColon),
+            ("/a:1:plain", DecodeError::MissingEquals),
+            ("/a:x:plain=1", DecodeError::BadCallbackId("x".into())),
+            ("/a:1:xml=<a/>", DecodeError::BadType("xml".into())),
+            (":1:plain=x", DecodeError::EmptyPath),
+        ];
+        for (text, want) in bad {
+            assert_eq!(d.decode(text).err(), Some(want), "{text}");
+        }
+        assert!(matches!(
+            d.decode("/a:1:json={"),
+            Err(DecodeError::BadJson(_))
+        ));
+    }
+
+    #[test]
+    fn v01_encode_maps_json_to_types() {
+        let d = Dialect::V01;
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        let cases = [
+            ("\"test\"", "/qio/ping:1:plain=test"),
+            ("null", "/qio/ping:1:plain="),
+            ("\"a\\nb\"", "/qio/ping:1:plain=a\nb"),
+            ("{\"a\":1}", "/qio/ping:1:json={\"a\":1}"),
+            ("42", "/qio/ping:1:json=42"),
+        ];
+        for (data, want) in cases {
+            assert_eq!(d.encode("/qio/ping", 1, &raw(data)), want, "{data}");
+        }
+        assert_eq!(d.subscribe(4, "/news", None), "/qio/sub:4:plain=/news");
+        assert_eq!(d.unsubscribe("/news"), "/qio/unsub:0:plain=/news");
+        assert_eq!(
+            Dialect::V02.subscribe(4, "/news", Some(&raw("1"))),
+            "/qio/on:4=[\"/news\",1]"
+        );
+        assert_eq!(Dialect::V02.unsubscribe("/news"), "/qio/off:0=\"/news\"");
+        // What 0.1 encodes, 0.1 decodes back to the same JSON (strings and values).
+        for data in ["\"x=y:z\"", "[1,2]", "{\"k\":\"v\"}"] {
+            let f = d.decode(&d.encode("/p", 2, &raw(data))).unwrap();
+            assert_eq!(f.data.get(), data);
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn v01_decode_never_panics(s in "\\PC*") {
+            let _ = Dialect::V01.decode(&s);
+        }
+
         #[test]
         fn decode_never_panics(s in "\\PC*") {
             let _ = decode(&s);

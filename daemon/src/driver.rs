@@ -5,6 +5,7 @@
 //! bounded channel and come back on oneshot channels, so a flood of callers waits
 //! instead of growing a queue without limit.
 
+use crate::codec::Dialect;
 use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
     StateChange,
@@ -18,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
@@ -26,7 +28,13 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Connecting = Pin<Box<dyn Future<Output = Result<Ws, String>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Ws, ConnectError>> + Send>>;
+
+/// Why an upgrade failed, and whether the failure points at the other dialect.
+struct ConnectError {
+    reason: String,
+    wrong_dialect: bool,
+}
 
 /// Settings of the driver around the session's own.
 #[derive(Debug, Clone)]
@@ -318,7 +326,8 @@ impl Driver {
                             self.ws = Some(ws);
                             self.session.handle_connected(now());
                         }
-                        Err(e) => self.session.handle_connect_failed(now(), &e),
+                        Err(e) if e.wrong_dialect => self.session.handle_wrong_dialect(now(), &e.reason),
+                        Err(e) => self.session.handle_connect_failed(now(), &e.reason),
                     }
                 }
                 msg = async { self.ws.as_mut().expect("guarded").next().await }, if self.ws.is_some() => {
@@ -410,9 +419,9 @@ impl Driver {
             let mut unflushed = false;
             while let Some(out) = self.session.poll_output() {
                 match out {
-                    Output::Connect(url) => {
+                    Output::Connect { url, dialect } => {
                         self.drop_connection();
-                        self.connecting = Some(Box::pin(connect(url, self.ws_config)));
+                        self.connecting = Some(Box::pin(connect(url, dialect, self.ws_config)));
                     }
                     Output::Send(text) => {
                         if let Some(ws) = self.ws.as_mut() {
@@ -503,18 +512,34 @@ fn log_state(state: &StateChange) {
     }
 }
 
-/// Opens the WebSocket and asks for the `quickio` subprotocol.
-async fn connect(url: Url, config: WebSocketConfig) -> Result<Ws, String> {
+/// Opens the WebSocket; 0.2 asks for the `quickio` subprotocol, 0.1 must not (a 0.1
+/// server never echoes one, and the upgrade would then fail).
+///
+/// tungstenite writes the canonical header spellings (`Host`, `Connection`, `Upgrade`,
+/// `Sec-WebSocket-Version`, `Sec-WebSocket-Key`) that the 0.1 server insists on; the
+/// end-to-end tests check the exact bytes.
+async fn connect(url: Url, dialect: Dialect, config: WebSocketConfig) -> Result<Ws, ConnectError> {
     let mut request = url
         .as_str()
         .into_client_request()
-        .map_err(|e| format!("bad address {url}: {e}"))?;
-    request.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static("quickio"),
-    );
-    let (ws, _response) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(ws)
+        .map_err(|e| ConnectError {
+            reason: format!("bad address {url}: {e}"),
+            wrong_dialect: false,
+        })?;
+    if dialect == Dialect::V02 {
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static("quickio"),
+        );
+    }
+    match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
+        Ok((ws, _response)) => Ok(ws),
+        Err(e) => Err(ConnectError {
+            wrong_dialect: matches!(
+                e,
+                WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(_))
+            ),
+            reason: e.to_string(),
+        }),
+    }
 }

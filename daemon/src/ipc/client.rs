@@ -314,7 +314,7 @@ impl Conn {
         let data = serde_json::json!({
             "state": st.state,
             "url": st.url.as_ref().map(|u| u.as_str()),
-            "dialect": "0.2",
+            "dialect": st.dialect,
             "connected_since_ms": connected_since,
             "open_for_ms": st.open_for.map(|d| d.as_millis() as u64),
             "reconnects": st.reconnects,

@@ -19,7 +19,7 @@ pub use address::{parse_server_url, resolve_move};
 pub use backoff::Backoff;
 pub use queue::OfflineQueue;
 
-use crate::codec::{self, DecodeError};
+use crate::codec::{self, DecodeError, Dialect};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -71,7 +71,25 @@ pub struct SessionConfig {
     pub max_pending_callbacks: usize,
     /// Most distinct subscribed paths.
     pub max_subscriptions: usize,
+    /// Which wire dialect to speak.
+    pub dialect: DialectChoice,
+    /// Largest frame the server accepts, in bytes; `None` means the dialect's default
+    /// (no limit for 0.2, 1024 for 0.1, whose server drops the connection beyond it).
+    pub max_frame_bytes: Option<usize>,
 }
+
+/// The dialect setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialectChoice {
+    /// Try 0.2; when the server shows it speaks 0.1, switch at once and remember it for
+    /// that address until a move or a restart.
+    Auto,
+    /// Always this one.
+    Fixed(Dialect),
+}
+
+/// The default frame limit of a 0.1 server (bytes of WebSocket payload).
+pub const V01_MAX_FRAME_BYTES: usize = 1024;
 
 impl SessionConfig {
     /// The defaults Quick.IO clients use, for the given servers.
@@ -88,6 +106,8 @@ impl SessionConfig {
             queue_max_bytes: 16 * 1024 * 1024,
             max_pending_callbacks: 65_536,
             max_subscriptions: 65_536,
+            dialect: DialectChoice::Auto,
+            max_frame_bytes: None,
         }
     }
 }
@@ -217,8 +237,15 @@ pub enum StateChange {
 #[derive(Debug)]
 pub enum Output<T> {
     /// Open a WebSocket to this address (dropping any previous one) and report back with
-    /// [`Session::handle_connected`] or [`Session::handle_connect_failed`].
-    Connect(Url),
+    /// [`Session::handle_connected`], [`Session::handle_connect_failed`] or
+    /// [`Session::handle_wrong_dialect`].
+    Connect {
+        /// Where to.
+        url: Url,
+        /// Which dialect's upgrade request to send (0.2 asks for the `quickio` subprotocol,
+        /// 0.1 must not).
+        dialect: Dialect,
+    },
     /// Send this text frame on the current connection.
     Send(String),
     /// Close the current connection or abandon the current attempt; the session already
@@ -254,6 +281,14 @@ pub enum SessionError {
     /// The session was shut down.
     #[error("the session is shut down")]
     Stopped,
+    /// The frame would exceed what the server accepts; nothing was sent.
+    #[error("event too large: its frame is {len} bytes and the server accepts {max} (max_frame_bytes); send less data")]
+    TooLarge {
+        /// The frame's size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// No server address was given.
     #[error("no server address configured")]
     NoServers,
@@ -263,7 +298,7 @@ impl SessionError {
     /// The code a caller sees for this error.
     pub fn code(&self) -> i64 {
         match self {
-            SessionError::BadPath(_) => code::BAD_REQUEST,
+            SessionError::BadPath(_) | SessionError::TooLarge { .. } => code::BAD_REQUEST,
             SessionError::QueueFull(_) => code::OVERLOADED,
             SessionError::Disconnected | SessionError::Stopped | SessionError::NoServers => {
                 code::DISCONNECTED
@@ -279,6 +314,8 @@ pub struct SessionStatus {
     pub state: &'static str,
     /// The server of the current (or last) attempt.
     pub url: Option<Url>,
+    /// The dialect of the current (or last) attempt.
+    pub dialect: &'static str,
     /// How long the current connection has been open.
     pub open_for: Option<Duration>,
     /// How many times a connection was opened after the first.
@@ -386,6 +423,8 @@ pub struct Session<T> {
     heartbeat_at: Option<Instant>,
     ping_deadline: Option<Instant>,
     queue: OfflineQueue,
+    dialect: Dialect,
+    detected: HashMap<Url, Dialect>,
     opened: u64,
     last_error: Option<String>,
     events_in: u64,
@@ -418,6 +457,11 @@ impl<T> Session<T> {
             heartbeat_at: None,
             ping_deadline: None,
             queue: OfflineQueue::new(cfg.queue_max_events, cfg.queue_max_bytes),
+            dialect: match cfg.dialect {
+                DialectChoice::Fixed(d) => d,
+                DialectChoice::Auto => Dialect::V02,
+            },
+            detected: HashMap::new(),
             opened: 0,
             last_error: None,
             events_in: 0,
@@ -458,14 +502,18 @@ impl<T> Session<T> {
         matches!(self.phase, Phase::Open { .. })
     }
 
-    /// The transport connected; the session starts the Quick.IO handshake.
-    pub fn handle_connected(&mut self, _now: Instant) {
+    /// The transport connected; the session starts the Quick.IO handshake (0.2), or is
+    /// open at once (0.1 has no handshake beyond the upgrade).
+    pub fn handle_connected(&mut self, now: Instant) {
         if let Phase::Connecting { url, deadline } = &self.phase {
             self.phase = Phase::Handshaking {
                 url: url.clone(),
                 deadline: *deadline,
             };
-            self.out.push_back(Output::Send(codec::OHAI.to_owned()));
+            match self.dialect {
+                Dialect::V02 => self.out.push_back(Output::Send(codec::OHAI.to_owned())),
+                Dialect::V01 => self.go_open(now),
+            }
         }
     }
 
@@ -475,15 +523,29 @@ impl<T> Session<T> {
             self.phase,
             Phase::Connecting { .. } | Phase::Handshaking { .. }
         ) {
-            self.attempt_failed(now, reason.to_owned());
+            self.attempt_failed(now, reason.to_owned(), false);
+        }
+    }
+
+    /// The upgrade failed in a way that shows the other dialect, such as a server that
+    /// does not echo the `quickio` subprotocol (a 0.1 server never does).
+    pub fn handle_wrong_dialect(&mut self, now: Instant, reason: &str) {
+        if matches!(
+            self.phase,
+            Phase::Connecting { .. } | Phase::Handshaking { .. }
+        ) {
+            self.attempt_failed(now, reason.to_owned(), true);
         }
     }
 
     /// The transport was closed or broke; `reason` says how.
     pub fn handle_closed(&mut self, now: Instant, reason: &str) {
         match self.phase {
-            Phase::Connecting { .. } | Phase::Handshaking { .. } => {
-                self.attempt_failed(now, format!("closed during the handshake: {reason}"))
+            Phase::Connecting { .. } => self.attempt_failed(now, reason.to_owned(), false),
+            // A 0.1 server drops a connection whose first frame is /qio/ohai.
+            Phase::Handshaking { .. } => {
+                let reason = format!("closed during the handshake: {reason}");
+                self.attempt_failed(now, reason, true)
             }
             Phase::Open { .. } => {
                 self.lose(reason.to_owned(), false);
@@ -505,13 +567,14 @@ impl<T> Session<T> {
                     self.attempt_failed(
                         now,
                         format!("server answered {shown:?} instead of /qio/ohai: is it a Quick.IO 0.2 server?"),
+                        true,
                     );
                 }
             }
             Phase::Open { .. } => {
                 self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
                 self.ping_deadline = None;
-                match codec::decode(text) {
+                match self.dialect.decode(text) {
                     Ok(frame) => self.handle_open_frame(now, frame),
                     Err(e) => self.invalid_frame(now, text, e),
                 }
@@ -529,7 +592,7 @@ impl<T> Session<T> {
             {
                 self.out.push_back(Output::Close);
                 let after = self.cfg.handshake_timeout;
-                self.attempt_failed(now, format!("handshake timed out after {after:?}"));
+                self.attempt_failed(now, format!("handshake timed out after {after:?}"), false);
             }
             Phase::Open { .. } => {
                 if self.ping_deadline.is_some_and(|d| d <= now) {
@@ -573,22 +636,22 @@ impl<T> Session<T> {
     /// Sends an event without asking for a callback; queued while not open.
     pub fn emit(&mut self, path: &str, data: &RawValue) -> Result<(), SessionError> {
         let path = check_path(path)?;
+        let frame = self.dialect.encode(&path, 0, data);
+        self.check_size(&frame)?;
         match self.phase {
             Phase::Open { .. } => {
-                self.send(&path, 0, data);
+                self.events_out += 1;
+                self.out.push_back(Output::Send(frame));
                 Ok(())
             }
             Phase::Stopped => Err(SessionError::Stopped),
-            _ => {
-                let frame = codec::encode(&path, 0, data);
-                self.queue.push(frame).map_err(|_| {
-                    SessionError::QueueFull(format!(
-                        "{} events, {} bytes",
-                        self.queue.len(),
-                        self.queue.bytes()
-                    ))
-                })
-            }
+            _ => self.queue.push((path, data.to_owned())).map_err(|_| {
+                SessionError::QueueFull(format!(
+                    "{} events, {} bytes",
+                    self.queue.len(),
+                    self.queue.bytes()
+                ))
+            }),
         }
     }
 
@@ -600,6 +663,10 @@ impl<T> Session<T> {
         };
         if let Some(outcome) = self.refuse_request() {
             return self.reply(reply, outcome);
+        }
+        // Checked with the largest id the request could get, before it takes one.
+        if let Err(e) = self.check_size(&self.dialect.encode(&path, u64::MAX, data)) {
+            return self.reply(reply, Outcome::local(e.code(), e.to_string()));
         }
         let id = self.alloc_request(now, reply);
         self.send(&path, id, data);
@@ -618,6 +685,15 @@ impl<T> Session<T> {
     ) -> Result<(), SessionError> {
         let live = self.is_open() && handle.conn == self.conn;
         let path = format!("/qio/callback/{}", handle.id);
+        if let Err(e) = self.check_size(&self.dialect.encode(&path, u64::MAX, data)) {
+            return match reply {
+                Some(reply) => {
+                    self.reply(reply, Outcome::local(e.code(), e.to_string()));
+                    Ok(())
+                }
+                None => Err(e),
+            };
+        }
         match (live, reply) {
             (false, None) => Err(SessionError::Disconnected),
             (false, Some(reply)) => {
@@ -675,9 +751,6 @@ impl<T> Session<T> {
                     upstream: Upstream::Offline,
                 },
             );
-            if self.is_open() {
-                self.send_on(&path);
-            }
         }
         let id = self.next_waiter;
         self.next_waiter += 1;
@@ -690,6 +763,9 @@ impl<T> Session<T> {
                 reply,
                 deadline,
             });
+            if sub.upstream == Upstream::Offline && self.is_open() {
+                self.send_on(&path);
+            }
         }
     }
 
@@ -794,6 +870,7 @@ impl<T> Session<T> {
         SessionStatus {
             state,
             url: self.last_url.clone(),
+            dialect: self.dialect.name(),
             open_for,
             reconnects: self.opened.saturating_sub(1),
             last_error: self.last_error.clone(),
@@ -862,6 +939,24 @@ impl<T> Session<T> {
             conn: self.conn,
             id: frame.cb,
         });
+        if self.dialect == Dialect::V01 {
+            // 0.1 callbacks carry the data as sent; `qio_error` is the only error.
+            return if frame.data.get() == "\"qio_error\"" {
+                Outcome {
+                    code: 500,
+                    data: codec::null(),
+                    err_msg: Some("qio_error".into()),
+                    cb,
+                }
+            } else {
+                Outcome {
+                    code: code::OK,
+                    data: frame.data.clone(),
+                    err_msg: None,
+                    cb,
+                }
+            };
+        }
         match serde_json::from_str::<Envelope>(frame.data.get()) {
             Ok(env) => Outcome {
                 code: env.code,
@@ -886,7 +981,8 @@ impl<T> Session<T> {
         let Some(sub) = self.subs.get_mut(path) else {
             if outcome.code == code::OK && self.is_open() {
                 // Confirmed after every caller left: give it back upstream too.
-                self.send("/qio/off", 0, &codec::json_string(path));
+                self.out
+                    .push_back(Output::Send(self.dialect.unsubscribe(path)));
             }
             return;
         };
@@ -946,7 +1042,8 @@ impl<T> Session<T> {
         }
         if let Some(sub) = self.subs.remove(path) {
             if sub.upstream != Upstream::Offline && self.is_open() {
-                self.send("/qio/off", 0, &codec::json_string(path));
+                self.out
+                    .push_back(Output::Send(self.dialect.unsubscribe(path)));
             }
         }
     }
@@ -966,6 +1063,8 @@ impl<T> Session<T> {
                     to: to.clone(),
                 }));
                 self.moved_to = Some(to.clone());
+                // The new server may speak the other dialect: detect afresh.
+                self.detected.clear();
                 self.lose(format!("moved to {to}"), true);
                 // A move is not a failure: go to the new server at once, without backoff.
                 self.start_connect(now);
@@ -991,6 +1090,9 @@ impl<T> Session<T> {
             return;
         };
         let url = url.clone();
+        if self.cfg.dialect == DialectChoice::Auto {
+            self.detected.insert(url.clone(), self.dialect);
+        }
         self.backoff.reset();
         self.conn += 1;
         self.next_cb = 1;
@@ -1005,8 +1107,14 @@ impl<T> Session<T> {
         for path in paths {
             self.send_on(&path);
         }
-        let queued: Vec<String> = self.queue.drain().collect();
-        for frame in queued {
+        let queued: Vec<_> = self.queue.drain().collect();
+        for (path, data) in queued {
+            let frame = self.dialect.encode(&path, 0, &data);
+            if let Err(e) = self.check_size(&frame) {
+                // Only when the dialect changed since it was queued (0.1's smaller limit).
+                tracing::warn!(path, "dropping a queued event: {e}");
+                continue;
+            }
             self.events_out += 1;
             self.out.push_back(Output::Send(frame));
         }
@@ -1018,18 +1126,31 @@ impl<T> Session<T> {
             return;
         };
         sub.upstream = Upstream::Pending;
-        let data = match &sub.data {
-            None => codec::json_string(path),
-            Some(d) => {
-                let body = format!("[{},{}]", codec::json_string(path).get(), d.get());
-                RawValue::from_string(body).unwrap_or_else(|_| codec::json_string(path))
-            }
-        };
+        if sub.data.is_some() && self.dialect == Dialect::V01 {
+            let msg = "subscription data needs a Quick.IO 0.2 server; this one speaks 0.1";
+            self.subscription_answer(path, Outcome::local(code::BAD_REQUEST, msg));
+            return;
+        }
         let id = self.alloc_cb(Pending::Subscribe {
             path: path.to_owned(),
         });
-        let frame = codec::encode("/qio/on", id, &data);
+        let data = self.subs.get(path).and_then(|s| s.data.as_deref());
+        let frame = self.dialect.subscribe(id, path, data);
         self.out.push_back(Output::Send(frame));
+    }
+
+    fn check_size(&self, frame: &str) -> Result<(), SessionError> {
+        let max = self.cfg.max_frame_bytes.or(match self.dialect {
+            Dialect::V02 => None,
+            Dialect::V01 => Some(V01_MAX_FRAME_BYTES),
+        });
+        match max {
+            Some(max) if frame.len() > max => Err(SessionError::TooLarge {
+                len: frame.len(),
+                max,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn start_connect(&mut self, now: Instant) {
@@ -1046,6 +1167,15 @@ impl<T> Session<T> {
                 self.cfg.servers[i].clone()
             }
         };
+        let dialect = match self.cfg.dialect {
+            DialectChoice::Fixed(d) => d,
+            DialectChoice::Auto => self.detected.get(&url).copied().unwrap_or(Dialect::V02),
+        };
+        self.connect_to(now, url, dialect);
+    }
+
+    fn connect_to(&mut self, now: Instant, url: Url, dialect: Dialect) {
+        self.dialect = dialect;
         self.last_url = Some(url.clone());
         self.phase = Phase::Connecting {
             url: url.clone(),
@@ -1053,14 +1183,30 @@ impl<T> Session<T> {
         };
         self.out
             .push_back(Output::State(StateChange::Connecting { url: url.clone() }));
-        self.out.push_back(Output::Connect(url));
+        self.out.push_back(Output::Connect { url, dialect });
     }
 
-    fn attempt_failed(&mut self, now: Instant, reason: String) {
+    /// An attempt failed; `dialect_sign` says the failure looks like the other dialect.
+    fn attempt_failed(&mut self, now: Instant, reason: String, dialect_sign: bool) {
         let url = match &self.phase {
             Phase::Connecting { url, .. } | Phase::Handshaking { url, .. } => url.clone(),
             _ => return,
         };
+        let fall_back = dialect_sign
+            && self.cfg.dialect == DialectChoice::Auto
+            && self.dialect == Dialect::V02
+            && !self.detected.contains_key(&url);
+        if fall_back {
+            tracing::info!(%url, "not a Quick.IO 0.2 server ({reason}); trying 0.1");
+            self.connect_to(now, url, Dialect::V01);
+            return;
+        }
+        let mut reason = reason;
+        if self.dialect == Dialect::V01 && !url.path().contains("/qio") {
+            reason.push_str(
+                " (a Quick.IO 0.1 server needs /qio in the address, like ws://host:port/qio)",
+            );
+        }
         if self.moved_to.as_ref() == Some(&url) {
             // A moved-to server that cannot be reached sends us back to the configured ones.
             self.moved_to = None;
@@ -1140,7 +1286,7 @@ impl<T> Session<T> {
             self.events_out += 1;
         }
         self.out
-            .push_back(Output::Send(codec::encode(path, cb, data)));
+            .push_back(Output::Send(self.dialect.encode(path, cb, data)));
     }
 
     fn reply(&mut self, reply: T, outcome: Outcome) {

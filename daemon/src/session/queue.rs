@@ -1,14 +1,19 @@
 //! The offline queue: events serialized while the connection is not open.
 
+use serde_json::value::RawValue;
 use std::collections::VecDeque;
 
-/// A FIFO of encoded frames bounded both in count and in bytes.
+/// An event waiting for the connection: its clean path and its data, serialized.
+pub type Queued = (String, Box<RawValue>);
+
+/// A FIFO of events bounded both in count and in bytes.
 ///
-/// Frames are encoded when the caller sends them, so what the server finally receives is
-/// exactly what the caller asked for at that moment, whatever happens meanwhile.
+/// The data is serialized JSON captured when the caller sent it, so what the server
+/// finally receives is what the caller asked for at that moment. The frame itself is built
+/// at flush time, in the dialect of the connection that carries it.
 #[derive(Debug)]
 pub struct OfflineQueue {
-    frames: VecDeque<String>,
+    frames: VecDeque<Queued>,
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
@@ -25,18 +30,19 @@ impl OfflineQueue {
         }
     }
 
-    /// Appends a frame, or hands it back when either bound would be exceeded.
-    pub fn push(&mut self, frame: String) -> Result<(), String> {
-        if self.frames.len() >= self.max_frames || self.bytes + frame.len() > self.max_bytes {
-            return Err(frame);
+    /// Appends an event, or hands it back when either bound would be exceeded.
+    pub fn push(&mut self, event: Queued) -> Result<(), Queued> {
+        let size = event.0.len() + event.1.get().len();
+        if self.frames.len() >= self.max_frames || self.bytes + size > self.max_bytes {
+            return Err(event);
         }
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
+        self.bytes += size;
+        self.frames.push_back(event);
         Ok(())
     }
 
-    /// Takes every queued frame, oldest first.
-    pub fn drain(&mut self) -> impl Iterator<Item = String> + '_ {
+    /// Takes every queued event, oldest first.
+    pub fn drain(&mut self) -> impl Iterator<Item = Queued> + '_ {
         self.bytes = 0;
         self.frames.drain(..)
     }
@@ -61,17 +67,24 @@ impl OfflineQueue {
 mod tests {
     use super::*;
 
+    fn ev(path: &str, data: &str) -> Queued {
+        (
+            path.to_owned(),
+            RawValue::from_string(data.to_owned()).unwrap(),
+        )
+    }
+
     #[test]
     fn bounded_by_count_and_bytes_and_fifo() {
-        let mut q = OfflineQueue::new(3, 10);
-        assert!(q.push("aaaa".into()).is_ok());
-        assert!(q.push("bbbb".into()).is_ok());
-        assert_eq!(q.push("ccc".into()), Err("ccc".to_string()), "bytes bound");
-        assert!(q.push("cc".into()).is_ok());
-        assert_eq!(q.push("".into()), Err(String::new()), "count bound");
-        assert_eq!((q.len(), q.bytes()), (3, 10));
-        let all: Vec<_> = q.drain().collect();
-        assert_eq!(all, ["aaaa", "bbbb", "cc"]);
+        let mut q = OfflineQueue::new(3, 11);
+        assert!(q.push(ev("/a", "11")).is_ok());
+        assert!(q.push(ev("/b", "22")).is_ok());
+        assert!(q.push(ev("/c", "333")).is_err(), "bytes bound");
+        assert!(q.push(ev("/c", "3")).is_ok());
+        assert!(q.push(ev("/", "1")).is_err(), "count bound");
+        assert_eq!((q.len(), q.bytes()), (3, 11));
+        let all: Vec<_> = q.drain().map(|(p, d)| format!("{p}={}", d.get())).collect();
+        assert_eq!(all, ["/a=11", "/b=22", "/c=3"]);
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
     }

@@ -87,7 +87,7 @@ fn states(outs: &[Output<u32>]) -> Vec<&StateChange> {
 fn kinds(outs: &[Output<u32>]) -> Vec<&'static str> {
     outs.iter()
         .map(|o| match o {
-            Output::Connect(_) => "connect",
+            Output::Connect { .. } => "connect",
             Output::Send(_) => "send",
             Output::Close => "close",
             Output::Reply(..) => "reply",
@@ -119,7 +119,9 @@ fn opens_only_after_ohai() {
 
 #[test]
 fn a_server_that_does_not_say_ohai_fails_the_attempt() {
-    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    let mut c = cfg(&["ws://a.test/"]);
+    c.dialect = DialectChoice::Fixed(Dialect::V02);
+    let mut h = Harness::new(c);
     h.drain();
     h.s.handle_connected(h.now);
     h.drain();
@@ -539,7 +541,7 @@ fn several_servers_are_all_tried() {
     for _ in 0..3 {
         let outs = h.drain();
         for o in &outs {
-            if let Output::Connect(u) = o {
+            if let Output::Connect { url: u, .. } = o {
                 seen.push(u.host_str().unwrap().to_owned());
             }
         }
@@ -565,7 +567,9 @@ fn a_move_reconnects_at_once_and_falls_back_when_the_target_fails() {
         ["moved", "close", "reply", "closed", "connecting", "connect"]
     );
     assert_eq!(replies(&outs), [(2, code::DISCONNECTED)]);
-    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test:81/"));
+    assert!(
+        matches!(outs.last(), Some(Output::Connect { url: u, .. }) if u.as_str() == "ws://b.test:81/")
+    );
     let outs = h.handshake();
     assert_eq!(
         sent(&outs),
@@ -576,12 +580,16 @@ fn a_move_reconnects_at_once_and_falls_back_when_the_target_fails() {
     h.s.handle_closed(h.now, "gone");
     h.at(Duration::from_secs(1));
     let outs = h.drain();
-    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test:81/"));
+    assert!(
+        matches!(outs.last(), Some(Output::Connect { url: u, .. }) if u.as_str() == "ws://b.test:81/")
+    );
     // ...until it cannot be reached: then the configured one again.
     h.s.handle_connect_failed(h.now, "refused");
     h.at(Duration::from_secs(2));
     let outs = h.drain();
-    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://a.test/"));
+    assert!(
+        matches!(outs.last(), Some(Output::Connect { url: u, .. }) if u.as_str() == "ws://a.test/")
+    );
 }
 
 #[test]
@@ -653,5 +661,153 @@ fn changing_the_servers_reconnects_only_when_the_current_one_went_away() {
         kinds(&outs),
         ["close", "reply", "closed", "connecting", "connect"]
     );
-    assert!(matches!(outs.last(), Some(Output::Connect(u)) if u.as_str() == "ws://b.test/"));
+    assert!(
+        matches!(outs.last(), Some(Output::Connect { url: u, .. }) if u.as_str() == "ws://b.test/")
+    );
+}
+
+fn cfg_v01() -> SessionConfig {
+    let mut c = cfg(&["ws://old.test/qio"]);
+    c.dialect = DialectChoice::Fixed(Dialect::V01);
+    c
+}
+
+fn connect_dialect(outs: &[Output<u32>]) -> Option<Dialect> {
+    outs.iter().find_map(|o| match o {
+        Output::Connect { dialect, .. } => Some(*dialect),
+        _ => None,
+    })
+}
+
+#[test]
+fn dialect_01_opens_without_ohai_and_maps_callbacks() {
+    let mut h = Harness::new(cfg_v01());
+    assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V01));
+    h.s.subscribe(h.now, "/news", None, 1);
+    h.s.handle_connected(h.now);
+    let outs = h.drain();
+    assert_eq!(kinds(&outs), ["send", "open"], "no ohai: open at once");
+    assert_eq!(sent(&outs), ["/qio/sub:1:plain=/news"]);
+    h.frame("/qio/callback/1:0:plain=");
+    assert_eq!(replies(&h.drain()), [(1, 200)]);
+    h.s.request(h.now, "/app/x", &raw("\"text\""), 2);
+    h.s.request(h.now, "/app/y", &raw("{\"a\":1}"), 3);
+    assert_eq!(
+        sent(&h.drain()),
+        ["/app/x:2:plain=text", "/app/y:3:json={\"a\":1}"]
+    );
+    h.frame("/qio/callback/2:0:plain=back");
+    h.frame("/qio/callback/3:0:plain=qio_error");
+    let outs = h.drain();
+    let got: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Reply(t, o) => Some((*t, o.code, o.data.get().to_owned(), o.err_msg.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (2, 200, "\"back\"".to_owned(), None),
+            (3, 500, "null".to_owned(), Some("qio_error".to_owned()))
+        ]
+    );
+    h.frame("/news:0:json=[1]");
+    h.frame("/qio/heartbeat:0:plain=");
+    assert_eq!(kinds(&h.drain()), ["event"]);
+    assert!(h.s.unsubscribe("/news"));
+    assert_eq!(sent(&h.drain()), ["/qio/unsub:0:plain=/news"]);
+    assert_eq!(h.s.status(h.now).dialect, "0.1");
+}
+
+#[test]
+fn dialect_01_refuses_oversized_frames_and_subscription_data() {
+    let mut h = Harness::new(cfg_v01());
+    h.drain();
+    h.s.handle_connected(h.now);
+    h.drain();
+    let big = format!("\"{}\"", "x".repeat(1100));
+    let err = h.s.emit("/a", &raw(&big)).unwrap_err();
+    assert!(
+        matches!(err, SessionError::TooLarge { max: 1024, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("max_frame_bytes"));
+    h.s.request(h.now, "/a", &raw(&big), 1);
+    h.s.subscribe(h.now, "/d", Some(&raw("123987")), 2);
+    let outs = h.drain();
+    assert_eq!(
+        replies(&outs),
+        [(1, code::BAD_REQUEST), (2, code::BAD_REQUEST)]
+    );
+    assert!(
+        sent(&outs).is_empty(),
+        "nothing oversized reaches the server"
+    );
+    // Just under the limit goes.
+    let fits = format!("\"{}\"", "x".repeat(1024 - "/a:0:plain=".len()));
+    h.s.emit("/a", &raw(&fits)).unwrap();
+    assert_eq!(sent(&h.drain())[0].len(), 1024);
+}
+
+#[test]
+fn auto_detection_falls_back_to_01_at_once_and_remembers_it() {
+    let mut h = Harness::new(cfg(&["ws://old.test/qio"]));
+    assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V02));
+    h.s.handle_wrong_dialect(h.now, "server sent no subprotocol");
+    let outs = h.drain();
+    assert_eq!(
+        kinds(&outs),
+        ["connecting", "connect"],
+        "no backoff, no failure reported"
+    );
+    assert_eq!(connect_dialect(&outs), Some(Dialect::V01));
+    h.s.handle_connected(h.now);
+    assert_eq!(kinds(&h.drain()), ["open"]);
+    // Remembered for this address: the next reconnect speaks 0.1 straight away.
+    h.s.handle_closed(h.now, "dropped");
+    h.at(Duration::from_secs(1));
+    assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V01));
+}
+
+#[test]
+fn auto_detection_also_falls_back_when_the_handshake_is_dropped() {
+    let mut h = Harness::new(cfg(&["ws://old.test/qio"]));
+    h.drain();
+    h.s.handle_connected(h.now);
+    h.drain();
+    h.s.handle_closed(h.now, "connection reset");
+    assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V01));
+    // A 0.1 attempt that fails too is an ordinary failure, and the next try is 0.2 again.
+    h.s.handle_connect_failed(h.now, "refused");
+    let outs = h.drain();
+    assert_eq!(kinds(&outs), ["failed", "reconnecting"]);
+    h.at(Duration::from_secs(1));
+    assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V02));
+}
+
+#[test]
+fn a_fixed_02_dialect_never_falls_back() {
+    let mut c = cfg(&["ws://a.test/"]);
+    c.dialect = DialectChoice::Fixed(Dialect::V02);
+    let mut h = Harness::new(c);
+    h.drain();
+    h.s.handle_wrong_dialect(h.now, "server sent no subprotocol");
+    assert_eq!(kinds(&h.drain()), ["failed", "reconnecting"]);
+}
+
+#[test]
+fn a_01_failure_without_qio_in_the_path_says_so() {
+    let mut c = cfg(&["ws://old.test:81/"]);
+    c.dialect = DialectChoice::Fixed(Dialect::V01);
+    let mut h = Harness::new(c);
+    h.drain();
+    h.s.handle_connect_failed(h.now, "connection reset");
+    assert!(h
+        .s
+        .status(h.now)
+        .last_error
+        .unwrap()
+        .contains("needs /qio in the address"));
 }
