@@ -2,9 +2,13 @@
 //! including the `/clienttest/*` events of the Quick.IO 0.2 client test helper.
 //!
 //! The functions here decide; they return [`Action`]s that the connection handler performs in
-//! order. That keeps the app free of socket code and dialect details.
+//! order. That keeps the app free of socket code and wire syntax. Under 0.1 the app is the
+//! same except for what 0.1 lacks: `/clienttest/in-progress` (pending subscriptions),
+//! `/clienttest/on-data` (subscription data) and `/clienttest/heartbeat-challenge` are errors
+//! there (`qio_error` on the wire); every non-200 answer becomes `qio_error`, and closes are
+//! bare TCP drops.
 
-use crate::codec::{Frame, Reply};
+use crate::codec::{Dialect, Frame, Reply};
 use crate::server::{CallbackKind, CloseReason, Inner};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -67,6 +71,21 @@ pub(crate) struct AppState {
     in_progress: Option<u64>,
 }
 
+/// Whether `path` is a conformance event (or subscription) that `dialect` lacks.
+fn unsupported(dialect: Dialect, path: &str) -> bool {
+    match path {
+        IN_PROGRESS => !dialect.pending_subscriptions(),
+        ON_DATA => !dialect.subscription_data(),
+        HEARTBEAT_CHALLENGE => !dialect.heartbeat_challenges(),
+        _ => false,
+    }
+}
+
+/// The answer to a conformance event the dialect lacks (0.1: `qio_error`).
+fn not_in_dialect(cb: u64, dialect: Dialect) -> Action {
+    reply(cb, Reply::error(404, format!("not in Quick.IO {dialect}")))
+}
+
 /// Answers callback `cb` (no-op when 0) without a chain.
 pub(crate) fn reply(cb: u64, reply: Reply) -> Action {
     Action::Reply {
@@ -90,6 +109,9 @@ pub(crate) fn subscribe(
     }
     if let Some(code) = inner.refused(path) {
         return vec![reply(cb, Reply::error(code, "subscription refused"))];
+    }
+    if unsupported(inner.dialect, path) {
+        return vec![not_in_dialect(cb, inner.dialect)];
     }
     if path == "/qio" || path.starts_with("/qio/") {
         return vec![reply(cb, Reply::error(404, "not subscribable"))];
@@ -129,8 +151,9 @@ pub(crate) fn subscribe(
     }
 }
 
-/// Decides an unsubscribe request (`/qio/off`). Always 200: a pending in-progress subscription
-/// is deliberately NOT cancelled (that is what the conformance sequence checks).
+/// Decides an unsubscribe request (`/qio/off`, `/qio/unsub`). Always 200 (0.1: an empty
+/// `plain`), even if there was no such subscription: a pending in-progress subscription is
+/// deliberately NOT cancelled (that is what the conformance sequence checks).
 pub(crate) fn unsubscribe(inner: &Inner, conn: u64, cb: u64, path: &str) -> Vec<Action> {
     inner.unsubscribe(conn, path);
     vec![reply(cb, Reply::ok(Value::Null))]
@@ -141,6 +164,9 @@ pub(crate) fn event(inner: &Inner, conn: u64, st: &mut AppState, f: &Frame) -> V
     let cb = if inner.drop_callbacks() { 0 } else { f.cb };
     let path = f.path.as_str();
     let ok_null = || reply(cb, Reply::ok(Value::Null));
+    if unsupported(inner.dialect, path) {
+        return vec![not_in_dialect(cb, inner.dialect)];
+    }
     match path {
         CLOSE => vec![Action::Close(CloseReason::ServerClose)],
         DROP_CALLBACK => Vec::new(),
@@ -234,6 +260,26 @@ mod tests {
 
     #[test]
     fn invalid_frame_is_not_an_event() {
-        assert!(crate::codec::Dialect::V02.parse(INVALID_FRAME).is_err());
+        assert!(Dialect::V02.parse(INVALID_FRAME).is_err());
+        assert!(Dialect::V01.parse(INVALID_FRAME).is_err());
+    }
+
+    #[test]
+    fn dialect_only_events() {
+        for path in [IN_PROGRESS, ON_DATA, HEARTBEAT_CHALLENGE] {
+            assert!(unsupported(Dialect::V01, path), "{path}");
+            assert!(!unsupported(Dialect::V02, path), "{path}");
+        }
+        for path in [
+            BROADCAST,
+            CLOSE,
+            DROP_CALLBACK,
+            ECHO,
+            MOVE,
+            SEND_INVALID,
+            "/x",
+        ] {
+            assert!(!unsupported(Dialect::V01, path), "{path}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! One client connection: WebSocket upgrade, Quick.IO greeting, the frame loop, protocol
-//! events (`/qio/*`), server-requested callbacks, heartbeats and challenges.
+//! events (`/qio/*`), server-requested callbacks, heartbeats and challenges. (The 0.1
+//! heartbeat is one server-wide timer, in `server`.)
 //!
 //! Each connection is one task that owns its socket and selects over: stall changes, incoming
 //! frames, its outbound queue and one timer. Owning everything in one task means no locks on
@@ -7,22 +8,27 @@
 
 use crate::app::{self, reply, Action, AppState};
 use crate::codec::{callback_id, snippet, Dialect, Frame, Reply};
+use crate::handshake::{self, Tap, MAX_HEAD};
 use crate::server::{CallbackKind, CloseReason, Inner, LogEntry, Out, Received};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::header::SEC_WEBSOCKET_PROTOCOL;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<Tap>;
 
 /// A client that opens TCP but never completes the HTTP upgrade is dropped after this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,12 +75,36 @@ pub(crate) async fn run(
     conn.finish(&reason).await;
 }
 
-/// The HTTP upgrade; echoes the dialect's subprotocol when the client requests it.
-async fn upgrade(
-    inner: &Inner,
-    id: u64,
-    stream: TcpStream,
-) -> Result<WebSocketStream<TcpStream>, CloseReason> {
+/// The tungstenite settings for the configured payload limit; `None` keeps tungstenite's
+/// defaults.
+fn ws_config(inner: &Inner) -> Option<WebSocketConfig> {
+    inner.cfg.effective_max_frame_bytes().map(|max| {
+        WebSocketConfig::default()
+            .max_frame_size(Some(max))
+            .max_message_size(Some(max))
+    })
+}
+
+/// The HTTP upgrade, the dialect's way. Failures are logged as [`LogEntry::UpgradeRejected`]
+/// and end the connection with a bare TCP close.
+async fn upgrade(inner: &Inner, id: u64, stream: TcpStream) -> Result<Ws, CloseReason> {
+    let res = match inner.dialect {
+        Dialect::V01 => upgrade_v01(inner, id, stream).await,
+        Dialect::V02 => upgrade_v02(inner, id, stream).await,
+    };
+    res.map_err(|(request, reason)| {
+        inner.push_log(LogEntry::UpgradeRejected {
+            conn: id,
+            request,
+            reason: reason.clone(),
+        });
+        CloseReason::HandshakeFailed(reason)
+    })
+}
+
+/// 0.2: tungstenite's server handshake; echoes the subprotocol when the client requests it.
+/// The socket is tapped to log the raw request head.
+async fn upgrade_v02(inner: &Inner, id: u64, stream: TcpStream) -> Result<Ws, (String, String)> {
     let subprotocol = inner.dialect.subprotocol();
     let mut seen: Option<(String, bool)> = None;
     // The callback's signature (and its large error type) is tungstenite's, not ours.
@@ -95,22 +125,90 @@ async fn upgrade(
         seen = Some((req.uri().to_string(), requested));
         Ok(resp)
     };
+    let (tap, recording) = Tap::recording(stream);
     let res = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async(stream, callback),
+        tokio_tungstenite::accept_hdr_async_with_config(tap, callback, ws_config(inner)),
     )
     .await;
+    let request = handshake::head_text(&recording.lock().unwrap_or_else(|e| e.into_inner()));
     match res {
-        Err(_) => Err(CloseReason::HandshakeFailed("timed out".into())),
-        Ok(Err(e)) => Err(CloseReason::HandshakeFailed(e.to_string())),
-        Ok(Ok(ws)) => {
+        Err(_) => Err((request, "timed out".into())),
+        Ok(Err(e)) => Err((request, e.to_string())),
+        Ok(Ok(mut ws)) => {
+            ws.get_mut().stop_recording();
             let (uri, subprotocol_requested) = seen.unwrap_or_default();
             inner.push_log(LogEntry::Upgraded {
                 conn: id,
                 uri,
                 subprotocol_requested,
+                request,
             });
             Ok(ws)
+        }
+    }
+}
+
+/// 0.1: the upgrade by hand, because the real 0.1 server matches header names
+/// case-sensitively and tungstenite's parser lower-cases them. Reads the raw head (at most
+/// [`MAX_HEAD`] bytes, within [`HANDSHAKE_TIMEOUT`]), checks it ([`handshake::check_v01`]) and
+/// answers 101 without any subprotocol. Bytes the client sent after the head are kept for the
+/// WebSocket.
+async fn upgrade_v01(
+    inner: &Inner,
+    id: u64,
+    mut stream: TcpStream,
+) -> Result<Ws, (String, String)> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream, &mut buf)).await;
+    let end = match read {
+        Err(_) => Err("timed out".to_owned()),
+        Ok(res) => res,
+    }
+    .map_err(|reason| (handshake::head_text(&buf), reason))?;
+    let request = handshake::head_text(&buf[..end]);
+    let req = handshake::check_v01(&request).map_err(|reason| (request.clone(), reason))?;
+    let answer = handshake::response_101(&req.key);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.write_all(answer.as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err((request, format!("writing the 101: {e}"))),
+        Err(_) => return Err((request, "timed out writing the 101".into())),
+    }
+    inner.push_log(LogEntry::Upgraded {
+        conn: id,
+        uri: req.uri,
+        subprotocol_requested: req.subprotocol_requested,
+        request,
+    });
+    let rest = buf.split_off(end);
+    Ok(
+        WebSocketStream::from_partially_read(
+            Tap::new(stream),
+            rest,
+            Role::Server,
+            ws_config(inner),
+        )
+        .await,
+    )
+}
+
+/// Reads into `buf` until it holds a complete request head; returns where the head ends.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, String> {
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(end) = handshake::head_end(buf) {
+            if end > MAX_HEAD {
+                return Err(format!("request head larger than {MAX_HEAD} bytes"));
+            }
+            return Ok(end);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(format!("request head larger than {MAX_HEAD} bytes"));
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err("connection closed before the end of the request head".into()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(format!("reading the request: {e}")),
         }
     }
 }
@@ -122,6 +220,12 @@ fn classify(e: WsError) -> CloseReason {
         WsError::ConnectionClosed
         | WsError::AlreadyClosed
         | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => CloseReason::ClientGone,
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            CloseReason::FrameTooLarge {
+                size,
+                max: max_size,
+            }
+        }
         other => CloseReason::Transport(other.to_string()),
     }
 }
@@ -140,7 +244,7 @@ struct Conn {
     inner: Arc<Inner>,
     id: u64,
     dialect: Dialect,
-    ws: WebSocketStream<TcpStream>,
+    ws: Ws,
     /// The Quick.IO handshake (greeting) is done.
     opened: bool,
     last_sent: Instant,
@@ -155,7 +259,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(inner: Arc<Inner>, id: u64, ws: WebSocketStream<TcpStream>) -> Conn {
+    fn new(inner: Arc<Inner>, id: u64, ws: Ws) -> Conn {
         let now = Instant::now();
         let dialect = inner.dialect;
         Conn {
@@ -221,10 +325,17 @@ impl Conn {
             return far_future();
         }
         let cfg = &self.inner.cfg;
-        let heartbeat = after(self.last_sent, cfg.heartbeat_interval);
+        let heartbeat = if self.dialect.global_heartbeat() {
+            far_future()
+        } else {
+            after(self.last_sent, cfg.heartbeat_interval)
+        };
         let challenge = match self.challenges.values().min() {
             Some(deadline) => *deadline,
-            None => after(self.last_recv, cfg.challenge_after),
+            None if self.dialect.heartbeat_challenges() => {
+                after(self.last_recv, cfg.challenge_after)
+            }
+            None => far_future(),
         };
         heartbeat.min(challenge)
     }
@@ -238,7 +349,10 @@ impl Conn {
             return Err(CloseReason::ChallengeTimeout);
         }
         let cfg = &self.inner.cfg;
-        if self.challenges.is_empty() && after(self.last_recv, cfg.challenge_after) <= now {
+        if self.dialect.heartbeat_challenges()
+            && self.challenges.is_empty()
+            && after(self.last_recv, cfg.challenge_after) <= now
+        {
             self.perform(vec![Action::Send {
                 path: "/qio/heartbeat".into(),
                 data: Value::Null,
@@ -246,7 +360,9 @@ impl Conn {
             }])
             .await?;
         }
-        if after(self.last_sent, self.inner.cfg.heartbeat_interval) <= now {
+        if !self.dialect.global_heartbeat()
+            && after(self.last_sent, self.inner.cfg.heartbeat_interval) <= now
+        {
             let text = self.dialect.encode("/qio/heartbeat", 0, &Value::Null);
             self.send(text.into()).await?;
         }
@@ -261,8 +377,8 @@ impl Conn {
                 self.last_recv = Instant::now();
                 self.on_text(text.as_str()).await
             }
-            // The real 0.2 server closes on these opcodes; tungstenite has already queued a
-            // pong for a ping, but the connection ends anyway and the log says why.
+            // The real servers close on these opcodes; tungstenite has already queued a pong
+            // for a ping, but it is never flushed: the connection ends before the next read.
             Some(Ok(Message::Binary(_))) => Err(CloseReason::BinaryFrame),
             Some(Ok(Message::Ping(_))) => Err(CloseReason::PingFrame),
             Some(Ok(Message::Pong(_))) => Err(CloseReason::PongFrame),
@@ -336,8 +452,8 @@ impl Conn {
             };
         }
         match path {
-            "/qio/ping" => vec![reply(f.cb, Reply::ok(Value::Null))],
-            "/qio/hostname" => vec![reply(
+            "/qio/ping" => vec![reply(f.cb, Reply::ok(d.ping_answer(&f.data)))],
+            "/qio/hostname" if d.has_hostname() => vec![reply(
                 f.cb,
                 Reply::ok(Value::String(self.inner.addr().to_string())),
             )],
@@ -346,7 +462,7 @@ impl Conn {
                     return self.resolve(id, f);
                 }
                 if path == "/qio" || path.starts_with("/qio/") {
-                    // Like the real server: 404 with a null err_msg.
+                    // Like the real server: 404 with a null err_msg (0.1: qio_error).
                     let not_found = Reply {
                         code: 404,
                         data: Value::Null,
@@ -471,9 +587,14 @@ impl Conn {
         Ok(())
     }
 
-    /// Ends the connection the way the reason calls for: a close frame for server-initiated
-    /// and protocol closes, the close reply for a client close, a bare TCP drop otherwise.
+    /// Ends the connection the way the reason calls for. 0.2: a close frame for
+    /// server-initiated and protocol closes, the close reply for a client close, a bare TCP
+    /// drop otherwise. 0.1 never sends close frames (not even the reply to the client's close,
+    /// which tungstenite queued but is never flushed): always a bare TCP drop.
     async fn finish(mut self, reason: &CloseReason) {
+        if !self.dialect.close_frames() {
+            return;
+        }
         let frame = match reason {
             CloseReason::ClientClose { .. } => None,
             CloseReason::ServerClose | CloseReason::Moved => Some((CloseCode::Normal, "bye")),

@@ -1,7 +1,10 @@
-//! `qio_testserver`: a Quick.IO 0.2 WebSocket server for testing clients (qiod in particular).
+//! `qio_testserver`: a Quick.IO WebSocket server for testing clients (qiod in particular).
 //!
 //! It speaks the 0.2 wire dialect (`<path>:<cb>=<json>`, `quickio` subprotocol, `/qio/ohai`
-//! greeting), runs the server-side conformance app (`/clienttest/*`), and exposes a control API
+//! greeting) by default, or the 2012 dialect 0.1 (`<path>:<cb>:<plain|json>=<data>`, no
+//! greeting, case-sensitive HTTP header check, bare TCP drops) with
+//! `ServerConfig { dialect: Dialect::V01, .. }`. It runs the server-side conformance app
+//! (`/clienttest/*`), and exposes a control API
 //! ([`TestServer`]) so end-to-end tests can break the server on purpose (kill, restart on the
 //! same port, stall, refuse subscriptions, drop callbacks) and assert on everything clients
 //! sent ([`TestServer::received`], [`TestServer::log`]).
@@ -22,14 +25,16 @@
 //! ```
 //!
 //! Layout: [`codec`] is the pure wire codec (everything dialect-specific is behind
-//! [`Dialect`]); `conn` runs one connection; `app` is the conformance app; `server` holds the
-//! shared state and the control API.
+//! [`Dialect`]); `handshake` holds the 0.1 HTTP upgrade checks and the request recorder; `conn`
+//! runs one connection; `app` is the conformance app; `server` holds the shared state and the
+//! control API.
 
 #![deny(missing_docs)]
 
 mod app;
 pub mod codec;
 mod conn;
+mod handshake;
 mod server;
 
 pub use codec::{clean_path, Dialect, Frame, ParseError, Reply};
@@ -37,3 +42,5 @@ pub use server::{CallbackKind, CloseReason, LogEntry, Received, ServerConfig, Te
 
 #[cfg(test)]
 mod wire_tests;
+#[cfg(test)]
+mod wire_tests_v01;

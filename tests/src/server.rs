@@ -20,13 +20,18 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-/// Server settings. [`Default`] gives the real Quick.IO 0.2 server's timings, which are far too
-/// slow for tests: tests shorten them to milliseconds.
+/// Server settings. [`Default`] gives a 0.2 server with the real Quick.IO server's timings,
+/// which are far too slow for tests: tests shorten them to milliseconds.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Send `/qio/heartbeat:0=null` when nothing was sent to a client for this long (60 s).
+    /// The wire dialect spoken to every client (0.2).
+    pub dialect: Dialect,
+    /// 0.2: send `/qio/heartbeat:0=null` when nothing was sent to a client for this long.
+    /// 0.1: send `/qio/heartbeat:0:plain=` to every open connection this often, on one
+    /// server-wide timer, whatever else was sent (60 s).
     pub heartbeat_interval: Duration,
-    /// Send a heartbeat challenge when nothing was received from a client for this long (15 min).
+    /// Send a heartbeat challenge when nothing was received from a client for this long
+    /// (15 min). 0.2 only: 0.1 has no challenges and ignores this.
     pub challenge_after: Duration,
     /// Drop a client that has not answered a challenge within this long (60 s).
     pub challenge_timeout: Duration,
@@ -42,11 +47,17 @@ pub struct ServerConfig {
     /// behind and dropped (5 s). Senders wait this long, which gives benchmarks backpressure
     /// instead of dropped clients.
     pub slow_client_timeout: Duration,
+    /// The largest WebSocket payload (per frame, and per message) a client may send; a larger
+    /// one drops the connection without a close frame ([`CloseReason::FrameTooLarge`]).
+    /// `None` (the default) takes the dialect's: 1024 bytes for 0.1 (the real server's
+    /// default), tungstenite's own limits (16 MiB frames, 64 MiB messages) for 0.2.
+    pub max_frame_bytes: Option<usize>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            dialect: Dialect::V02,
             heartbeat_interval: Duration::from_secs(60),
             challenge_after: Duration::from_secs(15 * 60),
             challenge_timeout: Duration::from_secs(60),
@@ -54,6 +65,7 @@ impl Default for ServerConfig {
             open_subscriptions: true,
             max_queued_frames: 8192,
             slow_client_timeout: Duration::from_secs(5),
+            max_frame_bytes: None,
         }
     }
 }
@@ -74,9 +86,17 @@ impl ServerConfig {
         self.max_queued_frames = self.max_queued_frames.max(1);
         self
     }
+
+    /// The payload limit in force: [`ServerConfig::max_frame_bytes`] or the dialect's default.
+    pub fn effective_max_frame_bytes(&self) -> Option<usize> {
+        self.max_frame_bytes
+            .or(self.dialect.default_max_frame_bytes())
+    }
 }
 
-/// One frame received from a client after the handshake, in arrival order.
+/// One frame received from a client after the handshake, in arrival order. For 0.1, `data` is
+/// mapped as in [`Frame::data`](crate::Frame::data): `plain` text as a JSON string, `json` as
+/// the value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Received {
     /// The connection id (see [`LogEntry::Accepted`]); ids count up from 1 per server.
@@ -94,7 +114,7 @@ pub struct Received {
 /// What kind of server-requested callback a client answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallbackKind {
-    /// A heartbeat challenge (`/qio/heartbeat:<cb>=null`).
+    /// A heartbeat challenge (`/qio/heartbeat:<cb>=null`, 0.2 only).
     Challenge,
     /// A `/clienttest/echo` answer requesting a callback back (a chain link).
     Echo,
@@ -114,9 +134,13 @@ pub enum CloseReason {
     ClientGone,
     /// A read or write error, including WebSocket protocol violations detected by tungstenite.
     Transport(String),
-    /// The HTTP upgrade failed or timed out.
+    /// The HTTP upgrade failed or timed out (the connection was dropped without an HTTP
+    /// answer). For 0.1 the text says which check failed, e.g.
+    /// `lower-case header name: sec-websocket-key` or `path without /qio: "/"`; see also
+    /// [`LogEntry::UpgradeRejected`].
     HandshakeFailed(String),
-    /// The first frame after the upgrade was not the greeting (`/qio/ohai`); holds its start.
+    /// 0.2: the first frame after the upgrade was not the greeting (`/qio/ohai`); holds its
+    /// start.
     NotGreeting(String),
     /// A text frame that is not a valid event.
     Malformed {
@@ -125,17 +149,28 @@ pub enum CloseReason {
         /// The start of the offending frame.
         text: String,
     },
-    /// The client sent a WebSocket ping frame (the real 0.2 server closes on that opcode).
+    /// The client sent a WebSocket ping frame (the real servers close on that opcode; the test
+    /// server never answers it with a pong).
     PingFrame,
-    /// The client sent a WebSocket pong frame (also an unsupported opcode for 0.2).
+    /// The client sent a WebSocket pong frame (also an unsupported opcode).
     PongFrame,
     /// The client sent a binary frame.
     BinaryFrame,
+    /// The client sent a frame (or message) with a payload larger than the limit
+    /// ([`ServerConfig::max_frame_bytes`]); dropped without a close frame in both dialects.
+    FrameTooLarge {
+        /// The payload length the client announced.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A heartbeat challenge was not answered within `challenge_timeout`.
     ChallengeTimeout,
-    /// The server closed it on request (`/clienttest/close`), with a close frame.
+    /// The server closed it on request (`/clienttest/close`): with a close frame in 0.2, a
+    /// bare TCP drop in 0.1.
     ServerClose,
-    /// The server sent `/qio/move` and closed (`/clienttest/move`).
+    /// The server sent `/qio/move` and closed (`/clienttest/move`): with a close frame in 0.2,
+    /// a bare TCP drop in 0.1.
     Moved,
     /// The outbound queue stayed full for `slow_client_timeout`.
     SlowConsumer,
@@ -161,11 +196,25 @@ pub enum LogEntry {
         conn: u64,
         /// The request URI (path and query) the client asked for.
         uri: String,
-        /// Whether the client requested the dialect's subprotocol (`quickio`), which was then
-        /// echoed.
+        /// Whether the client requested the `quickio` subprotocol: echoed by a 0.2 server,
+        /// ignored by a 0.1 server (which makes tungstenite-based clients fail the upgrade).
         subprotocol_requested: bool,
+        /// The raw request head exactly as the client sent it (lossy UTF-8), from the request
+        /// line through the blank line (`\r\n\r\n`), so tests can assert header spellings.
+        request: String,
     },
-    /// The Quick.IO handshake completed (greeting answered): the connection is open.
+    /// The WebSocket upgrade was refused or failed; a [`LogEntry::Closed`] with
+    /// [`CloseReason::HandshakeFailed`] and the same reason follows.
+    UpgradeRejected {
+        /// Connection id.
+        conn: u64,
+        /// The raw request head as far as it was received (lossy UTF-8, at most 8 KiB).
+        request: String,
+        /// Why.
+        reason: String,
+    },
+    /// The Quick.IO handshake completed (0.2: greeting answered; 0.1: right after the HTTP
+    /// 101): the connection is open.
     Opened {
         /// Connection id.
         conn: u64,
@@ -184,14 +233,14 @@ pub enum LogEntry {
         /// Cleaned path.
         path: String,
     },
-    /// A subscription was removed by `/qio/off` (not by the connection closing).
+    /// A subscription was removed by `/qio/off` or `/qio/unsub` (not by the connection closing).
     Unsubscribed {
         /// Connection id.
         conn: u64,
         /// Cleaned path.
         path: String,
     },
-    /// A heartbeat challenge was sent.
+    /// A heartbeat challenge was sent (0.2 only).
     ChallengeSent {
         /// Connection id.
         conn: u64,
@@ -265,6 +314,7 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     accept_task: Mutex<Option<JoinHandle<()>>>,
     ticker_task: Mutex<Option<JoinHandle<()>>>,
+    heartbeat_task: Mutex<Option<JoinHandle<()>>>,
     received: Mutex<Vec<Received>>,
     log: Mutex<Vec<LogEntry>>,
     stalled: watch::Sender<bool>,
@@ -520,6 +570,7 @@ impl Inner {
         let mut handles = Vec::new();
         handles.extend(lock(&self.accept_task).take());
         handles.extend(lock(&self.ticker_task).take());
+        handles.extend(lock(&self.heartbeat_task).take());
         let ids: Vec<u64> = {
             let mut st = lock(&self.state);
             st.shut = true;
@@ -554,6 +605,25 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     }
 }
 
+/// The 0.1 heartbeat: one server-wide timer sends `/qio/heartbeat` to every open connection
+/// each `heartbeat_interval`, whatever else they were sent. Ticks are skipped while stalled.
+async fn heartbeat_ticker(inner: Arc<Inner>) {
+    let period = inner.cfg.heartbeat_interval;
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let text = Utf8Bytes::from(inner.dialect.encode("/qio/heartbeat", 0, &Value::Null));
+    loop {
+        tick.tick().await;
+        if inner.is_stalled() {
+            continue;
+        }
+        let targets = inner.open_conns();
+        if !targets.is_empty() {
+            inner.deliver(targets, Out::Text(text.clone())).await;
+        }
+    }
+}
+
 /// Dropping the last [`TestServer`] drops this, which aborts every task.
 struct Guard {
     inner: Arc<Inner>,
@@ -565,7 +635,8 @@ impl Drop for Guard {
     }
 }
 
-/// A running Quick.IO 0.2 test server and its control API.
+/// A running Quick.IO test server (0.2, or 0.1 with [`ServerConfig::dialect`]) and its control
+/// API.
 ///
 /// Cheap to clone (an `Arc` inside); all clones control the same server. Dropping the last
 /// clone (or calling [`TestServer::shutdown`]) stops the listener, every connection and the
@@ -599,13 +670,15 @@ impl TestServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stalled, _) = watch::channel(false);
+        let dialect = cfg.dialect;
         let inner = Arc::new(Inner {
             cfg: cfg.sanitized(),
-            dialect: Dialect::V02,
+            dialect,
             addr,
             state: Mutex::new(State::default()),
             accept_task: Mutex::new(None),
             ticker_task: Mutex::new(None),
+            heartbeat_task: Mutex::new(None),
             received: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             stalled,
@@ -617,7 +690,10 @@ impl TestServer {
         });
         *lock(&inner.accept_task) = Some(tokio::spawn(accept_loop(inner.clone(), listener)));
         *lock(&inner.ticker_task) = Some(tokio::spawn(app::broadcast_ticker(inner.clone())));
-        tracing::info!(%addr, "test server listening");
+        if dialect.global_heartbeat() {
+            *lock(&inner.heartbeat_task) = Some(tokio::spawn(heartbeat_ticker(inner.clone())));
+        }
+        tracing::info!(%addr, %dialect, "test server listening");
         Ok(TestServer {
             guard: Arc::new(Guard { inner }),
         })
@@ -628,9 +704,15 @@ impl TestServer {
         self.inner().addr
     }
 
-    /// The WebSocket URL of the server, `ws://127.0.0.1:PORT/`.
+    /// The wire dialect the server speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.inner().dialect
+    }
+
+    /// The WebSocket URL of the server: `ws://127.0.0.1:PORT/` for 0.2,
+    /// `ws://127.0.0.1:PORT/qio` for 0.1 (which only upgrades paths containing `/qio`).
     pub fn url(&self) -> String {
-        format!("ws://{}/", self.addr())
+        format!("ws://{}{}", self.addr(), self.inner().dialect.url_path())
     }
 
     /// Simulates a crash: closes the listener (new connects are refused) and drops every
@@ -697,8 +779,8 @@ impl TestServer {
         }
     }
 
-    /// `Some(code)`: subscribing to `path` (cleaned) answers that code with an `err_msg`.
-    /// `None`: back to normal. Existing subscriptions are not touched.
+    /// `Some(code)`: subscribing to `path` (cleaned) answers that code with an `err_msg` (0.1:
+    /// `qio_error`). `None`: back to normal. Existing subscriptions are not touched.
     pub fn set_refuse_subscriptions(&self, path: &str, code: Option<i64>) {
         let path = clean_path(path);
         let mut refuse = lock(&self.inner().refuse);
@@ -714,7 +796,8 @@ impl TestServer {
         self.inner().drop_callbacks.store(on, Ordering::Relaxed);
     }
 
-    /// The number of open connections (Quick.IO handshake done, not closed).
+    /// The number of open connections (Quick.IO handshake done, not closed; for 0.1 that is
+    /// right after the HTTP 101).
     pub fn connection_count(&self) -> usize {
         lock(&self.inner().state)
             .conns
@@ -733,8 +816,9 @@ impl TestServer {
             .collect()
     }
 
-    /// Every frame received from clients after their greeting (the greeting included, as
-    /// `/qio/ohai` with cb 0 and data null), in arrival order, `/qio/*` frames included.
+    /// Every frame received from clients after their greeting (0.2: the greeting included, as
+    /// `/qio/ohai` with cb 0 and data null; 0.1 has none), in arrival order, `/qio/*` frames
+    /// included.
     pub fn received(&self) -> Vec<Received> {
         lock(&self.inner().received).clone()
     }

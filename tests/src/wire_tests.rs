@@ -141,7 +141,10 @@ async fn handshake_echoes_subprotocol_and_answers_ohai() {
     assert!(server.wait_until(T, |s| s.connection_count() == 1).await);
     assert!(server.log().iter().any(|e| matches!(
         e,
-        LogEntry::Upgraded { subprotocol_requested: true, uri, .. } if uri == "/"
+        LogEntry::Upgraded { subprotocol_requested: true, uri, request, .. } if uri == "/"
+            && request.starts_with("GET / HTTP/1.1\r\n")
+            && request.contains("\r\nSec-WebSocket-Protocol: quickio\r\n")
+            && request.ends_with("\r\n\r\n")
     )));
     assert_eq!(server.received()[0].path, "/qio/ohai");
 }
