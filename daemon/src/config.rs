@@ -127,6 +127,10 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allowed_groups: Vec<String>,
+    /// Try qiod without a server: run a Quick.IO test server in-process on a free loopback
+    /// port, use it as the only server and broadcast a counter on /demo/tick every 500 ms
+    #[arg(long)]
+    pub demo: bool,
 }
 
 /// Appends each option's default to its help, taken from the real defaults.
@@ -329,6 +333,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether `--demo` was given: the binary then starts a test server and uses it as the
+    /// only server, whatever `servers` says.
+    pub fn demo(&self) -> bool {
+        self.args.demo
+    }
+
     /// Loads the configuration again (for SIGHUP): the file and environment are read
     /// anew, the command line is the one the daemon started with.
     pub fn reload(&self) -> Result<Config, ConfigError> {
@@ -413,7 +423,8 @@ fn load_from(
     }
 
     let servers = layers.servers()?;
-    if servers.is_empty() {
+    // The demo supplies its own server once it has started it.
+    if servers.is_empty() && !args.demo {
         let file = explicit
             .or(default_file)
             .map(|p| p.display().to_string())
@@ -1103,6 +1114,13 @@ mod tests {
         let path = write(&dir, "servers = []\n");
         let err = load_env(args_with_file(&path), &[]).unwrap_err();
         assert!(matches!(err, ConfigError::NoServers { .. }), "{err}");
+    }
+
+    #[test]
+    fn demo_needs_no_server() {
+        let args = Args::try_parse_from(["qiod", "--demo"]).unwrap();
+        let cfg = load_env(args, &[]).unwrap();
+        assert!(cfg.settings.driver.session.servers.is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod socket;
 
 use std::sync::Arc;
 use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// Everything [`run`] needs besides its listener.
@@ -42,11 +43,43 @@ pub async fn run(
     settings: Settings,
     listener: UnixListener,
     shutdown: CancellationToken,
-    mut reload: tokio::sync::mpsc::Receiver<Reload>,
+    reload: mpsc::Receiver<Reload>,
+) -> anyhow::Result<()> {
+    run_with(settings, listener, shutdown, reload, Observer::default()).await
+}
+
+/// What a supervisor (the binary's systemd integration) may watch of a running daemon.
+///
+/// Both are pushed by the daemon, so the watcher never polls for readiness or state, and
+/// both are optional, so [`run`] (tests, embedders) pays nothing for them.
+#[derive(Debug, Default)]
+pub struct Observer {
+    /// Gets a handle to the session once the session runs and the local server accepts
+    /// clients: that moment is the daemon's readiness, and the handle lets the watcher ask
+    /// the session loop whether it still answers ([`driver::SessionHandle::status`]).
+    pub ready: Option<oneshot::Sender<driver::SessionHandle>>,
+    /// Gets a copy of every upstream state change, in order. They are offered with
+    /// `try_send`: a watcher that falls behind misses changes rather than slowing the
+    /// delivery of events to clients.
+    pub states: Option<mpsc::Sender<session::StateChange>>,
+}
+
+/// [`run`], telling `observer` when the daemon is ready and how the upstream connection
+/// fares.
+pub async fn run_with(
+    settings: Settings,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+    mut reload: mpsc::Receiver<Reload>,
+    observer: Observer,
 ) -> anyhow::Result<()> {
     let upstream_stop = CancellationToken::new();
     let (session, notices, driver_task) = driver::spawn(settings.driver, upstream_stop.clone())
         .map_err(|e| anyhow::anyhow!("cannot start the upstream session: {e}"))?;
+    let notices = match observer.states {
+        Some(states) => tap_states(notices, states),
+        None => notices,
+    };
     let hub = Arc::new(ipc::Hub::new(MAX_HANDLES));
     let notice_task = tokio::spawn(ipc::run_notices(hub.clone(), session.clone(), notices));
     let clients_stop = CancellationToken::new();
@@ -58,6 +91,10 @@ pub async fn run(
         shutdown.clone(),
         clients_stop.clone(),
     ));
+    if let Some(ready) = observer.ready {
+        // The watcher may be gone already (it stopped first); nothing to tell then.
+        let _ = ready.send(session.clone());
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -75,6 +112,34 @@ pub async fn run(
     let _ = server.await;
     Ok(())
 }
+
+/// Puts a step between the session and the hub that copies state changes to `states`.
+///
+/// The step only ever waits on the hub's channel, exactly as the session would, so the
+/// backpressure and the hub's invariant (it never awaits the session) are unchanged; the
+/// copy is a `try_send`, so a slow watcher cannot hold events up. It ends when the session
+/// closes its side, which then closes the hub's.
+fn tap_states(
+    mut from: mpsc::Receiver<driver::Notice>,
+    states: mpsc::Sender<session::StateChange>,
+) -> mpsc::Receiver<driver::Notice> {
+    let (to, rx) = mpsc::channel(TAP_CAPACITY);
+    tokio::spawn(async move {
+        while let Some(notice) = from.recv().await {
+            if let driver::Notice::State(state) = &notice {
+                let _ = states.try_send(state.clone());
+            }
+            if to.send(notice).await.is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Notices in flight between the state tap and the hub. Small: the session's own notice
+/// channel is the real buffer, this one only decouples the two tasks.
+const TAP_CAPACITY: usize = 64;
 
 /// How many server callback requests handed to local clients are remembered.
 const MAX_HANDLES: usize = 65_536;

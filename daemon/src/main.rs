@@ -2,6 +2,12 @@
 //!
 //! Exit codes: 0 after a clean shutdown, 2 for a configuration error (one line on
 //! stderr), 1 for anything else that stops the daemon.
+//!
+//! Under systemd (`Type=notify`, see `systemd/`) it reports readiness, status and watchdog
+//! keep-alives ([`notify`]); `--demo` brings its own Quick.IO server ([`demo`]).
+
+mod demo;
+mod notify;
 
 use anyhow::Context;
 use clap::Parser;
@@ -9,13 +15,15 @@ use qiod::config::{self, Args, Config};
 use qiod::socket::{self, SocketGuard};
 use std::io::IsTerminal;
 use std::os::unix::net::UnixListener as StdUnixListener;
+use std::path::Path;
 use std::process::ExitCode;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
+use url::Url;
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
@@ -41,6 +49,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // stderr rather than tracing: the log filter may hide errors, this must show.
             eprintln!("qiod: {e:#}");
+            notify::failed(&e);
             ExitCode::FAILURE
         }
     }
@@ -94,7 +103,8 @@ fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(config, listener, filter));
+    let socket = guard.as_ref().map(SocketGuard::path);
+    let result = runtime.block_on(serve(config, listener, socket, filter));
     drop(runtime);
     drop(guard);
     result
@@ -116,9 +126,12 @@ fn listen(config: &Config) -> anyhow::Result<(StdUnixListener, Option<SocketGuar
     Ok((listener, Some(guard)))
 }
 
+/// Runs the daemon on `listener`; `socket` is its path when we bound it ourselves (not
+/// when systemd passed it).
 async fn serve(
-    config: Config,
+    mut config: Config,
     listener: StdUnixListener,
+    socket: Option<&Path>,
     filter: FilterHandle,
 ) -> anyhow::Result<()> {
     listener
@@ -135,6 +148,15 @@ async fn serve(
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = mpsc::channel(4);
 
+    let demo = if config.demo() {
+        let demo = demo::Demo::start().await?;
+        config.settings.driver.session.servers = vec![demo.url().clone()];
+        demo.announce(socket);
+        Some(demo)
+    } else {
+        None
+    };
+
     let servers: Vec<&str> = config
         .settings
         .driver
@@ -148,22 +170,65 @@ async fn serve(
         None => tracing::info!(?servers, "qiod starting (no config file)"),
     }
 
+    let (observer, notify_task) = if notify::enabled() {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (states_tx, states_rx) = mpsc::channel(STATE_BACKLOG);
+        let watchdog = notify::watchdog_period();
+        if let Some(period) = watchdog {
+            tracing::info!("systemd watchdog: a keep-alive every {:?}", period / 2);
+        }
+        let task = tokio::spawn(notify::supervise(
+            ready_rx,
+            states_rx,
+            watchdog,
+            shutdown.clone(),
+        ));
+        let observer = qiod::Observer {
+            ready: Some(ready_tx),
+            states: Some(states_tx),
+        };
+        (observer, Some(task))
+    } else {
+        (qiod::Observer::default(), None)
+    };
+
     let settings = config.settings.clone();
     let signal_task = tokio::spawn(handle_signals(
         signals,
-        config,
+        Running {
+            config,
+            demo_server: demo.as_ref().map(|d| d.url().clone()),
+        },
         filter,
         shutdown.clone(),
         reload_tx,
     ));
-    let result = qiod::run(settings, listener, shutdown.clone(), reload_rx).await;
+    let result = qiod::run_with(settings, listener, shutdown.clone(), reload_rx, observer).await;
     shutdown.cancel();
     signal_task.abort();
+    if let Some(task) = notify_task {
+        // It sends STOPPING=1 on the cancellation above and ends.
+        let _ = task.await;
+    }
+    if let Some(demo) = demo {
+        demo.stop().await;
+    }
     match &result {
         Ok(()) => tracing::info!("stopped"),
         Err(e) => tracing::error!("stopped: {e:#}"),
     }
     result
+}
+
+/// State changes the systemd status line may lag behind by; beyond, changes are skipped
+/// (the line shows a later one soon enough).
+const STATE_BACKLOG: usize = 64;
+
+/// The configuration in force and what `--demo` put in place of the servers, which a
+/// reload must keep: the file's servers (if any) are not the demo's.
+struct Running {
+    config: Config,
+    demo_server: Option<Url>,
 }
 
 struct Signals {
@@ -176,7 +241,7 @@ struct Signals {
 /// SIGHUP reloads the configuration.
 async fn handle_signals(
     mut signals: Signals,
-    config: Config,
+    running: Running,
     filter: FilterHandle,
     shutdown: CancellationToken,
     reload_tx: mpsc::Sender<qiod::Reload>,
@@ -186,7 +251,9 @@ async fn handle_signals(
             _ = signals.term.recv() => "SIGTERM",
             _ = signals.int.recv() => "SIGINT",
             _ = signals.hup.recv() => {
-                reload(&config, &filter, &reload_tx).await;
+                notify::reloading();
+                reload(&running, &filter, &reload_tx).await;
+                notify::reloaded();
                 continue;
             }
         };
@@ -201,9 +268,9 @@ async fn handle_signals(
 
 /// Applies what a reload can change while running (servers, log filter) and says which
 /// other changes wait for a restart. A bad configuration keeps the running one.
-async fn reload(running: &Config, filter: &FilterHandle, reload_tx: &mpsc::Sender<qiod::Reload>) {
+async fn reload(running: &Running, filter: &FilterHandle, reload_tx: &mpsc::Sender<qiod::Reload>) {
     tracing::info!("SIGHUP: reloading the configuration");
-    let current = running.clone();
+    let current = running.config.clone();
     // Group names may be resolved over the network (NSS), so off the async threads.
     let new = match tokio::task::spawn_blocking(move || current.reload()).await {
         Ok(Ok(new)) => new,
@@ -228,14 +295,17 @@ async fn reload(running: &Config, filter: &FilterHandle, reload_tx: &mpsc::Sende
             Err(e) => tracing::warn!("log: {:?} is not a log filter: {e}", new.log),
         }
     }
-    let restart = running.needs_restart(&new);
+    let restart = running.config.needs_restart(&new);
     if !restart.is_empty() {
         tracing::warn!(
             "changes to {} take effect at the next start",
             restart.join(", ")
         );
     }
-    let servers = new.settings.driver.session.servers.clone();
+    let servers = match &running.demo_server {
+        Some(demo) => vec![demo.clone()],
+        None => new.settings.driver.session.servers.clone(),
+    };
     tracing::info!(
         servers = ?servers.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
         log = %new.log,

@@ -1,0 +1,339 @@
+//! The `qiod` binary under a service manager, as systemd runs it: socket activation,
+//! `sd_notify` readiness, status, watchdog and stopping, and `--demo`.
+//!
+//! No systemd is needed: each test plays its part (passes the socket, listens on the
+//! notification socket) the way `sd_listen_fds(3)` and `sd_notify(3)` describe it.
+
+use qio_testserver::{ServerConfig, TestServer};
+use serde_json::{json, Value};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixDatagram, UnixStream};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// What systemd puts in a service's environment; removed from every child so that a test
+/// run under systemd (a CI service) does not leak its own into the daemon.
+const MANAGER_VARS: [&str; 7] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "RUST_LOG",
+];
+
+struct Qiod {
+    child: Child,
+    /// Its stderr, shown when the test fails.
+    log: PathBuf,
+}
+
+impl Qiod {
+    /// A `qiod` command with an empty config file in `dir`, so nothing from the machine's
+    /// own configuration leaks in.
+    fn command(dir: &Path) -> Command {
+        Qiod::isolate(Command::new(env!("CARGO_BIN_EXE_qiod")), dir)
+    }
+
+    /// Gives `cmd` (qiod, or what execs it) a clean environment, an empty config file and
+    /// a log file in `dir`.
+    fn isolate(mut cmd: Command, dir: &Path) -> Command {
+        let config = dir.join("qiod.toml");
+        std::fs::write(&config, "").expect("write config");
+        let log = std::fs::File::create(dir.join("qiod.log")).expect("create log");
+        for var in MANAGER_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.env("QIOD_CONFIG", config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        cmd
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path) -> Qiod {
+        Qiod {
+            child: cmd.spawn().expect("qiod starts"),
+            log: dir.join("qiod.log"),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0);
+    }
+
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(start.elapsed() < DEADLINE, "qiod did not exit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Qiod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("--- qiod's log ---\n{log}---");
+        }
+    }
+}
+
+struct Client {
+    r: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+}
+
+impl Client {
+    async fn connect(path: &Path) -> Client {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = UnixStream::connect(path).await {
+                let (r, w) = s.into_split();
+                return Client {
+                    r: BufReader::new(r),
+                    w,
+                };
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "qiod never listened on {path:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn send(&mut self, line: Value) {
+        let mut text = line.to_string();
+        text.push('\n');
+        self.w.write_all(text.as_bytes()).await.expect("write");
+    }
+
+    async fn read(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(DEADLINE, self.r.read_line(&mut line))
+            .await
+            .expect("a line in time")
+            .expect("read");
+        (n > 0).then(|| serde_json::from_str(&line).expect("json"))
+    }
+
+    async fn until(&mut self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let v = self
+                .read()
+                .await
+                .unwrap_or_else(|| panic!("end of stream before {what}"));
+            if f(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[tokio::test]
+async fn socket_activation_serves_the_passed_socket_and_leaves_its_file() {
+    let server = TestServer::start(ServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // What systemd's qiod.socket does: bind and listen, then hand the fd over.
+    let activated = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&activated).unwrap();
+    let fd = listener.as_raw_fd();
+    // The daemon's own socket setting, which a passed socket overrides.
+    let configured = dir.path().join("own").join("qiod.sock");
+
+    // sd_listen_fds(3) takes the fds only when LISTEN_PID is the process's own pid, which
+    // is unknown until the fork. Setting it in pre_exec would need setenv, which may
+    // allocate, and allocating between fork and exec of a multithreaded process (this test
+    // runtime) can deadlock on a lock another thread held at the fork. So a shell sets it:
+    // `$$` is the shell's pid, and `exec` keeps that pid for qiod. pre_exec only does dup2
+    // and fcntl, which are async-signal-safe.
+    let mut cmd = Qiod::isolate(Command::new("/bin/sh"), dir.path());
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+        .arg(env!("CARGO_BIN_EXE_qiod"))
+        .args(["--server", &server.url(), "--socket"])
+        .arg(&configured)
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "qiod.socket");
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // calls (dup2, fcntl) on fds it owns in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            const LISTEN_FDS_START: libc::c_int = 3;
+            if fd == LISTEN_FDS_START {
+                // dup2 onto itself would keep close-on-exec: clear it by hand.
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, LISTEN_FDS_START) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut qiod = Qiod::spawn(cmd, dir.path());
+
+    let mut client = Client::connect(&activated).await;
+    client.until("/open", |v| v["event"] == "/open").await;
+    client
+        .send(json!({"op": "send", "path": "/clienttest/echo", "data": "hi", "id": 1}))
+        .await;
+    let answer = client.until("the echo", |v| v["id"] == 1).await;
+    assert_eq!(answer["code"], 200, "{answer}");
+    assert_eq!(answer["data"], "hi", "{answer}");
+    assert!(
+        !configured.exists() && !configured.parent().unwrap().exists(),
+        "with a passed socket, qiod binds nothing of its own"
+    );
+
+    qiod.signal(libc::SIGTERM);
+    client.until("/close", |v| v["event"] == "/close").await;
+    assert!(qiod.wait_exit().await.success());
+    assert!(
+        is_socket(&activated),
+        "the socket file belongs to systemd and stays after qiod exits"
+    );
+    // And it still listens (systemd keeps it to start qiod again on the next client).
+    std::os::unix::net::UnixStream::connect(&activated).expect("still listening");
+    drop(listener);
+}
+
+/// The notifications a daemon sent, line by line, in order.
+struct Notes {
+    socket: UnixDatagram,
+    lines: Vec<String>,
+    /// Lines before this one were matched by an earlier expectation.
+    cursor: usize,
+}
+
+impl Notes {
+    fn bind(path: &Path) -> Notes {
+        Notes {
+            socket: UnixDatagram::bind(path).expect("bind the notification socket"),
+            lines: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Waits for a line after the last matched one that satisfies `f`, and returns it.
+    async fn expect(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(i) = self.lines[self.cursor..].iter().position(|l| f(l)) {
+                self.cursor += i + 1;
+                return self.lines[self.cursor - 1].clone();
+            }
+            let mut buf = vec![0u8; 4096];
+            let n = match tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+                Ok(n) => n.expect("recv"),
+                Err(_) => panic!("{what}: not in time; got {:#?}", self.lines),
+            };
+            let text = String::from_utf8(buf[..n].to_vec()).expect("utf-8");
+            self.lines
+                .extend(text.lines().filter(|l| !l.is_empty()).map(str::to_owned));
+        }
+    }
+}
+
+#[tokio::test]
+async fn tells_systemd_ready_status_watchdog_and_stopping() {
+    let server = TestServer::start(ServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify");
+    let mut notes = Notes::bind(&notify_path);
+    let socket = dir.path().join("qiod.sock");
+
+    let mut cmd = Qiod::command(dir.path());
+    cmd.args(["--server", &server.url(), "--socket"])
+        .arg(&socket)
+        .env("NOTIFY_SOCKET", &notify_path)
+        // 200 ms: a keep-alive every 100 ms. WATCHDOG_PID stays unset, which sd-notify
+        // (like libsystemd) reads as "meant for whoever reads it".
+        .env("WATCHDOG_USEC", "200000");
+    let mut qiod = Qiod::spawn(cmd, dir.path());
+
+    notes.expect("READY=1", |l| l == "READY=1").await;
+    // Ready means the socket accepts clients.
+    drop(Client::connect(&socket).await);
+    notes
+        .expect("the open status", |l| {
+            l.starts_with("STATUS=open ws://127.0.0.1:")
+        })
+        .await;
+    notes.expect("a keep-alive", |l| l == "WATCHDOG=1").await;
+    notes
+        .expect("a second keep-alive", |l| l == "WATCHDOG=1")
+        .await;
+
+    // Upstream trouble shows in the status, and the keep-alives go on: the daemon itself
+    // is healthy, and restarting it would not bring the server back.
+    server.kill().await;
+    let status = notes
+        .expect("a reconnecting status", |l| {
+            l.starts_with("STATUS=") && l.contains("connecting")
+        })
+        .await;
+    assert!(!status.contains("open ws://"), "{status}");
+    notes
+        .expect("a keep-alive while reconnecting", |l| l == "WATCHDOG=1")
+        .await;
+
+    qiod.signal(libc::SIGTERM);
+    notes.expect("STOPPING=1", |l| l == "STOPPING=1").await;
+    assert!(qiod.wait_exit().await.success());
+}
+
+#[tokio::test]
+async fn demo_broadcasts_ticks_without_a_server_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket: PathBuf = dir.path().join("demo.sock");
+    let mut cmd = Qiod::command(dir.path());
+    cmd.arg("--demo")
+        .arg("--socket")
+        .arg(&socket)
+        .env_remove("QIOD_SERVER");
+    let mut qiod = Qiod::spawn(cmd, dir.path());
+
+    let mut client = Client::connect(&socket).await;
+    client
+        .send(json!({"op": "on", "path": "/demo/tick", "id": 1}))
+        .await;
+    let answer = client
+        .until("the subscription's answer", |v| v["id"] == 1)
+        .await;
+    assert_eq!(answer["code"], 200, "{answer}");
+    let is_tick = |v: &Value| v["event"] == "/demo/tick";
+    let first = client.until("a tick", is_tick).await;
+    let second = client.until("a second tick", is_tick).await;
+    let (a, b) = (first["data"].as_u64(), second["data"].as_u64());
+    assert!(
+        matches!((a, b), (Some(a), Some(b)) if b > a),
+        "a counter: {first} then {second}"
+    );
+
+    qiod.signal(libc::SIGINT);
+    assert!(qiod.wait_exit().await.success());
+    assert!(!socket.exists(), "the socket file is removed on exit");
+}
