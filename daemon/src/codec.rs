@@ -132,11 +132,25 @@ fn decode_v01(text: &str) -> Result<Frame, DecodeError> {
     }
     let data = match kind {
         "plain" => json_string(data),
-        "json" => RawValue::from_string(data.trim().to_owned())
-            .map_err(|e| DecodeError::BadJson(e.to_string()))?,
+        "json" => raw_json(data)?,
         other => return Err(DecodeError::BadType(truncate(other))),
     };
     Ok(Frame { path, cb, data })
+}
+
+/// Validates JSON data and keeps it on one line.
+///
+/// Line breaks can only be whitespace between JSON tokens (inside strings they must be
+/// escaped), so turning them into spaces keeps the value and lets every local client read
+/// one event per line even when the server pretty-prints.
+fn raw_json(data: &str) -> Result<Box<RawValue>, DecodeError> {
+    let data = data.trim();
+    let one_line = if data.contains(['\n', '\r']) {
+        data.replace(['\n', '\r'], " ")
+    } else {
+        data.to_owned()
+    };
+    RawValue::from_string(one_line).map_err(|e| DecodeError::BadJson(e.to_string()))
 }
 
 fn parse_cb(cb: &str) -> Result<u64, DecodeError> {
@@ -177,8 +191,7 @@ pub fn decode(text: &str) -> Result<Frame, DecodeError> {
     if path == "/" {
         return Err(DecodeError::EmptyPath);
     }
-    let data = RawValue::from_string(data.trim().to_owned())
-        .map_err(|e| DecodeError::BadJson(e.to_string()))?;
+    let data = raw_json(data)?;
     Ok(Frame { path, cb, data })
 }
 
@@ -294,6 +307,20 @@ mod tests {
                 matches!(decode(text), Err(DecodeError::BadJson(_))),
                 "decode({text:?}) should be BadJson"
             );
+        }
+    }
+
+    #[test]
+    fn pretty_printed_data_stays_on_one_line() {
+        for d in [Dialect::V02, Dialect::V01] {
+            let text = match d {
+                Dialect::V02 => "/a:0={\n  \"k\": \"v\\nw\",\r\n  \"n\": [1,\n2]\n}\n",
+                Dialect::V01 => "/a:0:json={\n  \"k\": \"v\\nw\",\r\n  \"n\": [1,\n2]\n}\n",
+            };
+            let f = d.decode(text).unwrap();
+            assert!(!f.data.get().contains(['\n', '\r']), "{d:?}: {}", f.data.get());
+            let v: serde_json::Value = serde_json::from_str(f.data.get()).unwrap();
+            assert_eq!(v, serde_json::json!({"k": "v\nw", "n": [1, 2]}));
         }
     }
 

@@ -299,7 +299,8 @@ async fn malformed_input_gets_400_and_the_connection_stays_usable() {
     settings.ipc.max_line_bytes = 1024;
     let daemon = Daemon::start_with(settings).await;
     let mut c = daemon.open_client().await;
-    let with_id: [(&str, &str); 7] = [
+    let with_id: [(&str, &str); 8] = [
+        (r#"{"op":"on","path":"/open","id":1}"#, "reserved"),
         (r#"{"id":1}"#, "missing \"op\""),
         (r#"{"op":"fly","id":1}"#, "unknown op"),
         (r#"{"op":"send","id":1}"#, "needs \"path\""),
@@ -474,5 +475,64 @@ async fn a_reload_with_a_new_address_reconnects_there() {
     })
     .await;
     let _ = Duration::ZERO;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn closing_the_sending_side_answers_what_was_asked_then_ends_the_session() {
+    let server = server().await;
+    let daemon = Daemon::start(&server.url()).await;
+    let mut a = daemon.open_client().await;
+    assert_eq!(a.call(json!({"op":"on","path":"/news"}), 1).await["code"], 200);
+    a.send(json!({"op":"send","path":"/clienttest/echo","data":"last","id":2})).await;
+    use tokio::io::AsyncWriteExt;
+    a.writer.shutdown().await.unwrap();
+    assert_eq!(a.reply(json!(2)).await["data"], "last", "still answered");
+    while a.try_next().await.is_some() {}
+    until("the subscription is given back", || async {
+        server.subscriptions().is_empty()
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_flooding_requests_without_reading_gets_every_reply_and_disturbs_nobody() {
+    let server = server().await;
+    let mut settings = daemon_settings(&server.url());
+    settings.ipc.max_pending_per_client = 8;
+    let daemon = Daemon::start_with(settings).await;
+    let stream = tokio::net::UnixStream::connect(&daemon.socket).await.unwrap();
+    let (rd, mut writer) = stream.into_split();
+    let mut flood = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(rd));
+    let mut other = daemon.open_client().await;
+    let n = 3000u64;
+    let mut lines = Vec::new();
+    for id in 0..n {
+        lines.extend_from_slice(format!("{{\"op\":\"status\",\"id\":{id}}}\n").as_bytes());
+    }
+    let pusher = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        writer.write_all(&lines).await.unwrap();
+        writer
+    });
+    // The daemon stops reading the flood while its replies wait; others are served.
+    for i in 0..5 {
+        assert_eq!(other.call(json!({"op":"status"}), i).await["code"], 200);
+    }
+    let mut seen = 0;
+    while seen < n {
+        let line = tokio::time::timeout(DEADLINE, flood.next_line())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+            .expect("the daemon kept the connection");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("id").is_some() {
+            assert_eq!(v["id"], seen, "replies in order, none lost");
+            seen += 1;
+        }
+    }
+    let _ = pusher.await.unwrap();
     daemon.stop().await;
 }

@@ -225,11 +225,11 @@ async fn the_upgrade_request_uses_canonical_header_names() {
     let request = server
         .log()
         .into_iter()
-        .filter_map(|e| match e {
+        .rev()
+        .find_map(|e| match e {
             LogEntry::Upgraded { request, .. } => Some(request),
             _ => None,
         })
-        .last()
         .expect("an upgrade was logged");
     let names: Vec<&str> = request
         .lines()

@@ -21,6 +21,9 @@ use tokio::net::UnixStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+/// Paths a client may not subscribe to: their events would look like the daemon's own.
+const RESERVED: [&str; 4] = [events::OPEN, events::CLOSE, events::ERROR, events::LOST];
+
 /// An answer that arrived for one of the client's requests.
 enum Done {
     Reply {
@@ -62,8 +65,13 @@ pub async fn serve_client(
     let (rd, wr) = stream.into_split();
     let client = Arc::new(ClientRef {
         id,
-        outbox: Outbox::new(cfg.client_queue_events, cfg.slow_client),
+        outbox: Outbox::new(
+            cfg.client_queue_events,
+            cfg.max_pending_per_client,
+            cfg.slow_client,
+        ),
         kick: stop.child_token(),
+        pending_events: cfg.client_queue_events,
     });
     hub.join(client.clone());
     let writer = tokio::spawn(write_loop(wr, client.clone()));
@@ -79,19 +87,24 @@ pub async fn serve_client(
     };
     let mut reading = true;
     loop {
-        if !reading && conn.waits.is_empty() && hub.subscription_count(id) == 0 {
+        // Closing the sending side ends the session: what was asked is still answered,
+        // then the client goes (a half-closed socket cannot be told from a closed one).
+        if !reading && conn.waits.is_empty() {
             break;
         }
+        // A client that does not read its replies stops being read: backpressure, not
+        // an ever-growing buffer.
+        let room = client.outbox.has_room();
         tokio::select! {
             _ = client.kick.cancelled() => break,
             Some(done) = conn.waits.next(), if !conn.waits.is_empty() => conn.finish(done).await,
-            line = lines.next(), if reading => match line {
+            _ = client.outbox.room(), if !room => {}
+            line = lines.next(), if reading && room => match line {
                 Some(Ok(line)) => conn.handle_line(line).await,
                 Some(Err(e)) => {
                     tracing::debug!(client = id, "read error: {e}");
                     break;
                 }
-                // The client closed its sending side: answer what it asked, then go.
                 None => reading = false,
             },
         }
@@ -195,6 +208,7 @@ impl Conn {
             }
             None => {
                 if let Err(e) = self.session.emit(&path, data).await {
+                    let path = codec::clean_path(&path);
                     self.fail(None, Some(Op::Send), Some(&path), e.code(), e.to_string());
                 }
             }
@@ -212,6 +226,12 @@ impl Conn {
             let msg = format!("callback handle {raw} belongs to a connection that is gone");
             return self.fail(req.id, Some(Op::Callback), None, code::DISCONNECTED, msg);
         }
+        // The cap first: a refused request must not use up the handle.
+        if let Some(id) = &req.id {
+            if !self.may_wait(id, Op::Callback, "") {
+                return;
+            }
+        }
         if !self.hub.take_handle(handle, self.client.id) {
             let msg = format!(
                 "callback handle {raw} was not given to this client, or was already answered"
@@ -220,9 +240,6 @@ impl Conn {
         }
         match req.id {
             Some(id) => {
-                if !self.may_wait(&id, Op::Callback, "") {
-                    return;
-                }
                 let wait = self.session.answer_deferred(handle, data).await;
                 self.waits
                     .push(Box::pin(wait.map(move |outcome| Done::Reply {
@@ -243,8 +260,15 @@ impl Conn {
     async fn op_on(&mut self, req: RawRequest) {
         let op = req.op;
         let path = codec::clean_path(&req.path.unwrap_or_default());
+        if RESERVED.contains(&path.as_str()) {
+            let msg = format!("{path} is reserved for the daemon's own connection events");
+            return self.fail(req.id, Some(op), Some(&path), code::BAD_REQUEST, msg);
+        }
         self.cancelled.remove(&path);
         if self.hub.is_subscribed(self.client.id, &path) {
+            if op == Op::On {
+                self.hub.make_lasting(self.client.id, &path);
+            }
             return self.answer(req.id, op, Some(&path), Outcome::ok());
         }
         if let Some(more) = self.subscribing.get_mut(&path) {
@@ -263,6 +287,7 @@ impl Conn {
                 return;
             }
         }
+        self.hub.expect(&self.client, &path, op == Op::One);
         let wait = self.session.subscribe_deferred(&path, req.data).await;
         self.subscribing.insert(path.clone(), Vec::new());
         let id = req.id;
@@ -356,18 +381,27 @@ impl Conn {
                 outcome,
             } => {
                 let more = self.subscribing.remove(&path).unwrap_or_default();
-                if outcome.code == code::OK {
-                    if self.cancelled.remove(&path) {
+                if let Some(h) = outcome.cb {
+                    self.hub.allow_handle(h, self.client.id);
+                }
+                let confirmed = outcome.code == code::OK && !self.cancelled.remove(&path);
+                if !confirmed {
+                    self.hub.abandon(self.client.id, &path);
+                    if outcome.code == code::OK {
                         self.session.unsubscribe(&path).await;
-                    } else {
-                        // A plain `on` among the waiters makes the subscription lasting.
-                        let once = op == Op::One && more.iter().all(|(_, o)| *o == Op::One);
-                        self.hub.subscribe(&self.client, &path, once);
                     }
                 }
+                // The replies go first, then what was held for the subscription.
                 self.answer(id, op, Some(&path), outcome.clone());
-                for (more_id, more_op) in more {
-                    self.answer(more_id, more_op, Some(&path), outcome.clone());
+                for (more_id, more_op) in &more {
+                    self.answer(more_id.clone(), *more_op, Some(&path), outcome.clone());
+                }
+                if confirmed {
+                    // A plain `on` among the waiters makes the subscription lasting.
+                    let once = op == Op::One && more.iter().all(|(_, o)| *o == Op::One);
+                    if self.hub.confirm(&self.client, &path, once) {
+                        self.session.unsubscribe(&path).await;
+                    }
                 }
             }
         }
@@ -391,7 +425,7 @@ impl Conn {
             Some(id) => self.push_reply(&id, &outcome),
             None => {
                 let line = error_event(op.map(Op::as_str), path, &outcome);
-                self.client.outbox.push_reply(line);
+                self.client.push_notice(line);
             }
         }
     }
@@ -404,7 +438,7 @@ impl Conn {
             None if outcome.code == code::OK => {}
             None => {
                 let line = error_event(Some(op.as_str()), path, &outcome);
-                self.client.outbox.push_reply(line);
+                self.client.push_notice(line);
             }
         }
     }
@@ -420,6 +454,6 @@ impl Conn {
         };
         let mut v = serde_json::to_vec(&reply).unwrap_or_default();
         v.push(b'\n');
-        self.client.outbox.push_reply(Bytes::from(v));
+        self.client.push_notice(Bytes::from(v));
     }
 }

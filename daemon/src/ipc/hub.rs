@@ -20,12 +20,38 @@ pub struct ClientRef {
     pub outbox: Outbox,
     /// Cancelled to disconnect it (slow-client policy, shutdown).
     pub kick: CancellationToken,
+    /// Most events held for one subscription while its `on` waits for the server.
+    pub pending_events: usize,
+}
+
+impl ClientRef {
+    /// Queues an event, applying the slow-client policy.
+    pub fn push_event(&self, line: Bytes) {
+        if !self.outbox.push_event(line) {
+            tracing::warn!(
+                client = self.id,
+                "disconnecting a client that does not read its events (slow_client = disconnect)"
+            );
+            self.kick.cancel();
+        }
+    }
+
+    /// Queues a line that must not be dropped (a reply or a connection event).
+    pub fn push_notice(&self, line: Bytes) {
+        if !self.outbox.push_reply(line) {
+            tracing::warn!(client = self.id, "disconnecting a client that stopped reading");
+            self.kick.cancel();
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Subscriber {
     client: Arc<ClientRef>,
     once: bool,
+    /// `Some` while the client's `on` waits for its answer: events that arrive meanwhile
+    /// are held here and delivered right after the reply, so none is missed.
+    held: Option<Vec<Bytes>>,
 }
 
 /// Server callback requests handed to clients, so only a client that received one can
@@ -40,7 +66,7 @@ struct Handles {
 struct State {
     clients: HashMap<u64, Arc<ClientRef>>,
     subs: HashMap<String, Vec<Subscriber>>,
-    /// The same subscriptions indexed by client, so per-client questions cost O(1).
+    /// Confirmed subscriptions indexed by client, so per-client questions cost O(1).
     by_client: HashMap<u64, HashSet<String>>,
     handles: Handles,
     open: bool,
@@ -51,12 +77,21 @@ struct State {
 }
 
 impl State {
-    fn remove_subscriber(&mut self, id: u64, path: &str) {
-        if let Some(list) = self.subs.get_mut(path) {
-            list.retain(|s| s.client.id != id);
-            if list.is_empty() {
-                self.subs.remove(path);
-            }
+    fn remove_subscriber(&mut self, id: u64, path: &str) -> Option<Subscriber> {
+        let list = self.subs.get_mut(path)?;
+        let i = list.iter().position(|s| s.client.id == id)?;
+        let sub = list.swap_remove(i);
+        if list.is_empty() {
+            self.subs.remove(path);
+        }
+        Some(sub)
+    }
+
+    /// Sends a connection event to every client; under the same lock as the state change
+    /// and as [`Hub::join`], so no client misses a change or sees one twice.
+    fn tell_all(&self, line: &Bytes) {
+        for c in self.clients.values() {
+            c.push_notice(line.clone());
         }
     }
 }
@@ -91,30 +126,36 @@ impl Hub {
             let reason = st.close_reason.as_deref().unwrap_or("not connected yet");
             event_line(events::CLOSE, Some(&reason_data(reason)), None)
         };
-        client.outbox.push_event(line);
+        client.push_notice(line);
         st.clients.insert(client.id, client);
     }
 
-    /// Removes a client and returns the paths it was subscribed to (to give back).
+    /// Removes a client and returns the paths whose confirmed subscription it held (to
+    /// give back to the session; references still waiting are given back by the driver).
     ///
     /// Handles the client was allowed to answer stay in the bounded table until they age
     /// out; ids are never reused, so nobody else can use them.
     pub fn leave(&self, id: u64) -> Vec<String> {
         let mut st = self.lock();
         st.clients.remove(&id);
+        let mut held: Vec<String> = Vec::new();
         let paths: Vec<String> = st
-            .by_client
-            .remove(&id)
-            .unwrap_or_default()
-            .into_iter()
+            .subs
+            .iter()
+            .filter(|(_, l)| l.iter().any(|s| s.client.id == id))
+            .map(|(p, _)| p.clone())
             .collect();
-        for path in &paths {
-            st.remove_subscriber(id, path);
+        let confirmed = st.by_client.remove(&id).unwrap_or_default();
+        for path in paths {
+            st.remove_subscriber(id, &path);
+            if confirmed.contains(&path) {
+                held.push(path);
+            }
         }
-        paths
+        held
     }
 
-    /// Whether the client is subscribed to the path.
+    /// Whether the client holds a confirmed subscription to the path.
     pub fn is_subscribed(&self, id: u64, path: &str) -> bool {
         self.lock()
             .by_client
@@ -122,32 +163,82 @@ impl Hub {
             .is_some_and(|paths| paths.contains(path))
     }
 
-    /// How many paths the client is subscribed to.
+    /// How many confirmed subscriptions the client holds.
     pub fn subscription_count(&self, id: u64) -> usize {
         self.lock().by_client.get(&id).map_or(0, HashSet::len)
     }
 
-    /// Registers a confirmed subscription.
-    pub fn subscribe(&self, client: &Arc<ClientRef>, path: &str, once: bool) {
+    /// Starts holding events of `path` for a client whose `on` is on its way.
+    pub fn expect(&self, client: &Arc<ClientRef>, path: &str, once: bool) {
         let mut st = self.lock();
-        if !st
-            .by_client
-            .entry(client.id)
-            .or_default()
-            .insert(path.to_owned())
-        {
-            return;
-        }
-        st.subs
-            .entry(path.to_owned())
-            .or_default()
-            .push(Subscriber {
+        let list = st.subs.entry(path.to_owned()).or_default();
+        if !list.iter().any(|s| s.client.id == client.id) {
+            list.push(Subscriber {
                 client: client.clone(),
                 once,
+                held: Some(Vec::new()),
             });
+        }
     }
 
-    /// Unregisters a subscription; returns whether there was one.
+    /// The `on` was confirmed (and its reply queued): deliver what was held and go live.
+    ///
+    /// Returns true when a one-shot subscription got its event from what was held, so the
+    /// caller gives its reference back at once.
+    pub fn confirm(&self, client: &Arc<ClientRef>, path: &str, once: bool) -> bool {
+        let mut st = self.lock();
+        let list = st.subs.entry(path.to_owned()).or_default();
+        let i = match list.iter().position(|s| s.client.id == client.id) {
+            Some(i) => i,
+            None => {
+                list.push(Subscriber {
+                    client: client.clone(),
+                    once,
+                    held: None,
+                });
+                list.len() - 1
+            }
+        };
+        let sub = &mut list[i];
+        sub.once = once;
+        let held = sub.held.take().unwrap_or_default();
+        let got_one = !held.is_empty();
+        for line in held {
+            client.push_event(line);
+        }
+        if once && got_one {
+            st.remove_subscriber(client.id, path);
+            return true;
+        }
+        st.by_client
+            .entry(client.id)
+            .or_default()
+            .insert(path.to_owned());
+        false
+    }
+
+    /// The `on` failed or was cancelled: stop holding events for it.
+    pub fn abandon(&self, id: u64, path: &str) {
+        let mut st = self.lock();
+        let waiting = st
+            .subs
+            .get(path)
+            .is_some_and(|l| l.iter().any(|s| s.client.id == id && s.held.is_some()));
+        if waiting {
+            st.remove_subscriber(id, path);
+        }
+    }
+
+    /// A later `on` for a path held by a one-shot subscription makes it lasting.
+    pub fn make_lasting(&self, id: u64, path: &str) {
+        if let Some(list) = self.lock().subs.get_mut(path) {
+            for s in list.iter_mut().filter(|s| s.client.id == id) {
+                s.once = false;
+            }
+        }
+    }
+
+    /// Unregisters a confirmed subscription; returns whether there was one.
     pub fn unsubscribe(&self, id: u64, path: &str) -> bool {
         let mut st = self.lock();
         let held = st
@@ -199,18 +290,17 @@ impl Hub {
     /// Local counters for `status`.
     pub fn counts(&self) -> (usize, u64, HashMap<String, usize>) {
         let st = self.lock();
-        let per_path = st.subs.iter().map(|(p, l)| (p.clone(), l.len())).collect();
+        let per_path = st
+            .subs
+            .iter()
+            .map(|(p, l)| (p.clone(), l.iter().filter(|s| s.held.is_none()).count()))
+            .collect();
         (st.clients.len(), st.delivered, per_path)
-    }
-
-    /// Every client, for shutdown.
-    pub fn clients(&self) -> Vec<Arc<ClientRef>> {
-        self.lock().clients.values().cloned().collect()
     }
 
     /// Fans out one notice from the session.
     ///
-    /// Returns the paths whose last `one` subscriber just got its event, for the caller to
+    /// Returns the paths whose one-shot subscriber just got its event, for the caller to
     /// give back to the session (never from under the lock, never from the notice loop).
     fn dispatch(&self, notice: Notice) -> Vec<String> {
         match notice {
@@ -221,64 +311,69 @@ impl Hub {
                 let Some(list) = st.subs.get_mut(&ev.path) else {
                     return Vec::new();
                 };
-                let mut kicked = Vec::new();
-                let mut receivers =
-                    Vec::with_capacity(if ev.cb.is_some() { list.len() } else { 0 });
-                let mut once_gone = Vec::new();
-                let mut once_ids = Vec::new();
-                list.retain(|s| {
-                    if !s.client.outbox.push_event(line.clone()) {
-                        kicked.push(s.client.clone());
+                let mut receivers = Vec::new();
+                let mut once_done = Vec::new();
+                let mut delivered = 0u64;
+                for s in list.iter_mut() {
+                    match &mut s.held {
+                        Some(held) => {
+                            // One event is all a one-shot subscriber will take.
+                            if s.once && !held.is_empty() {
+                                continue;
+                            }
+                            if held.len() >= s.client.pending_events {
+                                held.remove(0);
+                                s.client.outbox.count_lost(1);
+                            }
+                            held.push(line.clone());
+                        }
+                        None => {
+                            s.client.push_event(line.clone());
+                            delivered += 1;
+                            if s.once {
+                                once_done.push(s.client.id);
+                            }
+                        }
                     }
                     if ev.cb.is_some() {
                         receivers.push(s.client.id);
                     }
-                    if s.once {
-                        once_gone.push(ev.path.clone());
-                        once_ids.push(s.client.id);
-                    }
-                    !s.once
-                });
-                let delivered = list.len() + once_gone.len();
+                }
+                list.retain(|s| !(s.held.is_none() && once_done.contains(&s.client.id)));
                 if list.is_empty() {
                     st.subs.remove(&ev.path);
                 }
-                for id in &once_ids {
+                for id in &once_done {
                     if let Some(paths) = st.by_client.get_mut(id) {
                         paths.remove(&ev.path);
                     }
                 }
-                st.delivered += delivered as u64;
-                drop(st);
+                st.delivered += delivered;
                 if let Some(h) = ev.cb {
+                    drop(st);
                     for id in receivers {
                         self.allow_handle(h, id);
                     }
                 }
-                for c in kicked {
-                    tracing::warn!(client = c.id, "disconnecting a client that does not read its events (slow_client = disconnect)");
-                    c.kick.cancel();
-                }
-                once_gone
+                once_done.iter().map(|_| ev.path.clone()).collect()
             }
             Notice::State(state) => {
+                let mut st = self.lock();
                 let line = match &state {
                     StateChange::Open { .. } => {
-                        let mut st = self.lock();
                         st.open = true;
                         st.conn += 1;
                         st.close_reason = None;
                         Some(event_line(events::OPEN, None, None))
                     }
                     StateChange::Closed { reason } => {
-                        let mut st = self.lock();
                         st.open = false;
                         st.close_reason = Some(reason.clone());
                         st.handles = Handles::default();
                         Some(event_line(events::CLOSE, Some(&reason_data(reason)), None))
                     }
                     StateChange::ConnectFailed { url, reason } => {
-                        self.lock().close_reason = Some(format!("{url}: {reason}"));
+                        st.close_reason = Some(format!("{url}: {reason}"));
                         let data = ErrorData {
                             op: None,
                             path: None,
@@ -288,7 +383,7 @@ impl Hub {
                         Some(event_line(events::ERROR, Some(&to_raw(&data)), None))
                     }
                     StateChange::Stopped => {
-                        self.lock().open = false;
+                        st.open = false;
                         Some(event_line(
                             events::CLOSE,
                             Some(&reason_data("the daemon is shutting down")),
@@ -300,24 +395,26 @@ impl Hub {
                     | StateChange::Reconnecting { .. } => None,
                 };
                 if let Some(line) = line {
-                    for c in self.clients() {
-                        c.outbox.push_event(line.clone());
-                    }
+                    st.tell_all(&line);
                 }
                 Vec::new()
             }
             Notice::SubscriptionLost { path, outcome } => {
                 let mut st = self.lock();
                 let list = st.subs.remove(&path).unwrap_or_default();
-                for s in &list {
+                let (lost, waiting): (Vec<_>, Vec<_>) =
+                    list.into_iter().partition(|s| s.held.is_none());
+                if !waiting.is_empty() {
+                    // Their own `on` is still waiting; its answer tells them.
+                    st.subs.insert(path.clone(), waiting);
+                }
+                for s in lost {
                     if let Some(paths) = st.by_client.get_mut(&s.client.id) {
                         paths.remove(&path);
                     }
-                }
-                drop(st);
-                let line = error_event(Some("on"), Some(&path), &outcome);
-                for s in list {
-                    s.client.outbox.push_event(line.clone());
+                    let op = if s.once { "one" } else { "on" };
+                    s.client
+                        .push_notice(error_event(Some(op), Some(&path), &outcome));
                 }
                 Vec::new()
             }
@@ -371,4 +468,90 @@ fn reason_data(reason: &str) -> Box<RawValue> {
 /// Serializes a value the daemon built itself (never fails for these types).
 pub fn to_raw<T: serde::Serialize>(v: &T) -> Box<RawValue> {
     serde_json::value::to_raw_value(v).unwrap_or_else(|_| crate::codec::null())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Event;
+
+    fn client(id: u64) -> Arc<ClientRef> {
+        Arc::new(ClientRef {
+            id,
+            outbox: Outbox::new(16, 16, super::super::SlowClientPolicy::DropOldest),
+            kick: CancellationToken::new(),
+            pending_events: 4,
+        })
+    }
+
+    fn event(path: &str, n: u32) -> Notice {
+        Notice::Event(Event {
+            path: path.into(),
+            data: RawValue::from_string(n.to_string()).unwrap(),
+            cb: None,
+        })
+    }
+
+    async fn lines(c: &ClientRef) -> Vec<String> {
+        c.outbox.close();
+        let mut out = Vec::new();
+        while let Some(b) = c.outbox.next_batch().await {
+            out.extend(b.lines.iter().map(|l| String::from_utf8_lossy(l).trim().to_owned()));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn events_between_the_servers_answer_and_the_reply_are_held_not_lost() {
+        let hub = Hub::new(8);
+        let a = client(1);
+        hub.expect(&a, "/p", false);
+        hub.dispatch(event("/p", 1));
+        a.push_notice(Bytes::from_static(b"reply\n"));
+        assert!(!hub.confirm(&a, "/p", false));
+        hub.dispatch(event("/p", 2));
+        assert_eq!(
+            lines(&a).await,
+            ["reply", r#"{"event":"/p","data":1}"#, r#"{"event":"/p","data":2}"#]
+        );
+        assert_eq!(hub.leave(1), ["/p"]);
+    }
+
+    #[tokio::test]
+    async fn a_one_shot_subscription_takes_one_held_event_and_ends() {
+        let hub = Hub::new(8);
+        let a = client(1);
+        hub.expect(&a, "/p", true);
+        hub.dispatch(event("/p", 1));
+        hub.dispatch(event("/p", 2));
+        assert!(hub.confirm(&a, "/p", true), "the caller gives the reference back");
+        hub.dispatch(event("/p", 3));
+        assert_eq!(lines(&a).await, [r#"{"event":"/p","data":1}"#]);
+        assert!(hub.leave(1).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_subscription_delivers_nothing() {
+        let hub = Hub::new(8);
+        let a = client(1);
+        hub.expect(&a, "/p", false);
+        hub.dispatch(event("/p", 1));
+        hub.abandon(1, "/p");
+        hub.dispatch(event("/p", 2));
+        assert!(lines(&a).await.is_empty());
+        assert!(hub.leave(1).is_empty(), "nothing to give back");
+    }
+
+    #[tokio::test]
+    async fn a_client_joining_sees_each_state_change_once() {
+        let hub = Hub::new(8);
+        let url = url::Url::parse("ws://x/").unwrap();
+        let a = client(1);
+        hub.join(a.clone());
+        hub.dispatch(Notice::State(StateChange::Open { url }));
+        let b = client(2);
+        hub.join(b.clone());
+        assert_eq!(lines(&a).await.len(), 2, "/close at join, then /open");
+        assert_eq!(lines(&b).await, [r#"{"event":"/open"}"#]);
+    }
 }
