@@ -7,9 +7,10 @@
 //! came from and what was expected, in one line, because it is what an operator sees when
 //! the daemon refuses to start.
 
+use crate::codec::Dialect;
 use crate::driver::DriverConfig;
 use crate::ipc::{IpcConfig, SlowClientPolicy};
-use crate::session::{parse_server_url, SessionConfig};
+use crate::session::{parse_server_url, DialectChoice, SessionConfig};
 use crate::socket;
 use crate::Settings;
 use clap::Parser;
@@ -110,6 +111,12 @@ pub struct Args {
     /// What to do with a client that reads too slowly: drop-oldest or disconnect
     #[arg(long, env = "QIOD_SLOW_CLIENT", value_name = "POLICY")]
     pub slow_client: Option<String>,
+    /// Quick.IO wire dialect: auto (try 0.2, fall back to 0.1), 0.2 or 0.1
+    #[arg(long, env = "QIOD_DIALECT", value_name = "DIALECT")]
+    pub dialect: Option<String>,
+    /// Largest frame the server accepts, in bytes; larger sends are refused locally
+    #[arg(long, env = "QIOD_MAX_FRAME_BYTES", value_name = "BYTES")]
+    pub max_frame_bytes: Option<String>,
     /// Most clients connected at once
     #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N")]
     pub max_clients: Option<String>,
@@ -156,6 +163,8 @@ fn default_text(key: &str) -> Option<String> {
             .into(),
         "log" => DEFAULT_LOG.into(),
         "slow_client" => slow_client_name(defaults.ipc.slow_client).into(),
+        "dialect" => "auto".into(),
+        "max_frame_bytes" => "none for 0.2, 1024 for 0.1".into(),
         "allowed_groups" => "none".into(),
         _ => return None,
     })
@@ -194,6 +203,8 @@ struct FileConfig {
     max_line_bytes: Option<toml::Value>,
     client_queue_events: Option<toml::Value>,
     slow_client: Option<toml::Value>,
+    dialect: Option<toml::Value>,
+    max_frame_bytes: Option<toml::Value>,
     max_clients: Option<toml::Value>,
     max_pending_per_client: Option<toml::Value>,
     max_subscriptions_per_client: Option<toml::Value>,
@@ -368,6 +379,13 @@ impl Config {
         if self.settings.ipc.slow_client != new.settings.ipc.slow_client {
             keys.push("slow_client");
         }
+        let (old, new_s) = (&self.settings.driver.session, &new.settings.driver.session);
+        if old.dialect != new_s.dialect {
+            keys.push("dialect");
+        }
+        if old.max_frame_bytes != new_s.max_frame_bytes {
+            keys.push("max_frame_bytes");
+        }
         if self.settings.ipc.allowed_gids != new.settings.ipc.allowed_gids {
             keys.push("allowed_groups");
         }
@@ -446,6 +464,50 @@ fn load_from(
                 origin,
                 message: format!("expected drop-oldest or disconnect, got {text:?}"),
             })?;
+    }
+
+    if let Some(found) = layers.find(
+        "dialect",
+        "QIOD_DIALECT",
+        args.dialect.as_deref(),
+        layers.file.dialect.as_ref(),
+    )? {
+        let (text, origin) = found.text("dialect")?;
+        settings.driver.session.dialect = match text.trim() {
+            "auto" => DialectChoice::Auto,
+            "0.2" => DialectChoice::Fixed(Dialect::V02),
+            "0.1" => DialectChoice::Fixed(Dialect::V01),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "dialect",
+                    origin,
+                    message: format!("expected auto, 0.2 or 0.1, got {text:?}"),
+                })
+            }
+        };
+    }
+    if let Some(found) = layers.find(
+        "max_frame_bytes",
+        "QIOD_MAX_FRAME_BYTES",
+        args.max_frame_bytes.as_deref(),
+        layers.file.max_frame_bytes.as_ref(),
+    )? {
+        let (n, shown, origin) = match found {
+            Found::Toml(toml::Value::Integer(i), origin) => {
+                (usize::try_from(*i).ok(), i.to_string(), origin)
+            }
+            other => {
+                let (text, origin) = other.text("max_frame_bytes")?;
+                let n = text.trim().replace('_', "").parse::<usize>().ok();
+                (n, format!("{text:?}"), origin)
+            }
+        };
+        let n = n.filter(|n| *n > 0).ok_or_else(|| ConfigError::Invalid {
+            key: "max_frame_bytes",
+            origin,
+            message: format!("expected a whole number greater than 0, got {shown}"),
+        })?;
+        settings.driver.session.max_frame_bytes = Some(n);
     }
 
     settings.ipc.allowed_gids = layers.allowed_gids()?;
@@ -1007,6 +1069,41 @@ mod tests {
         assert_eq!(
             msg,
             "max_clients (from QIOD_MAX_CLIENTS): expected a whole number greater than 0, got \"many\""
+        );
+
+        let args = Args {
+            dialect: Some("0.3".into()),
+            ..server_args()
+        };
+        let msg = load_env(args, &[]).unwrap_err().to_string();
+        assert!(msg.starts_with("dialect (from --dialect)"), "{msg}");
+        let args = Args {
+            max_frame_bytes: Some("0".into()),
+            ..server_args()
+        };
+        let msg = load_env(args, &[]).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("max_frame_bytes (from --max-frame-bytes)"),
+            "{msg}"
+        );
+        let cfg = load_env(
+            server_args(),
+            &[("QIOD_DIALECT", "0.1"), ("QIOD_MAX_FRAME_BYTES", "2_048")],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.settings.driver.session.dialect,
+            DialectChoice::Fixed(Dialect::V01)
+        );
+        assert_eq!(cfg.settings.driver.session.max_frame_bytes, Some(2048));
+        assert_eq!(
+            load_env(server_args(), &[])
+                .unwrap()
+                .settings
+                .driver
+                .session
+                .dialect,
+            DialectChoice::Auto
         );
 
         let args = Args {
