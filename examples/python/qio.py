@@ -1,0 +1,216 @@
+"""A small client for qiod, the daemon that shares one Quick.IO connection.
+
+Standard library only (Python 3.8+), no threads: one Unix socket, one JSON object
+per line each way (see ipc-proto/PROTOCOL.md). Every line the daemon sends is
+either a reply (it has the "id" of a request) or an event (it has "event").
+
+    from qio import QioClient
+
+    with QioClient() as qio:
+        qio.wait_open()
+        print(qio.send("/clienttest/echo", "hi"))   # {'id': 1, 'code': 200, ...}
+        qio.on("/news")
+        for ev in qio.events():
+            print(ev["event"], ev.get("data"))
+
+Run it as a script for a quick check: `python3 qio.py [PATH [JSON]]` prints the
+daemon's status, or the reply to one request.
+"""
+
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections import deque
+
+__all__ = ["QioClient", "QioError", "clean_path", "compact", "default_socket_path"]
+
+
+def default_socket_path():
+    """Where the daemon listens, computed exactly as the daemon computes it."""
+    path = os.environ.get("QIOD_SOCKET")
+    if path:
+        return path
+    # The XDG spec says to ignore a relative runtime dir.
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return os.path.join(runtime, "qiod", "qiod.sock")
+    uid = os.getuid()
+    return "/run/qiod/qiod.sock" if uid == 0 else "/tmp/qiod-%d/qiod.sock" % uid
+
+
+def clean_path(path):
+    """A path as the daemon writes it in events: only A-Z a-z 0-9 _ - /, starting
+    with one "/", no empty segment, no trailing "/". ("news/" becomes "/news".)"""
+    kept = re.sub(r"[^A-Za-z0-9_/-]", "", path)
+    return "/" + "/".join(part for part in kept.split("/") if part)
+
+
+def compact(msg):
+    """One JSON line, without spaces, as the daemon writes them."""
+    return json.dumps(msg, separators=(",", ":"))
+
+
+class QioError(Exception):
+    """A request the daemon or the server refused; carries the reply's code."""
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.code = reply.get("code")
+        super().__init__("code %s: %s" % (self.code, reply.get("err_msg", "")))
+
+
+class QioClient:
+    """One connection to qiod.
+
+    Replies are matched to requests by id; events that arrive while a method waits
+    for its reply are kept, in order, for `events()`. Connection events ("/open",
+    "/close", "/error", "/lost") are events like the others.
+    """
+
+    def __init__(self, socket_path=None, timeout=None):
+        """Connects. `timeout` (seconds) bounds each wait for a line; None: no bound."""
+        self.socket_path = socket_path or default_socket_path()
+        self.state = None  # "open" or "closed": the daemon's /open and /close events
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.socket_path)
+        except OSError as e:
+            self._sock.close()
+            msg = "cannot connect to qiod at %s: %s (is it running? set QIOD_SOCKET)"
+            raise ConnectionError(msg % (self.socket_path, e.strerror or e)) from e
+        self._buf = bytearray()
+        self._events = deque()
+        self._last_id = 0
+
+    def close(self):
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # Requests that wait for their reply.
+
+    def send(self, path, data=None):
+        """Sends an event upstream and returns the server's reply as a dict.
+
+        The reply's "code" says how it went (200 is success; negative codes are the
+        daemon's: -1 disconnected, -2 timeout, -3 overloaded). When the server asks
+        for an answer back, the reply has a "cb" to pass to `answer`.
+        """
+        return self._call({"op": "send", "path": path, "data": data})
+
+    def on(self, path, data=None):
+        """Subscribes to a path; raises QioError when refused."""
+        return self._check(self._call({"op": "on", "path": path, "data": data}))
+
+    def off(self, path):
+        """Unsubscribes from a path."""
+        return self._check(self._call({"op": "off", "path": path}))
+
+    def status(self):
+        """The daemon's state: connection, subscriptions, counters."""
+        return self._check(self._call({"op": "status"}))["data"]
+
+    # Fire and forget: no id, so no reply; a failure arrives as an "/error" event.
+
+    def emit(self, path, data=None):
+        """Sends an event upstream without waiting (queued while offline)."""
+        self._write({"op": "send", "path": path, "data": data})
+
+    def answer(self, cb, data=None):
+        """Answers a callback the server asked for (an event's or reply's "cb")."""
+        self._write({"op": "callback", "cb": cb, "data": data})
+
+    # Reading.
+
+    def events(self):
+        """Yields every event, as a dict, forever (until the daemon hangs up)."""
+        while True:
+            while self._events:
+                yield self._events.popleft()
+            msg = self._read()
+            if "event" in msg:
+                yield msg
+            # A reply nobody waits for (there are none with this class) is dropped.
+
+    def wait_open(self, timeout=10.0):
+        """Waits until the upstream connection is open; False if it was not in time.
+
+        Requests sent while the daemon is offline fail at once with code -1, so a
+        short-lived program waits for this first.
+        """
+        deadline = time.monotonic() + timeout
+        saved = self._sock.gettimeout()
+        try:
+            while self.state != "open":
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._sock.settimeout(left if saved is None else min(left, saved))
+                try:
+                    self._events.append(self._read())
+                except socket.timeout:
+                    return False
+        finally:
+            self._sock.settimeout(saved)
+        return True
+
+    # The line protocol.
+
+    def _call(self, request):
+        self._last_id += 1
+        request["id"] = self._last_id
+        self._write(request)
+        while True:
+            msg = self._read()
+            if msg.get("id") == request["id"] and "event" not in msg:
+                return msg
+            self._events.append(msg)  # an event that came first: keep it for events()
+
+    @staticmethod
+    def _check(reply):
+        if reply.get("code") != 200:
+            raise QioError(reply)
+        return reply
+
+    def _write(self, request):
+        # Fields left out are the same as null to the daemon; leave them out.
+        request = {k: v for k, v in request.items() if v is not None}
+        self._sock.sendall((compact(request) + "\n").encode())
+
+    def _read(self):
+        """The next line from the daemon, parsed."""
+        while True:
+            end = self._buf.find(b"\n")
+            if end >= 0:
+                break
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("qiod closed the connection")
+            self._buf += chunk
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        msg = json.loads(line)
+        if msg.get("event") == "/open":
+            self.state = "open"
+        elif msg.get("event") == "/close":
+            self.state = "closed"
+        return msg
+
+
+if __name__ == "__main__":
+    with QioClient() as qio:
+        if not qio.wait_open():
+            sys.exit("qiod is not connected upstream")
+        if len(sys.argv) > 1:
+            data = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
+            print(compact(qio.send(sys.argv[1], data)))
+        else:
+            print(json.dumps(qio.status(), indent=2))
