@@ -318,7 +318,11 @@ mod tests {
                 Dialect::V01 => "/a:0:json={\n  \"k\": \"v\\nw\",\r\n  \"n\": [1,\n2]\n}\n",
             };
             let f = d.decode(text).unwrap();
-            assert!(!f.data.get().contains(['\n', '\r']), "{d:?}: {}", f.data.get());
+            assert!(
+                !f.data.get().contains(['\n', '\r']),
+                "{d:?}: {}",
+                f.data.get()
+            );
             let v: serde_json::Value = serde_json::from_str(f.data.get()).unwrap();
             assert_eq!(v, serde_json::json!({"k": "v\nw", "n": [1, 2]}));
         }

@@ -63,6 +63,10 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub servers: Vec<String>,
+    /// PEM file of extra CA certificates to trust for wss:// servers, besides the built-in
+    /// web roots (read at start; certificates are always verified)
+    #[arg(long, env = "QIOD_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<String>,
     /// Unix socket to listen on
     #[arg(long, env = "QIOD_SOCKET", value_name = "PATH")]
     pub socket: Option<PathBuf>,
@@ -166,6 +170,7 @@ fn default_text(key: &str) -> Option<String> {
         "dialect" => "auto".into(),
         "max_frame_bytes" => "none for 0.2, 1024 for 0.1".into(),
         "allowed_groups" => "none".into(),
+        "ca_file" => "none: the built-in web roots only".into(),
         _ => return None,
     })
 }
@@ -187,6 +192,7 @@ pub fn default_config_path() -> Option<PathBuf> {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     servers: Option<toml::Value>,
+    ca_file: Option<toml::Value>,
     socket: Option<toml::Value>,
     log: Option<toml::Value>,
     heartbeat_interval_ms: Option<toml::Value>,
@@ -389,6 +395,9 @@ impl Config {
         if self.settings.ipc.allowed_gids != new.settings.ipc.allowed_gids {
             keys.push("allowed_groups");
         }
+        if self.settings.driver.ca_file != new.settings.driver.ca_file {
+            keys.push("ca_file");
+        }
         keys
     }
 }
@@ -511,6 +520,35 @@ fn load_from(
     }
 
     settings.ipc.allowed_gids = layers.allowed_gids()?;
+
+    if let Some(found) = layers.find(
+        "ca_file",
+        "QIOD_CA_FILE",
+        args.ca_file.as_deref(),
+        layers.file.ca_file.as_ref(),
+    )? {
+        let (text, origin) = found.text("ca_file")?;
+        if text.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "ca_file",
+                origin,
+                message: format!(
+                    "expected the path of a PEM file of CA certificates, got {text:?}"
+                ),
+            });
+        }
+        // Read now as well as when the session starts, so a bad file is a configuration
+        // error (exit 2, naming the key) rather than a failure after binding the socket.
+        let path = PathBuf::from(text);
+        if let Err(e) = crate::driver::tls_config(Some(&path)) {
+            return Err(ConfigError::Invalid {
+                key: "ca_file",
+                origin,
+                message: e.to_string(),
+            });
+        }
+        settings.driver.ca_file = Some(path);
+    }
 
     let log = match layers.find(
         "log",
@@ -1248,6 +1286,133 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("no-such-group-qiod"), "{msg}");
+    }
+
+    /// A self-signed CA certificate, PEM.
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn ca_file_from_flag_env_or_file() {
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("--ca-file <PATH>"), "{help}");
+        assert!(help.contains("QIOD_CA_FILE"), "{help}");
+        assert!(
+            help.contains("[default: none: the built-in web roots only]"),
+            "{help}"
+        );
+        assert_eq!(
+            load_env(server_args(), &[])
+                .unwrap()
+                .settings
+                .driver
+                .ca_file,
+            None
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let pem = ca_pem();
+        let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+        std::fs::write(&a, &pem).unwrap();
+        std::fs::write(&b, &pem).unwrap();
+        let path = write(
+            &dir,
+            &format!(
+                "servers = ['ws://h:1/']\nca_file = {:?}\n",
+                a.to_str().unwrap()
+            ),
+        );
+        let cfg = load_env(args_with_file(&path), &[]).unwrap();
+        assert_eq!(cfg.settings.driver.ca_file.as_deref(), Some(a.as_path()));
+        let cfg = load_env(
+            args_with_file(&path),
+            &[("QIOD_CA_FILE", b.to_str().unwrap())],
+        )
+        .unwrap();
+        assert_eq!(cfg.settings.driver.ca_file.as_deref(), Some(b.as_path()));
+        let args = Args::try_parse_from([
+            "qiod",
+            "--server",
+            "wss://h:1/",
+            "--ca-file",
+            a.to_str().unwrap(),
+        ])
+        .unwrap();
+        let cfg = load_env(args, &[("QIOD_CA_FILE", b.to_str().unwrap())]).unwrap();
+        assert_eq!(cfg.settings.driver.ca_file.as_deref(), Some(a.as_path()));
+
+        // Only a restart takes a new file.
+        let old = load_env(server_args(), &[]).unwrap();
+        assert_eq!(old.needs_restart(&cfg), ["ca_file"]);
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_an_error_naming_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |path: &Path, expect: &str| {
+            let args = Args {
+                ca_file: Some(path.to_str().unwrap().to_owned()),
+                ..server_args()
+            };
+            let err = load_env(args, &[]).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, ConfigError::Invalid { key: "ca_file", .. }),
+                "{msg}"
+            );
+            assert!(msg.starts_with("ca_file (from --ca-file): "), "{msg}");
+            assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+            assert!(msg.contains(expect), "{msg}");
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        };
+        check(&dir.path().join("missing.pem"), "cannot read");
+        check(dir.path(), "cannot read");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        check(&empty, "holds no certificate");
+        let key_only = dir.path().join("key.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&key_only, key.serialize_pem()).unwrap();
+        check(&key_only, "holds no certificate");
+        let der = dir.path().join("ca.der");
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&der, cert.der()).unwrap();
+        check(&der, "holds no certificate");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        check(&garbage, "not a valid PEM file");
+        let not_a_cert = dir.path().join("not-a-cert.pem");
+        std::fs::write(
+            &not_a_cert,
+            "-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        check(&not_a_cert, "certificate 1 is not a usable CA certificate");
+
+        // An empty or non-string value in the file.
+        let path = write(&dir, "servers = ['ws://h:1/']\nca_file = ''\n");
+        let msg = load_env(args_with_file(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("ca_file (in "), "{msg}");
+        assert!(msg.contains("expected the path of a PEM file"), "{msg}");
+        let path = write(&dir, "servers = ['ws://h:1/']\nca_file = 5\n");
+        let msg = load_env(args_with_file(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("ca_file (in "), "{msg}");
+        assert!(msg.contains("expected a string"), "{msg}");
     }
 
     #[test]

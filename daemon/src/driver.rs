@@ -13,7 +13,9 @@ use crate::session::{
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -23,7 +25,7 @@ use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -49,6 +51,9 @@ pub struct DriverConfig {
     pub notice_capacity: usize,
     /// Largest WebSocket message accepted from the server, in bytes.
     pub max_message_bytes: usize,
+    /// A PEM file of CA certificates that `wss://` servers may chain to, trusted in
+    /// addition to the built-in web roots (`webpki-roots`). Read once, by [`spawn`].
+    pub ca_file: Option<PathBuf>,
 }
 
 impl DriverConfig {
@@ -60,6 +65,7 @@ impl DriverConfig {
             command_capacity: 1024,
             notice_capacity: 4096,
             max_message_bytes: 16 * 1024 * 1024,
+            ca_file: None,
         }
     }
 }
@@ -270,8 +276,120 @@ impl SessionHandle {
     }
 }
 
+/// Why the driver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The session settings are unusable.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The TLS settings are unusable (`ca_file`).
+    #[error("ca_file: {0}")]
+    Tls(#[from] TlsError),
+}
+
+/// Why the TLS client settings could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The CA file cannot be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The system's answer.
+        source: std::io::Error,
+    },
+    /// The CA file holds no certificate, or one that cannot be a trust anchor.
+    #[error("{}: {reason}", .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the protocol settings (a build without TLS 1.2 and 1.3).
+    #[error("cannot set up TLS: {0}")]
+    Setup(String),
+}
+
+/// The TLS client settings for `wss://`: the built-in web roots plus, when `ca_file` is
+/// given, every PEM certificate in it. Certificates and host names are always verified;
+/// there is no way to turn that off.
+///
+/// The ring provider is named here rather than taken from the process default, because
+/// nothing installs one (a default lookup would panic in the connecting task).
+pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = root_store(ca_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The trust anchors: the built-in web roots, then every certificate of `ca_file`.
+fn root_store(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        for (i, cert) in read_ca_file(path)?.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| TlsError::Invalid {
+                path: path.to_owned(),
+                reason: format!("certificate {} is not a usable CA certificate: {e}", i + 1),
+            })?;
+        }
+    }
+    Ok(roots)
+}
+
+/// The certificates of a PEM file; other PEM sections (a key, say) are skipped, a file
+/// with no certificate at all is an error.
+fn read_ca_file(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    use std::io::Read;
+    // A CA bundle is a few hundred KiB; the cap keeps a wrong path (a device, a huge
+    // file) from eating memory at start.
+    const MAX_BYTES: u64 = 16 * 1024 * 1024;
+    let read_err = |source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_BYTES {
+        return Err(TlsError::Invalid {
+            path: path.to_owned(),
+            reason: format!(
+                "larger than {MAX_BYTES} bytes; expected a PEM file of CA certificates"
+            ),
+        });
+    }
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Invalid {
+            path: path.to_owned(),
+            reason: format!("not a valid PEM file: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid {
+            path: path.to_owned(),
+            reason: "holds no certificate; expected PEM blocks starting with \
+                     -----BEGIN CERTIFICATE-----"
+                .into(),
+        });
+    }
+    Ok(certs)
+}
+
 /// Starts the driver task; it runs until `shutdown` is cancelled or every handle is
 /// dropped, and answers every waiting caller with -1 on its way out.
+///
+/// Fails when the session settings are unusable or `ca_file` cannot be read or holds no
+/// usable certificate; the error names the file.
 pub fn spawn(
     cfg: DriverConfig,
     shutdown: CancellationToken,
@@ -281,9 +399,16 @@ pub fn spawn(
         mpsc::Receiver<Notice>,
         tokio::task::JoinHandle<()>,
     ),
-    SessionError,
+    SpawnError,
 > {
     let session = Session::new(cfg.session.clone(), cfg.seed, Instant::now().into_std())?;
+    let tls = tls_config(cfg.ca_file.as_deref())?;
+    if let Some(path) = &cfg.ca_file {
+        tracing::info!(
+            path = %path.display(),
+            "trusting the CA certificates of ca_file besides the built-in roots"
+        );
+    }
     let (tx, rx) = mpsc::channel(cfg.command_capacity);
     let (notice_tx, notice_rx) = mpsc::channel(cfg.notice_capacity);
     let driver = Driver {
@@ -291,6 +416,7 @@ pub fn spawn(
         ws: None,
         connecting: None,
         notices: notice_tx,
+        tls,
         ws_config: WebSocketConfig::default()
             .max_message_size(Some(cfg.max_message_bytes))
             .max_frame_size(Some(cfg.max_message_bytes)),
@@ -304,6 +430,7 @@ struct Driver {
     ws: Option<Ws>,
     connecting: Option<Connecting>,
     notices: mpsc::Sender<Notice>,
+    tls: Arc<rustls::ClientConfig>,
     ws_config: WebSocketConfig,
 }
 
@@ -421,7 +548,9 @@ impl Driver {
                 match out {
                     Output::Connect { url, dialect } => {
                         self.drop_connection();
-                        self.connecting = Some(Box::pin(connect(url, dialect, self.ws_config)));
+                        let tls = self.tls.clone();
+                        self.connecting =
+                            Some(Box::pin(connect(url, dialect, self.ws_config, tls)));
                     }
                     Output::Send(text) => {
                         if let Some(ws) = self.ws.as_mut() {
@@ -518,7 +647,15 @@ fn log_state(state: &StateChange) {
 /// tungstenite writes the canonical header spellings (`Host`, `Connection`, `Upgrade`,
 /// `Sec-WebSocket-Version`, `Sec-WebSocket-Key`) that the 0.1 server insists on; the
 /// end-to-end tests check the exact bytes.
-async fn connect(url: Url, dialect: Dialect, config: WebSocketConfig) -> Result<Ws, ConnectError> {
+///
+/// `wss://` goes through `tls` ([`tls_config`]): an untrusted certificate or a name
+/// mismatch fails the attempt like any other connection error. `ws://` ignores it.
+async fn connect(
+    url: Url,
+    dialect: Dialect,
+    config: WebSocketConfig,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Ws, ConnectError> {
     let mut request = url
         .as_str()
         .into_client_request()
@@ -532,7 +669,10 @@ async fn connect(url: Url, dialect: Dialect, config: WebSocketConfig) -> Result<
             HeaderValue::from_static("quickio"),
         );
     }
-    match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
+    let connector = Some(Connector::Rustls(tls));
+    match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
+        .await
+    {
         Ok((ws, _response)) => Ok(ws),
         Err(e) => Err(ConnectError {
             wrong_dialect: matches!(
@@ -541,5 +681,58 @@ async fn connect(url: Url, dialect: Dialect, config: WebSocketConfig) -> Result<
             ),
             reason: e.to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn ca_file_adds_to_the_web_roots() {
+        let web = webpki_roots::TLS_SERVER_ROOTS.len();
+        assert!(web > 50, "the built-in roots are there: {web}");
+        assert_eq!(root_store(None).unwrap().len(), web);
+
+        // Every certificate of the file counts, whatever else the file holds.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let text = format!("# ours\n{}{key}{}", ca_pem("one"), ca_pem("two"));
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(root_store(Some(&path)).unwrap().len(), web + 2);
+        tls_config(Some(&path)).unwrap();
+    }
+
+    #[test]
+    fn tls_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = tls_config(Some(&missing)).unwrap_err();
+        assert!(matches!(err, TlsError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = tls_config(Some(&empty)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: holds no certificate; expected PEM blocks starting with \
+                 -----BEGIN CERTIFICATE-----",
+                empty.display()
+            )
+        );
+        let spawn_err = SpawnError::from(err).to_string();
+        assert!(spawn_err.starts_with("ca_file: "), "{spawn_err}");
     }
 }

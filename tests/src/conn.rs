@@ -8,7 +8,7 @@
 
 use crate::app::{self, reply, Action, AppState};
 use crate::codec::{callback_id, snippet, Dialect, Frame, Reply};
-use crate::handshake::{self, Tap, MAX_HEAD};
+use crate::handshake::{self, Io, Tap, MAX_HEAD};
 use crate::server::{CallbackKind, CloseReason, Inner, LogEntry, Out, Received};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -56,6 +56,13 @@ pub(crate) async fn run(
         inner.remove_conn(id, CloseReason::Shutdown);
         return;
     }
+    let stream = match start_tls(&inner, id, stream).await {
+        Ok(stream) => stream,
+        Err(reason) => {
+            inner.remove_conn(id, reason);
+            return;
+        }
+    };
     let ws = match upgrade(&inner, id, stream).await {
         Ok(ws) => ws,
         Err(reason) => {
@@ -85,9 +92,28 @@ fn ws_config(inner: &Inner) -> Option<WebSocketConfig> {
     })
 }
 
+/// The TLS handshake when the server has an identity; a plain connection otherwise. A
+/// failure is logged like a failed upgrade (with no request head: none was readable).
+async fn start_tls(inner: &Inner, id: u64, stream: TcpStream) -> Result<Io, CloseReason> {
+    let Some(acceptor) = &inner.tls else {
+        return Ok(Io::Plain(stream));
+    };
+    let reason = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => return Ok(Io::Tls(Box::new(tls))),
+        Ok(Err(e)) => format!("TLS handshake: {e}"),
+        Err(_) => "TLS handshake: timed out".to_owned(),
+    };
+    inner.push_log(LogEntry::UpgradeRejected {
+        conn: id,
+        request: String::new(),
+        reason: reason.clone(),
+    });
+    Err(CloseReason::HandshakeFailed(reason))
+}
+
 /// The HTTP upgrade, the dialect's way. Failures are logged as [`LogEntry::UpgradeRejected`]
 /// and end the connection with a bare TCP close.
-async fn upgrade(inner: &Inner, id: u64, stream: TcpStream) -> Result<Ws, CloseReason> {
+async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Ws, CloseReason> {
     let res = match inner.dialect {
         Dialect::V01 => upgrade_v01(inner, id, stream).await,
         Dialect::V02 => upgrade_v02(inner, id, stream).await,
@@ -104,7 +130,7 @@ async fn upgrade(inner: &Inner, id: u64, stream: TcpStream) -> Result<Ws, CloseR
 
 /// 0.2: tungstenite's server handshake; echoes the subprotocol when the client requests it.
 /// The socket is tapped to log the raw request head.
-async fn upgrade_v02(inner: &Inner, id: u64, stream: TcpStream) -> Result<Ws, (String, String)> {
+async fn upgrade_v02(inner: &Inner, id: u64, stream: Io) -> Result<Ws, (String, String)> {
     let subprotocol = inner.dialect.subprotocol();
     let mut seen: Option<(String, bool)> = None;
     // The callback's signature (and its large error type) is tungstenite's, not ours.
@@ -154,11 +180,7 @@ async fn upgrade_v02(inner: &Inner, id: u64, stream: TcpStream) -> Result<Ws, (S
 /// [`MAX_HEAD`] bytes, within [`HANDSHAKE_TIMEOUT`]), checks it ([`handshake::check_v01`]) and
 /// answers 101 without any subprotocol. Bytes the client sent after the head are kept for the
 /// WebSocket.
-async fn upgrade_v01(
-    inner: &Inner,
-    id: u64,
-    mut stream: TcpStream,
-) -> Result<Ws, (String, String)> {
+async fn upgrade_v01(inner: &Inner, id: u64, mut stream: Io) -> Result<Ws, (String, String)> {
     let mut buf = Vec::with_capacity(1024);
     let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream, &mut buf)).await;
     let end = match read {
@@ -193,7 +215,7 @@ async fn upgrade_v01(
 }
 
 /// Reads into `buf` until it holds a complete request head; returns where the head ends.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, String> {
+async fn read_head(stream: &mut Io, buf: &mut Vec<u8>) -> Result<usize, String> {
     let mut chunk = [0u8; 1024];
     loop {
         if let Some(end) = handshake::head_end(buf) {

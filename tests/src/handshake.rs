@@ -1,6 +1,7 @@
 //! The HTTP side of the WebSocket upgrade: the 0.1 server's hand-made upgrade (pure checks and
-//! the 101 answer, unit tested here) and [`Tap`], the socket wrapper that records the raw
-//! request head so tests can assert the exact bytes a client sent.
+//! the 101 answer, unit tested here), [`Io`] (a plain or TLS socket) and [`Tap`], the socket
+//! wrapper that records the raw request head so tests can assert the exact bytes a client
+//! sent.
 //!
 //! 0.1 cannot use tungstenite's server handshake: it parses headers into an `http::HeaderMap`,
 //! which lower-cases names, while the real 0.1 server matches header names case-sensitively and
@@ -139,23 +140,88 @@ pub(crate) fn response_101(key: &str) -> String {
     )
 }
 
-/// A TCP stream that can record the first bytes read from it (at most [`MAX_HEAD`]): during
+/// An accepted connection: plain TCP, or TLS over it once the TLS handshake is done. Both
+/// dialects' upgrades run on top of either.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// A stream that can record the first bytes read from it (at most [`MAX_HEAD`]): during
 /// tungstenite's 0.2 handshake that is the raw request head (and maybe the start of the first
 /// frame). After the handshake it is a plain pass-through.
 pub(crate) struct Tap {
-    io: TcpStream,
+    io: Io,
     rec: Option<Arc<Mutex<Vec<u8>>>>,
 }
 
 impl Tap {
     /// A pass-through wrapper that records nothing.
-    pub(crate) fn new(io: TcpStream) -> Tap {
+    pub(crate) fn new(io: Io) -> Tap {
         Tap { io, rec: None }
     }
 
     /// A recording wrapper, and the recording (shared, so it survives a failed handshake that
     /// consumed the stream).
-    pub(crate) fn recording(io: TcpStream) -> (Tap, Arc<Mutex<Vec<u8>>>) {
+    pub(crate) fn recording(io: Io) -> (Tap, Arc<Mutex<Vec<u8>>>) {
         let rec = Arc::new(Mutex::new(Vec::new()));
         (
             Tap {

@@ -7,7 +7,8 @@
 //! (`/clienttest/*`), and exposes a control API
 //! ([`TestServer`]) so end-to-end tests can break the server on purpose (kill, restart on the
 //! same port, stall, refuse subscriptions, drop callbacks) and assert on everything clients
-//! sent ([`TestServer::received`], [`TestServer::log`]).
+//! sent ([`TestServer::received`], [`TestServer::log`]). With [`ServerConfig::tls`] it serves
+//! `wss://` (either dialect) with the given certificate; its URL then names `localhost`.
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -38,7 +39,9 @@ mod handshake;
 mod server;
 
 pub use codec::{clean_path, Dialect, Frame, ParseError, Reply};
-pub use server::{CallbackKind, CloseReason, LogEntry, Received, ServerConfig, TestServer};
+pub use server::{
+    CallbackKind, CloseReason, LogEntry, Received, ServerConfig, TestServer, TlsIdentity,
+};
 
 #[cfg(test)]
 mod wire_tests;

@@ -52,6 +52,57 @@ pub struct ServerConfig {
     /// `None` (the default) takes the dialect's: 1024 bytes for 0.1 (the real server's
     /// default), tungstenite's own limits (16 MiB frames, 64 MiB messages) for 0.2.
     pub max_frame_bytes: Option<usize>,
+    /// Serve `wss://` with this identity (both dialects): every accepted connection does a
+    /// TLS handshake first, and [`TestServer::url`] names `localhost`, so issue the
+    /// certificate for that name. `None` (the default): plain `ws://`.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A server certificate chain and its private key, PEM-encoded, for
+/// [`ServerConfig::tls`].
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// The server's certificate first, then any intermediates.
+    pub cert_chain_pem: String,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("cert_chain_pem", &self.cert_chain_pem)
+            .field("key_pem", &"(hidden)")
+            .finish()
+    }
+}
+
+impl TlsIdentity {
+    /// The acceptor for this identity, with the ring provider (the process has no default
+    /// one). A malformed chain or key is an `InvalidInput` error.
+    fn acceptor(&self) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let invalid = |what: &str, e: &dyn std::fmt::Display| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("tls {what}: {e}"))
+        };
+        let chain = CertificateDer::pem_slice_iter(self.cert_chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("certificate chain", &e))?;
+        if chain.is_empty() {
+            return Err(invalid("certificate chain", &"no certificate"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| invalid("key", &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("setup", &e))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid("identity", &e))?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 impl Default for ServerConfig {
@@ -66,6 +117,7 @@ impl Default for ServerConfig {
             max_queued_frames: 8192,
             slow_client_timeout: Duration::from_secs(5),
             max_frame_bytes: None,
+            tls: None,
         }
     }
 }
@@ -137,7 +189,8 @@ pub enum CloseReason {
     /// The HTTP upgrade failed or timed out (the connection was dropped without an HTTP
     /// answer). For 0.1 the text says which check failed, e.g.
     /// `lower-case header name: sec-websocket-key` or `path without /qio: "/"`; see also
-    /// [`LogEntry::UpgradeRejected`].
+    /// [`LogEntry::UpgradeRejected`]. With [`ServerConfig::tls`], a failed TLS handshake ends
+    /// here too, its text starting with `TLS handshake:` (and no request head was read).
     HandshakeFailed(String),
     /// 0.2: the first frame after the upgrade was not the greeting (`/qio/ohai`); holds its
     /// start.
@@ -310,6 +363,8 @@ struct State {
 pub(crate) struct Inner {
     pub(crate) cfg: ServerConfig,
     pub(crate) dialect: Dialect,
+    /// Set when serving `wss://`: connections go through it before the upgrade.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
     state: Mutex<State>,
     accept_task: Mutex<Option<JoinHandle<()>>>,
@@ -667,6 +722,7 @@ impl TestServer {
     /// Starts a server on a given address (port 0 = any free port). Used by the binary's
     /// `--bind`/`--port`; tests should prefer [`TestServer::start`].
     pub async fn bind(cfg: ServerConfig, addr: SocketAddr) -> std::io::Result<TestServer> {
+        let tls = cfg.tls.as_ref().map(TlsIdentity::acceptor).transpose()?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stalled, _) = watch::channel(false);
@@ -674,6 +730,7 @@ impl TestServer {
         let inner = Arc::new(Inner {
             cfg: cfg.sanitized(),
             dialect,
+            tls,
             addr,
             state: Mutex::new(State::default()),
             accept_task: Mutex::new(None),
@@ -711,8 +768,15 @@ impl TestServer {
 
     /// The WebSocket URL of the server: `ws://127.0.0.1:PORT/` for 0.2,
     /// `ws://127.0.0.1:PORT/qio` for 0.1 (which only upgrades paths containing `/qio`).
+    /// With [`ServerConfig::tls`] it is `wss://localhost:PORT/...`, the name the
+    /// certificate must carry (the server still listens on its address).
     pub fn url(&self) -> String {
-        format!("ws://{}{}", self.addr(), self.inner().dialect.url_path())
+        let inner = self.inner();
+        let path = inner.dialect.url_path();
+        match inner.tls {
+            Some(_) => format!("wss://localhost:{}{path}", self.addr().port()),
+            None => format!("ws://{}{path}", self.addr()),
+        }
     }
 
     /// Simulates a crash: closes the listener (new connects are refused) and drops every

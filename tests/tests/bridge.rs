@@ -483,8 +483,12 @@ async fn closing_the_sending_side_answers_what_was_asked_then_ends_the_session()
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(a.call(json!({"op":"on","path":"/news"}), 1).await["code"], 200);
-    a.send(json!({"op":"send","path":"/clienttest/echo","data":"last","id":2})).await;
+    assert_eq!(
+        a.call(json!({"op":"on","path":"/news"}), 1).await["code"],
+        200
+    );
+    a.send(json!({"op":"send","path":"/clienttest/echo","data":"last","id":2}))
+        .await;
     use tokio::io::AsyncWriteExt;
     a.writer.shutdown().await.unwrap();
     assert_eq!(a.reply(json!(2)).await["data"], "last", "still answered");
@@ -502,7 +506,9 @@ async fn a_client_flooding_requests_without_reading_gets_every_reply_and_disturb
     let mut settings = daemon_settings(&server.url());
     settings.ipc.max_pending_per_client = 8;
     let daemon = Daemon::start_with(settings).await;
-    let stream = tokio::net::UnixStream::connect(&daemon.socket).await.unwrap();
+    let stream = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
     let (rd, mut writer) = stream.into_split();
     let mut flood = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(rd));
     let mut other = daemon.open_client().await;

@@ -39,7 +39,10 @@ impl ClientRef {
     /// Queues a line that must not be dropped (a reply or a connection event).
     pub fn push_notice(&self, line: Bytes) {
         if !self.outbox.push_reply(line) {
-            tracing::warn!(client = self.id, "disconnecting a client that stopped reading");
+            tracing::warn!(
+                client = self.id,
+                "disconnecting a client that stopped reading"
+            );
             self.kick.cancel();
         }
     }
@@ -496,7 +499,11 @@ mod tests {
         c.outbox.close();
         let mut out = Vec::new();
         while let Some(b) = c.outbox.next_batch().await {
-            out.extend(b.lines.iter().map(|l| String::from_utf8_lossy(l).trim().to_owned()));
+            out.extend(
+                b.lines
+                    .iter()
+                    .map(|l| String::from_utf8_lossy(l).trim().to_owned()),
+            );
         }
         out
     }
@@ -512,7 +519,11 @@ mod tests {
         hub.dispatch(event("/p", 2));
         assert_eq!(
             lines(&a).await,
-            ["reply", r#"{"event":"/p","data":1}"#, r#"{"event":"/p","data":2}"#]
+            [
+                "reply",
+                r#"{"event":"/p","data":1}"#,
+                r#"{"event":"/p","data":2}"#
+            ]
         );
         assert_eq!(hub.leave(1), ["/p"]);
     }
@@ -524,7 +535,10 @@ mod tests {
         hub.expect(&a, "/p", true);
         hub.dispatch(event("/p", 1));
         hub.dispatch(event("/p", 2));
-        assert!(hub.confirm(&a, "/p", true), "the caller gives the reference back");
+        assert!(
+            hub.confirm(&a, "/p", true),
+            "the caller gives the reference back"
+        );
         hub.dispatch(event("/p", 3));
         assert_eq!(lines(&a).await, [r#"{"event":"/p","data":1}"#]);
         assert!(hub.leave(1).is_empty());

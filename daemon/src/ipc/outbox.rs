@@ -227,6 +227,9 @@ mod tests {
         for i in 0..4 {
             assert!(o.push_reply(b(&format!("r{i}"))));
         }
-        assert!(!o.push_reply(b("one too many")), "twice the bound: disconnect");
+        assert!(
+            !o.push_reply(b("one too many")),
+            "twice the bound: disconnect"
+        );
     }
 }
