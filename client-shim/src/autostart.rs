@@ -1,0 +1,237 @@
+//! Starting `qiod` when no daemon answers, once even when many clients race.
+//!
+//! Under an exclusive `flock` on `<socket>.lock`, a client checks again whether a daemon
+//! answers (another client may have started one while it waited for the lock), and only if
+//! none does starts `qiod --socket <socket> <args>`, detached in its own process group with
+//! stdin and stdout on `/dev/null` and stderr in `<socket>.log`, then waits (at most
+//! [`WAIT`]) until the socket answers. The lock is released when the function returns, so
+//! the next client finds the daemon running.
+
+use crate::Error;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a started daemon may take to answer on its socket.
+pub(crate) const WAIT: Duration = Duration::from_secs(5);
+/// How often the lock and the socket are tried while waiting.
+const POLL: Duration = Duration::from_millis(10);
+
+/// What the builder says about starting the daemon.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Options {
+    pub qiod: Option<PathBuf>,
+    pub args: Vec<OsString>,
+}
+
+fn answers(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
+fn with_suffix(socket: &Path, suffix: &str) -> PathBuf {
+    let mut s = socket.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn fail(reason: impl Into<String>) -> Error {
+    Error::AutoStart {
+        reason: reason.into(),
+    }
+}
+
+/// Makes sure a daemon answers on `socket`, starting one if needed. Blocking.
+///
+/// Returns the pid of the daemon this call started, or `None` when one was already there.
+pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>, Error> {
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The daemon wants its folder private; it keeps an existing folder as it is.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let lock_path = with_suffix(socket, ".lock");
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
+    // Whoever holds the lock may take up to WAIT to start the daemon.
+    lock_exclusive(&lock, Instant::now() + 2 * WAIT)
+        .map_err(|e| fail(format!("cannot lock {}: {e}", lock_path.display())))?;
+    if answers(socket) {
+        return Ok(None);
+    }
+    let qiod = find_qiod(opts.qiod.as_deref())?;
+    let log_path = with_suffix(socket, ".log");
+    let log = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&log_path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", log_path.display())))?;
+    // An existing log keeps its mode through `open`; keep it private like the socket.
+    let _ = log.set_permissions(std::fs::Permissions::from_mode(0o600));
+    let log_out = log
+        .try_clone()
+        .map_err(|e| fail(format!("cannot use {}: {e}", log_path.display())))?;
+    let mut child = Command::new(&qiod)
+        .arg("--socket")
+        .arg(socket)
+        .args(&opts.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_out)
+        // Its own process group: a Ctrl-C meant for the client does not stop the daemon.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {}: {e}", qiod.display())))?;
+    let pid = child.id();
+    let deadline = Instant::now() + WAIT;
+    let result = loop {
+        if answers(socket) {
+            break Ok(Some(pid));
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                break Err(fail(format!(
+                    "{} exited ({status}) before answering on {}: {}",
+                    qiod.display(),
+                    socket.display(),
+                    last_line(log).unwrap_or_else(|| "it said nothing".into())
+                )))
+            }
+            Ok(None) => {}
+            Err(e) => break Err(fail(format!("cannot watch the started qiod: {e}"))),
+        }
+        if Instant::now() >= deadline {
+            break Err(fail(format!(
+                "{} (pid {pid}) did not answer on {} within {WAIT:?}; see {}",
+                qiod.display(),
+                socket.display(),
+                log_path.display()
+            )));
+        }
+        std::thread::sleep(POLL);
+    };
+    // Reap the daemon whenever it exits, so it never lingers as a zombie of this process.
+    let _ = std::thread::Builder::new()
+        .name("qiod-reaper".into())
+        .spawn(move || {
+            let _ = child.wait();
+        });
+    result
+}
+
+fn lock_exclusive(file: &File, deadline: Instant) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if Instant::now() < deadline => std::thread::sleep(POLL),
+            Some(libc::EWOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "another client held it too long",
+                ))
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+/// `qiod_path`, else `qiod` on `PATH`, else `qiod` beside the current executable.
+fn find_qiod(explicit: Option<&Path>) -> Result<PathBuf, Error> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("qiod"));
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("qiod")));
+    on_path
+        .chain(beside)
+        .find(|p| is_executable(p))
+        .ok_or_else(|| fail("cannot find qiod: not on PATH nor beside this program; set qiod_path"))
+}
+
+fn is_executable(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The last non-empty line of the log, for the error message.
+fn last_line(mut log: File) -> Option<String> {
+    let len = log.seek(SeekFrom::End(0)).ok()?;
+    log.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut tail = String::new();
+    log.take(4096).read_to_string(&mut tail).ok()?;
+    tail.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_qiod_that_fails_at_once_is_reported_with_its_last_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("fake-qiod");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho \"qiod: no server address\" >&2\nexit 2\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("sub").join("qiod.sock");
+        let opts = Options {
+            qiod: Some(fake),
+            args: Vec::new(),
+        };
+        let err = ensure_daemon(&socket, &opts).unwrap_err().to_string();
+        assert!(err.contains("no server address"), "{err}");
+        assert!(err.contains("exit status: 2"), "{err}");
+        let mode = std::fs::metadata(socket.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_missing_qiod_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options {
+            qiod: Some(dir.path().join("nope")),
+            args: Vec::new(),
+        };
+        let err = ensure_daemon(&dir.path().join("s.sock"), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot run") && err.contains("nope"), "{err}");
+    }
+}

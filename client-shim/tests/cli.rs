@@ -1,0 +1,303 @@
+//! The `qio` command: golden outputs and exit codes against the in-process daemon.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Output, Stdio};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+fn qio(socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qio"));
+    cmd.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn run(mut cmd: Command) -> Output {
+    within("qio to finish", cmd.output())
+        .await
+        .expect("qio runs")
+}
+
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).expect("UTF-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_wait_prints_the_answer_and_exits_by_its_code() {
+    let s = Setup::new().await;
+    s.client().await; // the upstream connection is open
+    let out = run(qio(
+        s.socket(),
+        &["send", "--wait", "/clienttest/echo", r#"{"a":1}"#],
+    ))
+    .await;
+    assert_eq!(text(&out.stdout), "{\"code\":200,\"data\":{\"a\":1}}\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let out = run(qio(
+        s.socket(),
+        &["send", "--wait", "/clienttest/error/404", "null"],
+    ))
+    .await;
+    assert_eq!(
+        text(&out.stdout),
+        "{\"code\":404,\"data\":\"you requested an error?\",\"err_msg\":\"404s are fun!\"}\n"
+    );
+    assert_eq!(out.status.code(), Some(1));
+
+    // Data from stdin.
+    let mut cmd = qio(s.socket(), &["send", "--wait", "/clienttest/echo", "-"]);
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"[1, \"two\"]\n").await.unwrap();
+    drop(stdin);
+    let out = within("qio", child.wait_with_output()).await.unwrap();
+    assert_eq!(text(&out.stdout), "{\"code\":200,\"data\":[1,\"two\"]}\n");
+
+    // No answer in time: exit 3.
+    let out = run(qio(
+        s.socket(),
+        &[
+            "send",
+            "--wait",
+            "--timeout",
+            "0.05",
+            "/clienttest/drop-callback",
+            "1",
+        ],
+    ))
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no answer within"),
+        "{}",
+        text(&out.stderr)
+    );
+    s.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_without_wait_is_fire_and_forget_and_reports_a_refusal() {
+    let s = Setup::new().await;
+    s.client().await;
+    let out = run(qio(s.socket(), &["send", "/ff", "[1,2]"])).await;
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), ""));
+    until("the server got it", || {
+        s.server
+            .received()
+            .iter()
+            .any(|r| r.path == "/ff" && r.data == json!([1, 2]))
+    })
+    .await;
+    let out = run(qio(s.socket(), &["send", "--string", "/ff", "hello"])).await;
+    assert_eq!(out.status.code(), Some(0));
+    until("the server got the string", || {
+        s.server
+            .received()
+            .iter()
+            .any(|r| r.path == "/ff" && r.data == json!("hello"))
+    })
+    .await;
+    let out = run(qio(s.socket(), &["send", "/qio/ping"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("qio: the daemon refused the event (400)"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    s.daemon.stop().await;
+}
+
+#[tokio::test]
+async fn bad_data_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Checked before connecting: no daemon needed.
+    let out = run(qio(&dir.path().join("none.sock"), &["send", "/x", "hello"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.starts_with("qio: the data is not valid JSON"), "{err}");
+    assert!(err.contains("--string"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_prints_one_line_per_event_and_stops_after_count() {
+    let s = Setup::new().await;
+    s.client().await;
+    let child = qio(s.socket(), &["sub", "/news", "/other", "--count", "2"])
+        .spawn()
+        .expect("spawn");
+    until("qio subscribed", || {
+        let subs = s.server.subscriptions();
+        subs.get("/news") == Some(&1) && subs.get("/other") == Some(&1)
+    })
+    .await;
+    s.server.broadcast("/news", json!(1)).await;
+    s.server.broadcast("/news", json!({"b": [2]})).await;
+    let out = within("qio sub", child.wait_with_output()).await.unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "{\"event\":\"/news\",\"data\":1}\n{\"event\":\"/news\",\"data\":{\"b\":[2]}}\n"
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // /other never had an event: qio gave it back on its way out all the same.
+    until("qio's subscriptions are given back", || {
+        s.server.subscriptions().is_empty()
+    })
+    .await;
+    s.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_shows_the_callback_handle_and_exits_cleanly_when_its_reader_leaves() {
+    let s = Setup::new().await;
+    s.client().await;
+    let mut child = qio(s.socket(), &["sub", "/ask"]).spawn().expect("spawn");
+    until("qio subscribed", || {
+        s.server.subscriptions().get("/ask") == Some(&1)
+    })
+    .await;
+    s.server.request_from_all("/ask", json!("q")).await;
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let line = within("a line", lines.next_line())
+        .await
+        .unwrap()
+        .expect("line");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!((&v["event"], &v["data"]), (&json!("/ask"), &json!("q")));
+    assert!(v["cb"].is_string(), "{line}");
+    // Like `qio sub /ask | head -1`: the reader goes away, qio exits 0 without a word.
+    drop(lines);
+    let status = within("qio exits", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut err = String::new();
+    use tokio::io::AsyncReadExt;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert_eq!(err, "");
+    s.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_and_text() {
+    let s = Setup::new().await;
+    let client = s.client().await;
+    let _sub = client.on("/news").await.expect("on");
+    let out = run(qio(s.socket(), &["status", "--json"])).await;
+    assert_eq!(out.status.code(), Some(0));
+    let st: Value = serde_json::from_str(text(&out.stdout)).expect("one JSON document");
+    assert_eq!(st["state"], "open");
+    assert_eq!(st["clients"], 2, "this client and qio: {st}");
+    assert_eq!(st["subscriptions"][0]["path"], "/news");
+
+    let out = run(qio(s.socket(), &["status"])).await;
+    assert_eq!(out.status.code(), Some(0));
+    let report = text(&out.stdout);
+    for want in [
+        "state:         open\n",
+        &format!("server:        {} (Quick.IO 0.2)\n", s.server.url()),
+        "reconnects:    0\n",
+        "last error:    none\n",
+        "clients:       2\n",
+        "subscriptions: 1\n",
+        "  /news  refs 1  active  local subscribers 1\n",
+        "pending:       0 requests waiting for the server\n",
+    ] {
+        assert!(report.contains(want), "{want:?} not in:\n{report}");
+    }
+    assert!(
+        report.contains("uptime:") && report.contains("(this connection)"),
+        "{report}"
+    );
+    s.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_copies_lines_both_ways_and_ends_when_the_daemon_is_done() {
+    let s = Setup::new().await;
+    s.client().await;
+    let mut cmd = qio(s.socket(), &["raw"]);
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"{\"op\":\"send\",\"path\":\"/clienttest/echo\",\"data\":\"hi\",\"id\":1}\n")
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = within("qio raw", child.wait_with_output()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines[0], json!({"event": "/open"}));
+    assert_eq!(
+        (&lines[1]["id"], &lines[1]["code"], &lines[1]["data"]),
+        (&json!(1), &json!(200), &json!("hi"))
+    );
+    assert_eq!(lines.len(), 2);
+    s.daemon.stop().await;
+}
+
+#[tokio::test]
+async fn no_daemon_exits_4_and_says_how_to_start_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qiod.sock");
+    for args in [
+        &["status"][..],
+        &["sub", "/x"],
+        &["send", "--wait", "/x", "1"],
+        &["raw"],
+    ] {
+        let out = run(qio(&socket, args)).await;
+        assert_eq!(out.status.code(), Some(4), "{args:?}");
+        let err = text(&out.stderr);
+        assert_eq!(
+            err,
+            format!(
+                "qio: qiod is not running on {}: start it with `qiod --server ws://host:port/` \
+                 (if it listens elsewhere, pass --socket or set QIOD_SOCKET)\n",
+                socket.display()
+            ),
+            "{args:?}"
+        );
+    }
+    // QIOD_SOCKET is honoured when --socket is not given.
+    let out = Command::new(env!("CARGO_BIN_EXE_qio"))
+        .arg("status")
+        .env("QIOD_SOCKET", &socket)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(text(&out.stderr).contains(&socket.display().to_string()));
+}
+
+#[tokio::test]
+async fn help_lists_the_exit_codes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qio"))
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    assert!(help.contains("Exit codes:"), "{help}");
+    assert!(help.contains("4  qiod is not running"), "{help}");
+}
