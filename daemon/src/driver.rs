@@ -412,6 +412,7 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(cfg.command_capacity);
     let (notice_tx, notice_rx) = mpsc::channel(cfg.notice_capacity);
     let driver = Driver {
+        write_timeout: cfg.session.ping_timeout,
         session,
         ws: None,
         connecting: None,
@@ -427,6 +428,10 @@ pub fn spawn(
 
 struct Driver {
     session: Session<Reply>,
+    /// How long one write to the server may take. A server that stops reading would
+    /// otherwise block this loop (and with it heartbeats, timeouts and every caller);
+    /// one that takes no bytes for a ping timeout is as dead as one that answers no ping.
+    write_timeout: Duration,
     ws: Option<Ws>,
     connecting: Option<Connecting>,
     notices: mpsc::Sender<Notice>,
@@ -554,12 +559,12 @@ impl Driver {
                     }
                     Output::Send(text) => {
                         if let Some(ws) = self.ws.as_mut() {
-                            match ws.feed(Message::text(text)).await {
+                            let sent = within(self.write_timeout, ws.feed(Message::text(text)));
+                            match sent.await {
                                 Ok(()) => unflushed = true,
-                                Err(e) => {
+                                Err(reason) => {
                                     self.ws = None;
                                     unflushed = false;
-                                    let reason = format!("sending failed: {e}");
                                     self.session.handle_closed(now(), &reason);
                                 }
                             }
@@ -594,13 +599,12 @@ impl Driver {
             let Some(ws) = self.ws.as_mut().filter(|_| unflushed) else {
                 return;
             };
-            let Err(e) = ws.flush().await else {
+            let Err(reason) = within(self.write_timeout, ws.flush()).await else {
                 return;
             };
             // The failure produces more instructions (fail callbacks, back off): go again.
             self.ws = None;
-            self.session
-                .handle_closed(now(), &format!("sending failed: {e}"));
+            self.session.handle_closed(now(), &reason);
         }
     }
 
@@ -612,6 +616,20 @@ impl Driver {
                 let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
             });
         }
+    }
+}
+
+/// Runs one write with a deadline, turning both failure kinds into a close reason.
+async fn within<E: std::fmt::Display>(
+    limit: Duration,
+    write: impl Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("sending failed: {e}")),
+        Err(_) => Err(format!(
+            "the server stopped reading: a write did not complete within {limit:?}"
+        )),
     }
 }
 

@@ -508,3 +508,34 @@ async fn shutdown_answers_waiting_callers() {
         code::DISCONNECTED
     );
 }
+
+#[tokio::test]
+async fn a_server_that_stops_reading_is_detected_by_the_write_deadline() {
+    let server = server().await;
+    let mut cfg = fast_config(&[server.url()]);
+    // Heartbeats far away: only the write deadline (the ping timeout) can notice.
+    cfg.session.heartbeat_interval = Duration::from_secs(600);
+    cfg.session.ping_timeout = Duration::from_millis(300);
+    let mut up = Upstream::start_with(cfg).await;
+    server.set_stalled(true);
+    let big = raw(&format!("\"{}\"", "x".repeat(64 * 1024)));
+    let flood = {
+        let handle = up.handle.clone();
+        tokio::spawn(async move {
+            // Enough to fill every socket buffer between us and the stalled server.
+            for _ in 0..400 {
+                if handle.emit("/flood", big.clone()).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let reason = up.wait_closed().await;
+    assert!(reason.contains("stopped reading"), "{reason}");
+    // The loop is free again: callers are answered.
+    assert!(up.handle.status().await.is_some());
+    server.set_stalled(false);
+    flood.await.unwrap();
+    up.wait_open().await;
+    up.stop().await;
+}
