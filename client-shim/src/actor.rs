@@ -6,7 +6,7 @@
 //! reconnects with backoff and subscribes again to every path that still has a
 //! subscription. It ends when every handle is gone or the client is closed.
 
-use crate::path::clean_path;
+use qio_ipc::clean_path;
 use crate::queue::Ring;
 use crate::shared::{
     Cmd, Common, LinkState, Outgoing, RawEvent, RawReply, SlotGuard, SubParts, Tx,

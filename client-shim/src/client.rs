@@ -2,7 +2,7 @@
 
 use crate::actor::{Actor, Link};
 use crate::autostart;
-use crate::path::clean_path;
+use qio_ipc::clean_path;
 use crate::shared::{Cmd, Common, Outgoing, Shared, MAILBOX};
 use crate::stream::{ConnectionEvents, Subscription};
 use crate::types::Reply;

@@ -79,7 +79,6 @@ mod actor;
 mod autostart;
 mod client;
 mod error;
-mod path;
 mod queue;
 mod shared;
 mod stream;
@@ -87,7 +86,7 @@ mod types;
 
 pub use client::{Builder, Client, DEFAULT_SUBSCRIPTION_BUFFER};
 pub use error::Error;
-pub use path::clean_path;
+pub use qio_ipc::clean_path;
 pub use qio_ipc::code;
 pub use stream::{ConnectionEvents, Subscription};
 pub use types::{ConnectionEvent, Event, Handle, Reply};

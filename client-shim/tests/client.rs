@@ -379,23 +379,3 @@ async fn no_daemon_is_a_typed_error_that_says_how_to_start_one() {
         .unwrap_err();
     assert!(matches!(err, Error::DaemonNotRunning { .. }), "{err:?}");
 }
-
-#[test]
-fn paths_are_cleaned_as_the_daemon_cleans_them() {
-    for raw in [
-        "/app/@user/(new)>>>>",
-        "news",
-        "//a//b//",
-        "",
-        "@@@",
-        "/é/ü-_x/",
-        "/a b/c",
-        "/",
-    ] {
-        assert_eq!(
-            qio_client::clean_path(raw),
-            qiod::codec::clean_path(raw),
-            "{raw:?}"
-        );
-    }
-}

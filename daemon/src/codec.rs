@@ -162,25 +162,7 @@ fn parse_cb(cb: &str) -> Result<u64, DecodeError> {
         .map_err(|_| DecodeError::BadCallbackId(truncate(cb)))
 }
 
-/// Cleans a path the way both ends of a Quick.IO connection do.
-///
-/// Keeps only `A-Z a-z 0-9 _ - /`, collapses repeated `/`, drops a trailing `/` and makes
-/// sure the path starts with `/`. An input with nothing left gives `/`.
-pub fn clean_path(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len() + 1);
-    out.push('/');
-    for c in raw.chars() {
-        match c {
-            'A'..='Z' | 'a'..='z' | '0'..='9' | '_' | '-' => out.push(c),
-            '/' if !out.ends_with('/') => out.push('/'),
-            _ => {}
-        }
-    }
-    if out.len() > 1 && out.ends_with('/') {
-        out.pop();
-    }
-    out
-}
+pub use qio_ipc::clean_path;
 
 /// Decodes one `<path>:<cb>=<json>` text frame.
 pub fn decode(text: &str) -> Result<Frame, DecodeError> {

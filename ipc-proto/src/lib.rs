@@ -309,6 +309,33 @@ impl RawRequest {
     }
 }
 
+/// Cleans a Quick.IO path the way both ends of a connection do (WIRE.md): keeps only
+/// `A-Z a-z 0-9 _ - /`, collapses repeated `/`, drops a trailing `/` and makes sure the
+/// path starts with `/`. An input with nothing left gives `/`.
+///
+/// Events come back on the cleaned path, so clients key their subscriptions by it; it
+/// lives here so the daemon and every Rust client clean paths with the same code.
+///
+/// ```
+/// assert_eq!(qio_ipc::clean_path("app/@user/(new)>>>>"), "/app/user/new");
+/// assert_eq!(qio_ipc::clean_path("//news//"), "/news");
+/// ```
+pub fn clean_path(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len() + 1);
+    out.push('/');
+    for c in raw.chars() {
+        match c {
+            'A'..='Z' | 'a'..='z' | '0'..='9' | '_' | '-' => out.push(c),
+            '/' if !out.ends_with('/') => out.push('/'),
+            _ => {}
+        }
+    }
+    if out.len() > 1 && out.ends_with('/') {
+        out.pop();
+    }
+    out
+}
+
 fn short(s: &str) -> String {
     let mut out: String = s.chars().take(40).collect();
     if out.len() < s.len() {
