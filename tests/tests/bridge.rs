@@ -28,14 +28,8 @@ async fn two_clients_share_one_upstream_subscription() {
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
     let mut b = daemon.open_client().await;
-    assert_eq!(
-        a.call(json!({"op":"on","path":"/news"}), 1).await["code"],
-        200
-    );
-    assert_eq!(
-        b.call(json!({"op":"on","path":"/news"}), 1).await["code"],
-        200
-    );
+    a.subscribe("/news", 1).await;
+    b.subscribe("/news", 1).await;
     assert_eq!(
         server.subscriptions().get("/news"),
         Some(&1),
@@ -44,21 +38,12 @@ async fn two_clients_share_one_upstream_subscription() {
     assert_eq!(server.broadcast("/news", json!({"n":1})).await, 1);
     assert_eq!(a.event("/news").await["data"], json!({"n":1}));
     assert_eq!(b.event("/news").await["data"], json!({"n":1}));
-    assert_eq!(
-        a.call(json!({"op":"off","path":"/news"}), 2).await["code"],
-        200
-    );
+    a.unsubscribe("/news", 2).await;
     // b still holds it: a later check must still see it upstream.
     assert_eq!(b.call(json!({"op":"status"}), 2).await["code"], 200);
     assert_eq!(server.subscriptions().get("/news"), Some(&1));
-    assert_eq!(
-        b.call(json!({"op":"off","path":"/news"}), 3).await["code"],
-        200
-    );
-    until("the last off unsubscribes upstream", || async {
-        server.subscriptions().is_empty()
-    })
-    .await;
+    b.unsubscribe("/news", 3).await;
+    until_unsubscribed(&server).await;
     daemon.stop().await;
 }
 
@@ -67,10 +52,7 @@ async fn the_last_subscriber_disconnecting_unsubscribes_upstream() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(
-        a.call(json!({"op":"on","path":"/news"}), 1).await["code"],
-        200
-    );
+    a.subscribe("/news", 1).await;
     // It also leaves a request pending: crashing mid-request must leak nothing.
     a.send(json!({"op":"send","path":"/clienttest/drop-callback","id":2}))
         .await;
@@ -84,10 +66,7 @@ async fn the_last_subscriber_disconnecting_unsubscribes_upstream() {
     // ...and disconnects in the middle of a line.
     a.write_raw(b"{\"op\":\"on\",\"pa").await;
     drop(a);
-    until("the subscription is given back", || async {
-        server.subscriptions().is_empty()
-    })
-    .await;
+    until_unsubscribed(&server).await;
     let mut b = daemon.open_client().await;
     let st = b.call(json!({"op":"status"}), 1).await;
     assert_eq!(st["data"]["clients"], 1, "{st}");
@@ -140,10 +119,7 @@ async fn server_requests_are_answered_by_a_client() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(
-        a.call(json!({"op":"on","path":"/ask"}), 1).await["code"],
-        200
-    );
+    a.subscribe("/ask", 1).await;
     server.request_from_all("/ask", json!("question")).await;
     let ev = a.event("/ask").await;
     assert_eq!(ev["data"], "question");
@@ -173,14 +149,8 @@ async fn repeated_ons_from_one_client_hold_one_reference_and_share_the_answer() 
     }
     let st = a.call(json!({"op":"status"}), 4).await;
     assert_eq!(st["data"]["subscriptions"][0]["refs"], 1, "{st}");
-    assert_eq!(
-        a.call(json!({"op":"off","path":"/dup"}), 5).await["code"],
-        200
-    );
-    until("one off is enough", || async {
-        server.subscriptions().is_empty()
-    })
-    .await;
+    a.unsubscribe("/dup", 5).await;
+    until_unsubscribed(&server).await;
     daemon.stop().await;
 }
 
@@ -195,10 +165,7 @@ async fn one_gets_a_single_event() {
     );
     server.broadcast("/once", json!(1)).await;
     assert_eq!(a.event("/once").await["data"], 1);
-    until("the one-shot subscription is given back", || async {
-        server.subscriptions().is_empty()
-    })
-    .await;
+    until_unsubscribed(&server).await;
     daemon.stop().await;
 }
 
@@ -220,8 +187,8 @@ async fn a_subscription_refused_after_a_reconnect_is_reported_to_its_clients() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(a.call(json!({"op":"on","path":"/x"}), 1).await["code"], 200);
-    assert_eq!(a.call(json!({"op":"on","path":"/y"}), 2).await["code"], 200);
+    a.subscribe("/x", 1).await;
+    a.subscribe("/y", 2).await;
     server.set_refuse_subscriptions("/x", Some(401));
     server.kill().await;
     server.restart().await.unwrap();
@@ -254,14 +221,8 @@ async fn a_slow_client_does_not_slow_a_fast_one_and_is_told_what_it_lost() {
     let daemon = Daemon::start_with(settings).await;
     let mut slow = daemon.open_client().await;
     let mut fast = daemon.open_client().await;
-    assert_eq!(
-        slow.call(json!({"op":"on","path":"/feed"}), 1).await["code"],
-        200
-    );
-    assert_eq!(
-        fast.call(json!({"op":"on","path":"/feed"}), 1).await["code"],
-        200
-    );
+    slow.subscribe("/feed", 1).await;
+    fast.subscribe("/feed", 1).await;
     let payload = "x".repeat(4096);
     let n = 1000;
     // In lockstep with the fast reader: were the slow client holding up the daemon, the
@@ -483,20 +444,14 @@ async fn closing_the_sending_side_answers_what_was_asked_then_ends_the_session()
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut a = daemon.open_client().await;
-    assert_eq!(
-        a.call(json!({"op":"on","path":"/news"}), 1).await["code"],
-        200
-    );
+    a.subscribe("/news", 1).await;
     a.send(json!({"op":"send","path":"/clienttest/echo","data":"last","id":2}))
         .await;
     use tokio::io::AsyncWriteExt;
     a.writer.shutdown().await.unwrap();
     assert_eq!(a.reply(json!(2)).await["data"], "last", "still answered");
     while a.try_next().await.is_some() {}
-    until("the subscription is given back", || async {
-        server.subscriptions().is_empty()
-    })
-    .await;
+    until_unsubscribed(&server).await;
     daemon.stop().await;
 }
 

@@ -139,6 +139,14 @@ pub fn raw(s: &str) -> Box<RawValue> {
     RawValue::from_string(s.to_owned()).expect("valid JSON")
 }
 
+/// Waits until the server holds no subscription at all.
+pub async fn until_unsubscribed(server: &TestServer) {
+    until("the server holds no subscription", || async {
+        server.subscriptions().is_empty()
+    })
+    .await;
+}
+
 /// Polls `f` every few milliseconds until it is true; fails the test at the deadline.
 pub async fn until<F, Fut>(what: &str, mut f: F)
 where
@@ -303,6 +311,22 @@ impl LineClient {
         v["id"] = id.into();
         self.send(v).await;
         self.reply(id.into()).await
+    }
+
+    /// Subscribes with `on` and checks the daemon confirmed it.
+    pub async fn subscribe(&mut self, path: &str, id: u64) {
+        let r = self
+            .call(serde_json::json!({"op": "on", "path": path}), id)
+            .await;
+        assert_eq!(r["code"], 200, "on {path}: {r}");
+    }
+
+    /// Unsubscribes and checks the daemon's answer.
+    pub async fn unsubscribe(&mut self, path: &str, id: u64) {
+        let r = self
+            .call(serde_json::json!({"op": "off", "path": path}), id)
+            .await;
+        assert_eq!(r["code"], 200, "off {path}: {r}");
     }
 
     /// Waits for an event on `path`, skipping others.
