@@ -56,13 +56,7 @@ async fn the_last_subscriber_disconnecting_unsubscribes_upstream() {
     // It also leaves a request pending: crashing mid-request must leak nothing.
     a.send(json!({"op":"send","path":"/clienttest/drop-callback","id":2}))
         .await;
-    until("the server got the request", || async {
-        server
-            .received()
-            .iter()
-            .any(|r| r.path == "/clienttest/drop-callback")
-    })
-    .await;
+    until_received(&server, "/clienttest/drop-callback").await;
     // ...and disconnects in the middle of a line.
     a.write_raw(b"{\"op\":\"on\",\"pa").await;
     drop(a);
@@ -371,13 +365,7 @@ async fn shutdown_answers_pending_requests_with_disconnected() {
     let mut c = daemon.open_client().await;
     c.send(json!({"op":"send","path":"/clienttest/drop-callback","id":42}))
         .await;
-    until("the server got the request", || async {
-        server
-            .received()
-            .iter()
-            .any(|r| r.path == "/clienttest/drop-callback")
-    })
-    .await;
+    until_received(&server, "/clienttest/drop-callback").await;
     daemon.cancel();
     let r = c.reply(json!(42)).await;
     assert_eq!(r["code"], -1, "{r}");

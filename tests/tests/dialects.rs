@@ -31,10 +31,7 @@ async fn subscribe_broadcast_and_unsubscribe_in_both_dialects() {
         );
         up.wait_event("/clienttest/broadcast").await;
         up.handle.unsubscribe("/clienttest/broadcast").await;
-        until("the server sees the unsubscribe", || async {
-            server.subscriptions().is_empty()
-        })
-        .await;
+        until_unsubscribed(&server).await;
         let st = up.handle.status().await.unwrap();
         assert_eq!(st.dialect, d.to_string(), "detected dialect");
         up.stop().await;
@@ -85,13 +82,7 @@ async fn close_drop_callback_and_invalid_frames_reconnect_in_both_dialects() {
             .handle
             .request_deferred("/clienttest/drop-callback", raw("1"))
             .await;
-        until("the server got it", || async {
-            server
-                .received()
-                .iter()
-                .any(|r| r.path == "/clienttest/drop-callback")
-        })
-        .await;
+        until_received(&server, "/clienttest/drop-callback").await;
         up.handle
             .emit("/clienttest/close", raw("null"))
             .await

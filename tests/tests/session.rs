@@ -33,10 +33,7 @@ async fn conformance_broadcast() {
     let (second, _) = up.wait_event("/clienttest/broadcast").await;
     assert!(second.as_u64() > first.as_u64(), "{first} then {second}");
     up.handle.unsubscribe("/clienttest/broadcast").await;
-    until("the server sees the off", || async {
-        server.subscriptions().is_empty()
-    })
-    .await;
+    until_unsubscribed(&server).await;
     up.stop().await;
 }
 
@@ -68,13 +65,7 @@ async fn conformance_drop_callback_fires_disconnected_after_reconnect() {
         .handle
         .request_deferred("/clienttest/drop-callback", raw("1"))
         .await;
-    until("the server got the request", || async {
-        server
-            .received()
-            .iter()
-            .any(|r| r.path == "/clienttest/drop-callback")
-    })
-    .await;
+    until_received(&server, "/clienttest/drop-callback").await;
     up.handle
         .emit("/clienttest/close", raw("null"))
         .await
@@ -177,10 +168,7 @@ async fn conformance_in_progress_on_off_on_then_approval() {
     // on: the server holds it pending; our caller gives up, which sends off.
     let first = up.handle.subscribe("/clienttest/in-progress", None).await;
     assert_eq!(first.code, code::TIMEOUT);
-    until("the off reached the server", || async {
-        server.received().iter().any(|r| r.path == "/qio/off")
-    })
-    .await;
+    until_received(&server, "/qio/off").await;
     // on again: the server answers 202, and the final answer comes for the first on.
     let second = up
         .handle
@@ -310,13 +298,7 @@ async fn kill_and_restart_restores_subscriptions_fails_callbacks_and_flushes_the
         .handle
         .request_deferred("/clienttest/drop-callback", raw("1"))
         .await;
-    until("the server got the request", || async {
-        server
-            .received()
-            .iter()
-            .any(|r| r.path == "/clienttest/drop-callback")
-    })
-    .await;
+    until_received(&server, "/clienttest/drop-callback").await;
     server.kill().await;
     let out = tokio::time::timeout(DEADLINE, waiting)
         .await
@@ -379,10 +361,7 @@ async fn a_stalled_server_is_detected_by_the_heartbeat_watch() {
     cfg.session.ping_timeout = Duration::from_millis(100);
     let mut up = Upstream::start_with(cfg).await;
     // A healthy but quiet server is pinged and stays.
-    until("a ping was sent", || async {
-        server.received().iter().any(|r| r.path == "/qio/ping")
-    })
-    .await;
+    until_received(&server, "/qio/ping").await;
     server.set_stalled(true);
     let reason = up.wait_closed().await;
     assert!(reason.contains("/qio/ping"), "{reason}");

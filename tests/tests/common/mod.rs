@@ -139,6 +139,14 @@ pub fn raw(s: &str) -> Box<RawValue> {
     RawValue::from_string(s.to_owned()).expect("valid JSON")
 }
 
+/// Waits until the server has received a frame on `path`.
+pub async fn until_received(server: &TestServer, path: &str) {
+    until(&format!("the server received {path}"), || async {
+        server.received().iter().any(|r| r.path == path)
+    })
+    .await;
+}
+
 /// Waits until the server holds no subscription at all.
 pub async fn until_unsubscribed(server: &TestServer) {
     until("the server holds no subscription", || async {
