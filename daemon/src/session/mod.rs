@@ -88,6 +88,12 @@ pub enum DialectChoice {
     Fixed(Dialect),
 }
 
+/// A move this soon after opening counts as part of a possible move loop.
+const QUICK_MOVE: Duration = Duration::from_secs(1);
+
+/// Quick moves followed at once; after these, moves wait for the growing backoff.
+const MAX_QUICK_MOVES: u32 = 3;
+
 /// The default frame limit of a 0.1 server (bytes of WebSocket payload).
 pub const V01_MAX_FRAME_BYTES: usize = 1024;
 
@@ -425,6 +431,8 @@ pub struct Session<T> {
     queue: OfflineQueue,
     dialect: Dialect,
     detected: HashMap<Url, Dialect>,
+    /// Moves that came within [`QUICK_MOVE`] of opening, in a row.
+    quick_moves: u32,
     opened: u64,
     last_error: Option<String>,
     events_in: u64,
@@ -462,6 +470,7 @@ impl<T> Session<T> {
                 DialectChoice::Auto => Dialect::V02,
             },
             detected: HashMap::new(),
+            quick_moves: 0,
             opened: 0,
             last_error: None,
             events_in: 0,
@@ -1049,10 +1058,17 @@ impl<T> Session<T> {
     }
 
     fn moved(&mut self, now: Instant, data: &RawValue) {
-        let Phase::Open { url, .. } = &self.phase else {
+        let Phase::Open { url, since } = &self.phase else {
             return;
         };
         let from = url.clone();
+        // A server that moves us on as soon as we arrive (a move loop, or two servers
+        // sending clients to each other) must not make us reconnect as fast as we can.
+        if now.saturating_duration_since(*since) < QUICK_MOVE {
+            self.quick_moves += 1;
+        } else {
+            self.quick_moves = 0;
+        }
         let target = serde_json::from_str::<String>(data.get())
             .map_err(|_| format!("move data {} is not a string", data.get()))
             .and_then(|t| resolve_move(&from, &t));
@@ -1066,8 +1082,16 @@ impl<T> Session<T> {
                 // The new server may speak the other dialect: detect afresh.
                 self.detected.clear();
                 self.lose(format!("moved to {to}"), true);
-                // A move is not a failure: go to the new server at once, without backoff.
-                self.start_connect(now);
+                if self.quick_moves < MAX_QUICK_MOVES {
+                    // A move is not a failure: go to the new server at once.
+                    self.start_connect(now);
+                } else {
+                    tracing::warn!(
+                        moves = self.quick_moves,
+                        "the servers keep moving us right after connecting; backing off"
+                    );
+                    self.retry_later(now);
+                }
             }
             Err(e) => {
                 tracing::warn!("ignoring a move the server asked for: {e}");
@@ -1093,7 +1117,10 @@ impl<T> Session<T> {
         if self.cfg.dialect == DialectChoice::Auto {
             self.detected.insert(url.clone(), self.dialect);
         }
-        self.backoff.reset();
+        // After quick moves in a row, the backoff keeps growing until a server keeps us.
+        if self.quick_moves < MAX_QUICK_MOVES {
+            self.backoff.reset();
+        }
         self.conn += 1;
         self.next_cb = 1;
         self.opened += 1;

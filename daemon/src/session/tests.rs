@@ -811,3 +811,42 @@ fn a_01_failure_without_qio_in_the_path_says_so() {
         .unwrap()
         .contains("needs /qio in the address"));
 }
+
+#[test]
+fn a_move_loop_is_slowed_down_by_the_backoff() {
+    let mut h = Harness::open();
+    let mut immediate = 0;
+    let mut delays = Vec::new();
+    for i in 0..8 {
+        let to = if i % 2 == 0 {
+            "ws://b.test/"
+        } else {
+            "ws://a.test/"
+        };
+        h.frame(&format!("/qio/move:0=\"{to}\""));
+        let outs = h.drain();
+        match states(&outs).last() {
+            Some(StateChange::Connecting { .. }) => immediate += 1,
+            Some(StateChange::Reconnecting { after }) => {
+                delays.push(*after);
+                h.at(h.now - h.t0 + *after);
+                h.drain();
+            }
+            other => panic!("{other:?}"),
+        }
+        h.handshake();
+    }
+    assert_eq!(immediate, 2, "the first moves are followed at once");
+    assert!(
+        delays.len() == 6 && delays.windows(2).all(|w| w[1] >= w[0].mul_f64(1.5)),
+        "{delays:?}"
+    );
+    // A server that keeps us for a while is trusted again.
+    let later = h.now - h.t0 + Duration::from_secs(5);
+    h.at(later);
+    h.frame("/qio/move:0=\"ws://c.test/\"");
+    assert!(matches!(
+        states(&h.drain()).last(),
+        Some(StateChange::Connecting { .. })
+    ));
+}
