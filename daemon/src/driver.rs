@@ -448,8 +448,9 @@ impl Driver {
         loop {
             self.carry_out().await;
             let deadline = self.session.poll_timeout();
+            // Not biased: a server flooding events must not starve callers, nor callers
+            // the server; select! picks fairly among what is ready.
             tokio::select! {
-                biased;
                 _ = shutdown.cancelled() => break,
                 res = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
                     self.connecting = None;

@@ -263,7 +263,10 @@ impl RawRequest {
             bad(
                 id.clone(),
                 None,
-                format!("unknown op {op_name:?}; one of: send, callback, on, one, off, status"),
+                format!(
+                    "unknown op {}; one of: send, callback, on, one, off, status",
+                    short(&format!("{op_name:?}"))
+                ),
             )
         })?;
         let string = |name: &str, raw: Option<&RawValue>| -> Result<Option<String>, BadRequest> {
