@@ -520,7 +520,7 @@ impl Driver {
         let now = now();
         match cmd {
             Command::Emit { path, data, done } => {
-                let _ = done.send(self.session.emit(&path, &data));
+                let _ = done.send(self.session.emit(now, &path, &data));
             }
             Command::Request { path, data, reply } => {
                 self.session.request(now, &path, &data, reply)

@@ -42,10 +42,7 @@ async fn conformance_close_reconnects_and_restores_subscriptions() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
     assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
-    up.handle
-        .emit("/clienttest/close", raw("null"))
-        .await
-        .unwrap();
+    up.trigger("/clienttest/close", "null").await;
     up.wait_closed().await;
     up.wait_open().await;
     until("the subscription is restored", || async {
@@ -66,10 +63,7 @@ async fn conformance_drop_callback_fires_disconnected_after_reconnect() {
         .request_deferred("/clienttest/drop-callback", raw("1"))
         .await;
     until_received(&server, "/clienttest/drop-callback").await;
-    up.handle
-        .emit("/clienttest/close", raw("null"))
-        .await
-        .unwrap();
+    up.trigger("/clienttest/close", "null").await;
     let out = tokio::time::timeout(DEADLINE, waiting)
         .await
         .expect("resolves");
@@ -207,10 +201,7 @@ async fn conformance_move_to_a_second_server() {
     let mut up = Upstream::start(&a.url()).await;
     assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
     let target = serde_json::to_string(&b.url()).unwrap();
-    up.handle
-        .emit("/clienttest/move", raw(&target))
-        .await
-        .unwrap();
+    up.trigger("/clienttest/move", &target).await;
     let (from, to) = up
         .wait_for("moved", |n| match n {
             Notice::State(StateChange::Moved { from, to }) => Some((from.clone(), to.clone())),
@@ -236,10 +227,7 @@ async fn conformance_move_to_a_second_server() {
 async fn conformance_send_invalid_closes_and_reconnects() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
-    up.handle
-        .emit("/clienttest/send-invalid", raw("null"))
-        .await
-        .unwrap();
+    up.trigger("/clienttest/send-invalid", "null").await;
     let reason = up.wait_closed().await;
     assert!(reason.contains("invalid frame"), "{reason}");
     up.wait_open().await;

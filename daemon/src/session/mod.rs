@@ -17,7 +17,7 @@ mod queue;
 
 pub use address::{parse_server_url, resolve_move};
 pub use backoff::Backoff;
-pub use queue::OfflineQueue;
+pub use queue::{OfflineQueue, Queued, Unconfirmed};
 
 use crate::codec::{self, DecodeError, Dialect};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
@@ -87,6 +87,9 @@ pub enum DialectChoice {
     /// Always this one.
     Fixed(Dialect),
 }
+
+/// How soon after fire-and-forget events the session pings for proof they were read.
+const CONFIRM_AFTER: Duration = Duration::from_millis(100);
 
 /// A move this soon after opening counts as part of a possible move loop.
 const QUICK_MOVE: Duration = Duration::from_secs(1);
@@ -431,6 +434,11 @@ pub struct Session<T> {
     queue: OfflineQueue,
     dialect: Dialect,
     detected: HashMap<Url, Dialect>,
+    /// Fire-and-forget events sent on this connection that the server has not yet been
+    /// seen to read.
+    unconfirmed: Unconfirmed,
+    /// When to ping for proof that the unconfirmed events were read.
+    confirm_at: Option<Instant>,
     /// Moves that came within [`QUICK_MOVE`] of opening, in a row.
     quick_moves: u32,
     opened: u64,
@@ -470,6 +478,8 @@ impl<T> Session<T> {
                 DialectChoice::Auto => Dialect::V02,
             },
             detected: HashMap::new(),
+            unconfirmed: Unconfirmed::new(cfg.queue_max_events, cfg.queue_max_bytes),
+            confirm_at: None,
             quick_moves: 0,
             opened: 0,
             last_error: None,
@@ -499,6 +509,7 @@ impl<T> Session<T> {
             phase,
             self.heartbeat_at,
             self.ping_deadline,
+            self.confirm_at,
             self.timers.first().map(|(at, _)| *at),
         ]
         .into_iter()
@@ -616,6 +627,13 @@ impl<T> Session<T> {
                     self.ping_deadline = Some(now + self.cfg.ping_timeout);
                     let id = self.alloc_cb(Pending::Ping);
                     self.send("/qio/ping", id, &codec::null());
+                } else if self.confirm_at.is_some_and(|d| d <= now) {
+                    // Fire-and-forget events have no answer: a ping's answer proves the
+                    // server read them. Until then they are kept, to be sent again if the
+                    // connection dies first.
+                    self.confirm_at = None;
+                    let id = self.alloc_cb(Pending::Ping);
+                    self.send("/qio/ping", id, &codec::null());
                 }
             }
             _ => {}
@@ -643,24 +661,43 @@ impl<T> Session<T> {
     }
 
     /// Sends an event without asking for a callback; queued while not open.
-    pub fn emit(&mut self, path: &str, data: &RawValue) -> Result<(), SessionError> {
+    pub fn emit(&mut self, now: Instant, path: &str, data: &RawValue) -> Result<(), SessionError> {
         let path = check_path(path)?;
         let frame = self.dialect.encode(&path, 0, data);
         self.check_size(&frame)?;
         match self.phase {
             Phase::Open { .. } => {
+                if self
+                    .unconfirmed
+                    .push(self.next_cb, Queued::new(path, data.to_owned()))
+                    .is_err()
+                {
+                    let (n, bytes) = self.unconfirmed.size();
+                    return Err(SessionError::QueueFull(format!(
+                        "{n} events, {bytes} bytes sent and not yet confirmed by the server"
+                    )));
+                }
                 self.events_out += 1;
                 self.out.push_back(Output::Send(frame));
+                if self.unconfirmed.half_full() {
+                    // Ask for proof now rather than refuse events soon.
+                    self.confirm_at = Some(now);
+                } else if self.confirm_at.is_none() {
+                    self.confirm_at = Some(now + CONFIRM_AFTER.min(self.cfg.heartbeat_interval));
+                }
                 Ok(())
             }
             Phase::Stopped => Err(SessionError::Stopped),
-            _ => self.queue.push((path, data.to_owned())).map_err(|_| {
-                SessionError::QueueFull(format!(
-                    "{} events, {} bytes",
-                    self.queue.len(),
-                    self.queue.bytes()
-                ))
-            }),
+            _ => self
+                .queue
+                .push(Queued::new(path, data.to_owned()))
+                .map_err(|_| {
+                    SessionError::QueueFull(format!(
+                        "{} events, {} bytes",
+                        self.queue.len(),
+                        self.queue.bytes()
+                    ))
+                }),
         }
     }
 
@@ -895,6 +932,14 @@ impl<T> Session<T> {
     fn handle_open_frame(&mut self, now: Instant, frame: codec::Frame) {
         if let Some(id) = frame.path.strip_prefix("/qio/callback/") {
             let id = id.parse::<u64>().unwrap_or(0);
+            if id > 0 && id < self.next_cb {
+                // The server answers in order: it has read every frame sent before this
+                // callback's, so the events among them are delivered.
+                self.unconfirmed.confirm_through(id);
+                if self.unconfirmed.is_empty() {
+                    self.confirm_at = None;
+                }
+            }
             match self.pending.remove(&id) {
                 Some(Pending::Request { reply, deadline }) => {
                     self.user_pending -= 1;
@@ -1135,15 +1180,19 @@ impl<T> Session<T> {
             self.send_on(&path);
         }
         let queued: Vec<_> = self.queue.drain().collect();
-        for (path, data) in queued {
-            let frame = self.dialect.encode(&path, 0, &data);
+        for event in queued {
+            let frame = self.dialect.encode(&event.path, 0, &event.data);
             if let Err(e) = self.check_size(&frame) {
                 // Only when the dialect changed since it was queued (0.1's smaller limit).
-                tracing::warn!(path, "dropping a queued event: {e}");
+                tracing::warn!(path = event.path, "dropping a queued event: {e}");
                 continue;
             }
             self.events_out += 1;
             self.out.push_back(Output::Send(frame));
+            // The queue and this table have the same bounds, and this one is empty now.
+            if self.unconfirmed.push(self.next_cb, event).is_ok() && self.confirm_at.is_none() {
+                self.confirm_at = Some(now + CONFIRM_AFTER.min(self.cfg.heartbeat_interval));
+            }
         }
         self.out.push_back(Output::State(StateChange::Open { url }));
     }
@@ -1253,9 +1302,35 @@ impl<T> Session<T> {
 
     /// The open connection is gone: fail callbacks at once and keep subscriptions for the
     /// reconnect, which the caller schedules.
+    ///
+    /// Fire-and-forget events the server was not seen to read go first after the
+    /// reconnect, so delivery is at least once (an event read just before the break can
+    /// arrive twice). Even a server that closes or moves us on purpose may not have read
+    /// what was in flight. Each event is sent again once at most.
     fn lose(&mut self, reason: String, close: bool) {
         if close {
             self.out.push_back(Output::Close);
+        }
+        self.confirm_at = None;
+        let unconfirmed = self.unconfirmed.take();
+        if !unconfirmed.is_empty() {
+            let (again, twice): (Vec<_>, Vec<_>) = unconfirmed.into_iter().partition(|e| !e.resent);
+            if !twice.is_empty() {
+                tracing::warn!(
+                    events = twice.len(),
+                    "dropping events already sent again once across broken connections"
+                );
+            }
+            tracing::info!(
+                events = again.len(),
+                "sending again after the reconnect: events the server may not have read"
+            );
+            self.queue.push_front(
+                again
+                    .into_iter()
+                    .map(|e| Queued { resent: true, ..e })
+                    .collect(),
+            );
         }
         self.fail_pending();
         for sub in self.subs.values_mut() {

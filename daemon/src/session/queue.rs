@@ -3,8 +3,33 @@
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
 
-/// An event waiting for the connection: its clean path and its data, serialized.
-pub type Queued = (String, Box<RawValue>);
+/// An event waiting for the connection or for proof that the server read it.
+#[derive(Debug)]
+pub struct Queued {
+    /// The clean path.
+    pub path: String,
+    /// The data, serialized when the caller sent it.
+    pub data: Box<RawValue>,
+    /// Whether it was already sent again once after a broken connection; such an event
+    /// is not sent a third time, so an event that makes the server drop the connection
+    /// cannot make the daemon reconnect forever.
+    pub resent: bool,
+}
+
+impl Queued {
+    /// A new event, never sent.
+    pub fn new(path: String, data: Box<RawValue>) -> Self {
+        Queued {
+            path,
+            data,
+            resent: false,
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.path.len() + self.data.get().len()
+    }
+}
 
 /// A FIFO of events bounded both in count and in bytes.
 ///
@@ -32,7 +57,7 @@ impl OfflineQueue {
 
     /// Appends an event, or hands it back when either bound would be exceeded.
     pub fn push(&mut self, event: Queued) -> Result<(), Queued> {
-        let size = event.0.len() + event.1.get().len();
+        let size = event.size();
         if self.frames.len() >= self.max_frames || self.bytes + size > self.max_bytes {
             return Err(event);
         }
@@ -63,12 +88,104 @@ impl OfflineQueue {
     }
 }
 
+impl OfflineQueue {
+    /// Puts events back at the front, in their order, ahead of what is queued; what does
+    /// not fit in the bounds is dropped (and logged), newest first.
+    pub fn push_front(&mut self, events: Vec<Queued>) {
+        let mut dropped = 0usize;
+        for event in events.into_iter().rev() {
+            let size = event.size();
+            if self.frames.len() >= self.max_frames || self.bytes + size > self.max_bytes {
+                dropped += 1;
+                continue;
+            }
+            self.bytes += size;
+            self.frames.push_front(event);
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "the offline queue is full: events sent during a break were dropped"
+            );
+        }
+    }
+}
+
+/// Fire-and-forget events sent on the open connection, kept until the server is seen to
+/// have read them, so a broken connection loses none of them.
+///
+/// Each carries the callback id the next callback request would get when it was sent: an
+/// answer to that id or any later one proves the server read it (a server reads in order).
+/// Bounded like the offline queue: when full, new events are refused at once (the caller
+/// is told) rather than letting unconfirmed ones go.
+#[derive(Debug)]
+pub struct Unconfirmed {
+    events: VecDeque<(u64, Queued)>,
+    bytes: usize,
+    max_events: usize,
+    max_bytes: usize,
+}
+
+impl Unconfirmed {
+    /// Empty, with the offline queue's bounds.
+    pub fn new(max_events: usize, max_bytes: usize) -> Self {
+        Unconfirmed {
+            events: VecDeque::new(),
+            bytes: 0,
+            max_events,
+            max_bytes,
+        }
+    }
+
+    /// Records an event sent before the callback request with id `next_cb`, or hands it
+    /// back when the bounds are reached.
+    pub fn push(&mut self, next_cb: u64, event: Queued) -> Result<(), Queued> {
+        let size = event.size();
+        if self.events.len() >= self.max_events || self.bytes + size > self.max_bytes {
+            return Err(event);
+        }
+        self.bytes += size;
+        self.events.push_back((next_cb, event));
+        Ok(())
+    }
+
+    /// Whether half the bounds are used: time to ask for proof at once.
+    pub fn half_full(&self) -> bool {
+        self.events.len() * 2 >= self.max_events || self.bytes * 2 >= self.max_bytes
+    }
+
+    /// How many events and bytes wait, for error messages.
+    pub fn size(&self) -> (usize, usize) {
+        (self.events.len(), self.bytes)
+    }
+
+    /// The server answered callback `id`: every event sent before it was read.
+    pub fn confirm_through(&mut self, id: u64) {
+        while self.events.front().is_some_and(|(k, _)| *k <= id) {
+            if let Some((_, e)) = self.events.pop_front() {
+                self.bytes -= e.size();
+            }
+        }
+    }
+
+    /// Takes every unconfirmed event, oldest first.
+    pub fn take(&mut self) -> Vec<Queued> {
+        self.bytes = 0;
+        self.events.drain(..).map(|(_, e)| e).collect()
+    }
+
+    /// Whether nothing waits for confirmation.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn ev(path: &str, data: &str) -> Queued {
-        (
+        Queued::new(
             path.to_owned(),
             RawValue::from_string(data.to_owned()).unwrap(),
         )
@@ -83,9 +200,55 @@ mod tests {
         assert!(q.push(ev("/c", "3")).is_ok());
         assert!(q.push(ev("/", "1")).is_err(), "count bound");
         assert_eq!((q.len(), q.bytes()), (3, 11));
-        let all: Vec<_> = q.drain().map(|(p, d)| format!("{p}={}", d.get())).collect();
+        let all: Vec<_> = q
+            .drain()
+            .map(|e| format!("{}={}", e.path, e.data.get()))
+            .collect();
         assert_eq!(all, ["/a=11", "/b=22", "/c=3"]);
+        q.push(ev("/n", "1")).unwrap();
+        q.push_front(vec![ev("/x", "1"), ev("/y", "22"), ev("/z", "3")]);
+        let all: Vec<_> = q.drain().map(|e| e.path).collect();
+        assert_eq!(
+            all,
+            ["/y", "/z", "/n"],
+            "what fits goes first, in order; the oldest is dropped"
+        );
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
+    }
+}
+
+#[cfg(test)]
+mod unconfirmed_tests {
+    use super::*;
+
+    fn ev(path: &str) -> Queued {
+        Queued::new(
+            path.to_owned(),
+            RawValue::from_string("1".to_owned()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn answers_confirm_what_was_sent_before_them() {
+        let mut u = Unconfirmed::new(10, 1000);
+        u.push(1, ev("/a")).unwrap();
+        u.push(1, ev("/b")).unwrap();
+        u.push(2, ev("/c")).unwrap();
+        u.confirm_through(1);
+        let left: Vec<_> = u.take().into_iter().map(|e| e.path).collect();
+        assert_eq!(left, ["/c"]);
+        assert!(u.is_empty());
+        let mut small = Unconfirmed::new(4, 1000);
+        for p in ["/a", "/b", "/c", "/d"] {
+            assert!(small.push(1, ev(p)).is_ok());
+            assert_eq!(small.half_full(), p >= "/b", "{p}");
+        }
+        assert!(
+            small.push(1, ev("/e")).is_err(),
+            "bounded: refused, nothing let go"
+        );
+        let left: Vec<_> = small.take().into_iter().map(|e| e.path).collect();
+        assert_eq!(left, ["/a", "/b", "/c", "/d"]);
     }
 }

@@ -230,8 +230,8 @@ fn requests_while_offline_fail_at_once_and_emits_are_queued() {
     h.drain();
     h.s.request(h.now, "/app/x", &raw("null"), 1);
     assert_eq!(replies(&h.drain()), [(1, code::DISCONNECTED)]);
-    h.s.emit("/app/e1", &raw("1")).unwrap();
-    h.s.emit("/app/e2", &raw("2")).unwrap();
+    h.s.emit(h.now, "/app/e1", &raw("1")).unwrap();
+    h.s.emit(h.now, "/app/e2", &raw("2")).unwrap();
     h.s.subscribe(h.now, "/news", None, 2);
     assert_eq!(h.s.status(h.now).queued_events, 2);
     let outs = h.handshake();
@@ -251,16 +251,16 @@ fn requests_while_offline_fail_at_once_and_emits_are_queued() {
 fn the_offline_queue_is_bounded_and_says_so() {
     let mut h = Harness::new(cfg(&["ws://a.test/"]));
     for i in 0..3 {
-        h.s.emit("/app/e", &raw(&i.to_string())).unwrap();
+        h.s.emit(h.now, "/app/e", &raw(&i.to_string())).unwrap();
     }
-    let err = h.s.emit("/app/e", &raw("3")).unwrap_err();
+    let err = h.s.emit(h.now, "/app/e", &raw("3")).unwrap_err();
     assert!(matches!(err, SessionError::QueueFull(_)), "{err:?}");
     assert_eq!(err.code(), code::OVERLOADED);
     assert!(err.to_string().contains("queue_max_events"));
     let big = format!("\"{}\"", "x".repeat(2000));
     let mut h = Harness::new(cfg(&["ws://a.test/"]));
     assert!(matches!(
-        h.s.emit("/app/e", &raw(&big)),
+        h.s.emit(h.now, "/app/e", &raw(&big)),
         Err(SessionError::QueueFull(_))
     ));
 }
@@ -270,7 +270,7 @@ fn bad_paths_are_refused_locally() {
     let mut h = Harness::open();
     for (i, p) in ["", "@@@", "/qio/ping", "/qio"].iter().enumerate() {
         assert!(
-            matches!(h.s.emit(p, &raw("1")), Err(SessionError::BadPath(_))),
+            matches!(h.s.emit(h.now, p, &raw("1")), Err(SessionError::BadPath(_))),
             "{p}"
         );
         h.s.request(h.now, p, &raw("1"), i as u32);
@@ -636,7 +636,7 @@ fn shutdown_answers_everyone_and_refuses_more() {
         [(1, code::DISCONNECTED), (2, code::DISCONNECTED)]
     );
     assert_eq!(states(&outs), [&StateChange::Stopped]);
-    assert_eq!(h.s.emit("/x", &raw("1")), Err(SessionError::Stopped));
+    assert_eq!(h.s.emit(h.now, "/x", &raw("1")), Err(SessionError::Stopped));
     h.s.subscribe(h.now, "/y", None, 3);
     assert_eq!(replies(&h.drain()), [(3, code::DISCONNECTED)]);
     assert_eq!(h.s.poll_timeout(), None);
@@ -669,6 +669,7 @@ fn changing_the_servers_reconnects_only_when_the_current_one_went_away() {
 fn cfg_v01() -> SessionConfig {
     let mut c = cfg(&["ws://old.test/qio"]);
     c.dialect = DialectChoice::Fixed(Dialect::V01);
+    c.queue_max_bytes = 100_000;
     c
 }
 
@@ -728,7 +729,7 @@ fn dialect_01_refuses_oversized_frames_and_subscription_data() {
     h.s.handle_connected(h.now);
     h.drain();
     let big = format!("\"{}\"", "x".repeat(1100));
-    let err = h.s.emit("/a", &raw(&big)).unwrap_err();
+    let err = h.s.emit(h.now, "/a", &raw(&big)).unwrap_err();
     assert!(
         matches!(err, SessionError::TooLarge { max: 1024, .. }),
         "{err}"
@@ -747,7 +748,7 @@ fn dialect_01_refuses_oversized_frames_and_subscription_data() {
     );
     // Just under the limit goes.
     let fits = format!("\"{}\"", "x".repeat(1024 - "/a:0:plain=".len()));
-    h.s.emit("/a", &raw(&fits)).unwrap();
+    h.s.emit(h.now, "/a", &raw(&fits)).unwrap();
     assert_eq!(sent(&h.drain())[0].len(), 1024);
 }
 
@@ -849,4 +850,56 @@ fn a_move_loop_is_slowed_down_by_the_backoff() {
         states(&h.drain()).last(),
         Some(StateChange::Connecting { .. })
     ));
+}
+
+#[test]
+fn fire_and_forget_events_are_sent_again_unless_the_server_was_seen_to_read_them() {
+    let mut h = Harness::open();
+    h.s.emit(h.now, "/e", &raw("1")).unwrap();
+    h.s.emit(h.now, "/e", &raw("2")).unwrap();
+    assert_eq!(sent(&h.drain()), ["/e:0=1", "/e:0=2"]);
+    // Soon after, a ping asks for proof; its answer confirms both.
+    h.at(Duration::from_millis(100));
+    assert_eq!(sent(&h.drain()), ["/qio/ping:1=null"]);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.s.emit(h.now, "/e", &raw("3")).unwrap();
+    h.drain();
+    // The connection dies before 3 was confirmed: it goes first after the reconnect.
+    h.s.handle_closed(h.now, "reset");
+    h.s.emit(h.now, "/e", &raw("4")).unwrap();
+    h.at(Duration::from_secs(5));
+    h.drain();
+    assert_eq!(sent(&h.handshake()), ["/e:0=3", "/e:0=4"]);
+}
+
+#[test]
+fn unconfirmed_events_are_bounded_and_refused_not_dropped() {
+    let mut h = Harness::open();
+    for i in 0..3 {
+        h.s.emit(h.now, "/e", &raw(&i.to_string())).unwrap();
+    }
+    let outs = h.drain();
+    assert_eq!(sent(&outs).len(), 3);
+    // Half full at the second: a proof ping is due at once.
+    assert_eq!(h.s.poll_timeout(), Some(h.now));
+    let err = h.s.emit(h.now, "/e", &raw("3")).unwrap_err();
+    assert!(err.to_string().contains("not yet confirmed"), "{err}");
+    h.at(T0);
+    assert_eq!(sent(&h.drain()), ["/qio/ping:1=null"]);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.s.emit(h.now, "/e", &raw("3")).unwrap();
+}
+
+#[test]
+fn an_event_is_sent_again_once_at_most() {
+    let mut h = Harness::open();
+    h.s.emit(h.now, "/poison", &raw("1")).unwrap();
+    h.drain();
+    for round in 0..2 {
+        h.s.handle_closed(h.now, "reset");
+        h.at(h.now - h.t0 + Duration::from_secs(30));
+        h.drain();
+        let again = sent(&h.handshake()).contains(&"/poison:0=1");
+        assert_eq!(again, round == 0, "round {round}");
+    }
 }

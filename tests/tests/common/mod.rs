@@ -127,6 +127,14 @@ impl Upstream {
         .await
     }
 
+    /// Sends a conformance trigger (`/clienttest/close`, `move`, `send-invalid`...) as a
+    /// request whose answer nobody waits for. Not fire-and-forget: such events are sent
+    /// again after a broken connection (delivery is at least once), and a trigger that
+    /// breaks the connection would then fire twice.
+    pub async fn trigger(&self, path: &str, data: &str) {
+        drop(self.handle.request_deferred(path, raw(data)).await);
+    }
+
     /// Stops the session and waits for its task.
     pub async fn stop(self) {
         self.stop.cancel();
