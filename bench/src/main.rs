@@ -67,8 +67,17 @@ impl std::fmt::Display for Variant {
 #[command(version, about)]
 struct Args {
     /// Which scenario to run.
-    #[arg(value_enum)]
-    scenario: Scenario,
+    #[arg(value_enum, required_unless_present_any = ["serve_echo", "serve_testserver"])]
+    scenario: Option<Scenario>,
+    /// Internal: serve the roundtrip scenario's echo floor on this Unix socket.
+    #[arg(long, hide = true, value_name = "PATH")]
+    serve_echo: Option<PathBuf>,
+    /// Internal: with --serve-echo, hand each line to a second task before writing it.
+    #[arg(long, hide = true)]
+    echo_hop: bool,
+    /// Internal: run a test server in this process, print its URL, serve until stdin closes.
+    #[arg(long, hide = true)]
+    serve_testserver: bool,
     /// Tiny sizes and 2 rounds: finishes in seconds (CI).
     #[arg(long)]
     smoke: bool,
@@ -109,7 +118,11 @@ struct Args {
     /// roundtrip: requests per run (default 5000 one at a time, 50000 pipelined).
     #[arg(long)]
     requests: Option<usize>,
-    /// roundtrip: skip the two floors (qiod's local-only path, the Unix echo); for
+    /// roundtrip: run the test server inside the harness instead of in a process of its own
+    /// (then the direct variant never crosses a process boundary).
+    #[arg(long)]
+    rt_server_in_harness: bool,
+    /// roundtrip: skip the floors (qiod's local-only path, the Unix echo); for
     /// profiling the qiod variant alone.
     #[arg(long)]
     no_floors: bool,
@@ -139,6 +152,7 @@ pub struct Ctx {
     windows: Option<Vec<usize>>,
     requests: Option<usize>,
     floors: bool,
+    rt_server_process: bool,
 }
 
 /// A target and how the run fared against it.
@@ -178,6 +192,20 @@ pub struct Section {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.serve_echo {
+        // A process of its own, like qiod, so the floor pays the same wake-ups.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(roundtrip::serve_echo(path, args.echo_hop));
+    }
+    if args.serve_testserver {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        return runtime.block_on(roundtrip::serve_testserver());
+    }
+    let scenario = args.scenario.context("a scenario is required")?;
     let nofile = sys::raise_nofile().unwrap_or_else(|e| {
         eprintln!("warning: cannot raise the open-file limit: {e}");
         0
@@ -210,6 +238,7 @@ fn main() -> anyhow::Result<()> {
         windows: args.windows.clone(),
         requests: args.requests,
         floors: !args.no_floors,
+        rt_server_process: !args.rt_server_in_harness,
     };
     let machine = sys::Machine::read(nofile);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -219,9 +248,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     println!(
         "qio-bench: {} | {} CPUs ({}) | {} RAM | load {} | daemon: {} | rounds: {}{}",
-        format_args!("{:?}", args.scenario)
-            .to_string()
-            .to_lowercase(),
+        format_args!("{:?}", scenario).to_string().to_lowercase(),
         machine.nproc,
         machine.cpu,
         report::bytes(machine.mem_total as f64),
@@ -230,7 +257,7 @@ fn main() -> anyhow::Result<()> {
         ctx.rounds,
         if ctx.smoke { " | smoke" } else { "" },
     );
-    let sections = runtime.block_on(run(&ctx, args.scenario))?;
+    let sections = runtime.block_on(run(&ctx, scenario))?;
     // Everything the scenarios started is stopped; do not wait for stray tasks.
     runtime.shutdown_timeout(Duration::from_secs(1));
 

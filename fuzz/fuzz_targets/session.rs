@@ -120,7 +120,7 @@ fuzz_target!(|data: &[u8]| {
                 s.request(now, arg, &null, t);
             }
             'e' => {
-                let _ = s.emit(arg, &null);
+                let _ = s.emit(now, arg, &null);
             }
             'a' | 'A' => {
                 let handle = match arg.parse::<CbHandle>() {
