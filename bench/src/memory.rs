@@ -147,15 +147,16 @@ pub async fn memory(ctx: &Ctx) -> anyhow::Result<Section> {
 async fn one_round(ctx: &Ctx, round: usize, steps: &[usize]) -> anyhow::Result<MemRun> {
     let server = TestServer::start(ServerConfig::default()).await?;
     let daemon = ctx.launcher.start(&server.url()).await?;
-    let res = tokio::time::timeout(ctx.run_timeout, measure(ctx, round, &server, &daemon)).await;
+    let res = tokio::time::timeout(
+        ctx.run_timeout,
+        measure(ctx, round, steps, &server, &daemon),
+    )
+    .await;
     let log = daemon.log();
     daemon.stop().await;
     server.shutdown().await;
     match res {
-        Ok(Ok(mut r)) => {
-            r.steps.retain(|(n, _)| steps.contains(n));
-            Ok(r)
-        }
+        Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(e.context(log)),
         Err(_) => bail!("round timed out\n{log}"),
     }
@@ -164,16 +165,10 @@ async fn one_round(ctx: &Ctx, round: usize, steps: &[usize]) -> anyhow::Result<M
 async fn measure(
     ctx: &Ctx,
     round: usize,
+    steps: &[usize],
     server: &TestServer,
     daemon: &crate::daemon::Daemon,
 ) -> anyhow::Result<MemRun> {
-    let steps = ctx.clients.clone().unwrap_or_else(|| {
-        if ctx.smoke {
-            vec![20, 100]
-        } else {
-            vec![1_000, 10_000]
-        }
-    });
     let settle = if ctx.smoke {
         Duration::from_millis(100)
     } else {
@@ -184,7 +179,7 @@ async fn measure(
     let mut clients: Vec<LineConn> = Vec::new();
     let mut out = Vec::new();
     let mut join_ms = 0.0;
-    for &n in &steps {
+    for &n in steps {
         let t = Instant::now();
         join(daemon.socket(), &mut clients, n).await?;
         join_ms = ms(t.elapsed());

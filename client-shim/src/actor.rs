@@ -6,7 +6,6 @@
 //! reconnects with backoff and subscribes again to every path that still has a
 //! subscription. It ends when every handle is gone or the client is closed.
 
-use qio_ipc::clean_path;
 use crate::queue::Ring;
 use crate::shared::{
     Cmd, Common, LinkState, Outgoing, RawEvent, RawReply, SlotGuard, SubParts, Tx,
@@ -14,6 +13,7 @@ use crate::shared::{
 use crate::types::ConnectionEvent;
 use crate::Error;
 use futures_util::StreamExt;
+use qio_ipc::clean_path;
 use qio_ipc::{code, events, ErrorData, Id, Incoming, Op, Request};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};

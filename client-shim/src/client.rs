@@ -2,11 +2,11 @@
 
 use crate::actor::{Actor, Link};
 use crate::autostart;
-use qio_ipc::clean_path;
 use crate::shared::{Cmd, Common, Outgoing, Shared, MAILBOX};
 use crate::stream::{ConnectionEvents, Subscription};
 use crate::types::Reply;
 use crate::Error;
+use qio_ipc::clean_path;
 use qio_ipc::Op;
 use serde_json::Value;
 use std::ffi::OsString;
