@@ -134,26 +134,24 @@ impl Hub {
     }
 
     /// Removes a client and returns the paths whose confirmed subscription it held (to
-    /// give back to the session; references still waiting are given back by the driver).
+    /// give back to the session; references still `waiting` for an answer are given back
+    /// by the driver).
     ///
     /// Handles the client was allowed to answer stay in the bounded table until they age
     /// out; ids are never reused, so nobody else can use them.
-    pub fn leave(&self, id: u64) -> Vec<String> {
+    pub fn leave(&self, id: u64, waiting: &[String]) -> Vec<String> {
         let mut st = self.lock();
         st.clients.remove(&id);
-        let mut held: Vec<String> = Vec::new();
-        let paths: Vec<String> = st
-            .subs
-            .iter()
-            .filter(|(_, l)| l.iter().any(|s| s.client.id == id))
-            .map(|(p, _)| p.clone())
+        // Only this client's paths: all clients leaving at once must not cost
+        // clients x paths under the lock.
+        let held: Vec<String> = st
+            .by_client
+            .remove(&id)
+            .unwrap_or_default()
+            .into_iter()
             .collect();
-        let confirmed = st.by_client.remove(&id).unwrap_or_default();
-        for path in paths {
-            st.remove_subscriber(id, &path);
-            if confirmed.contains(&path) {
-                held.push(path);
-            }
+        for path in held.iter().chain(waiting) {
+            st.remove_subscriber(id, path);
         }
         held
     }
@@ -525,7 +523,7 @@ mod tests {
                 r#"{"event":"/p","data":2}"#
             ]
         );
-        assert_eq!(hub.leave(1), ["/p"]);
+        assert_eq!(hub.leave(1, &[]), ["/p"]);
     }
 
     #[tokio::test]
@@ -541,7 +539,7 @@ mod tests {
         );
         hub.dispatch(event("/p", 3));
         assert_eq!(lines(&a).await, [r#"{"event":"/p","data":1}"#]);
-        assert!(hub.leave(1).is_empty());
+        assert!(hub.leave(1, &[]).is_empty());
     }
 
     #[tokio::test]
@@ -553,7 +551,7 @@ mod tests {
         hub.abandon(1, "/p");
         hub.dispatch(event("/p", 2));
         assert!(lines(&a).await.is_empty());
-        assert!(hub.leave(1).is_empty(), "nothing to give back");
+        assert!(hub.leave(1, &[]).is_empty(), "nothing to give back");
     }
 
     #[tokio::test]
