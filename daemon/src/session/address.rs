@@ -64,7 +64,7 @@ mod tests {
     #[test]
     fn parse_table() {
         let ok = [
-            ("ws://127.0.0.1:1234/", "ws://127.0.0.1:1234/"),
+            ("ws://qio.test:1234/", "ws://qio.test:1234/"),
             ("http://h:1/qio", "ws://h:1/qio"),
             ("https://h/", "wss://h/"),
             (" wss://h:443/x ", "wss://h/x"),
