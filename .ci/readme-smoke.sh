@@ -8,9 +8,11 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$tmp"; }
 trap cleanup EXIT
 fail() { echo "README smoke test failed: $*"; for f in "$tmp"/*.log; do echo "--- $f"; cat "$f"; done; exit 1; }
-wait_socket() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; fail "no socket at $1"; }
+wait_socket() { for _ in $(seq 1200); do [ -S "$1" ] && return 0; sleep 0.05; done; fail "no socket at $1"; }
 
-cargo build -q --locked -p qiod -p qio-client -p qio-testserver --bins
+# Built one package at a time, as `cargo run -p X` builds them (features unify per
+# invocation), so the timed waits below never include a compile.
+for pkg in qiod qio-client qio-testserver; do cargo build -q --locked -p "$pkg" --bins; done
 qio() { cargo run -q --locked -p qio-client --bin qio -- "$@"; }
 
 echo "== the demo"
@@ -33,7 +35,8 @@ grep -q '"id":1,"code":200' <<<"$lines" || fail "socat on /demo/tick"
 echo "== qiod against the stand-alone test server"
 cargo run -q --locked -p qio-testserver >"$tmp/server.out" 2>"$tmp/server.log" &
 pids+=($!)
-for _ in $(seq 200); do [ -s "$tmp/server.out" ] && break; sleep 0.05; done
+for _ in $(seq 1200); do [ -s "$tmp/server.out" ] && break; sleep 0.05; done
+[ -s "$tmp/server.out" ] || fail "the test server printed no address"
 url=$(head -n1 "$tmp/server.out" | sed 's/^listening on //')
 echo "test server: $url"
 cargo run -q --locked -p qiod -- --server "$url" --socket "$tmp/qiod.sock" 2>"$tmp/qiod.log" &
