@@ -17,12 +17,12 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Upper bound for anything that should happen; tests normally finish far below it.
-const T: Duration = Duration::from_secs(5);
+pub(crate) const T: Duration = Duration::from_secs(5);
 /// How long "nothing happens" is checked for.
-const QUIET: Duration = Duration::from_millis(150);
+pub(crate) const QUIET: Duration = Duration::from_millis(150);
 
 fn cfg() -> ServerConfig {
     ServerConfig::default()
@@ -64,12 +64,12 @@ fn opened_ids(s: &TestServer) -> Vec<u64> {
         .collect()
 }
 
-async fn send(ws: &mut Ws, text: &str) {
+pub(crate) async fn send(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text)).await.unwrap();
 }
 
 /// The next text frame (anything else is a test failure).
-async fn recv(ws: &mut Ws) -> String {
+pub(crate) async fn recv(ws: &mut Ws) -> String {
     match tokio::time::timeout(T, ws.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
         other => panic!("expected a text frame, got {other:?}"),
@@ -77,7 +77,7 @@ async fn recv(ws: &mut Ws) -> String {
 }
 
 /// The next text frame that `keep` accepts, skipping the others (heartbeats, broadcasts).
-async fn recv_where(ws: &mut Ws, keep: impl Fn(&str) -> bool) -> String {
+pub(crate) async fn recv_where(ws: &mut Ws, keep: impl Fn(&str) -> bool) -> String {
     loop {
         let t = recv(ws).await;
         if keep(&t) {
@@ -111,13 +111,13 @@ async fn expect_closed(ws: &mut Ws) -> Option<CloseFrame> {
 }
 
 /// Asserts nothing at all arrives for [`QUIET`].
-async fn expect_quiet(ws: &mut Ws) {
+pub(crate) async fn expect_quiet(ws: &mut Ws) {
     if let Ok(msg) = tokio::time::timeout(QUIET, ws.next()).await {
         panic!("expected silence, got {msg:?}");
     }
 }
 
-async fn closed_with(server: &TestServer, conn: u64, want: CloseReason) -> bool {
+pub(crate) async fn closed_with(server: &TestServer, conn: u64, want: CloseReason) -> bool {
     server
         .wait_until(T, |s| s.closes().contains(&(conn, want.clone())))
         .await

@@ -17,14 +17,11 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+// The raw-client helpers are the 0.2 tests' own: the transport is the same.
+use crate::wire_tests::{closed_with, expect_quiet, recv, recv_where, send, Ws, T};
 
-/// Upper bound for anything that should happen; tests normally finish far below it.
-const T: Duration = Duration::from_secs(5);
-/// How long "nothing happens" is checked for.
-const QUIET: Duration = Duration::from_millis(150);
 /// The example key of RFC 6455 and its accept value.
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
@@ -63,28 +60,6 @@ async fn connect(server: &TestServer) -> (Ws, u64) {
     (ws, id)
 }
 
-async fn send(ws: &mut Ws, text: &str) {
-    ws.send(Message::text(text)).await.unwrap();
-}
-
-/// The next text frame (anything else is a test failure).
-async fn recv(ws: &mut Ws) -> String {
-    match tokio::time::timeout(T, ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
-        other => panic!("expected a text frame, got {other:?}"),
-    }
-}
-
-/// The next text frame that `keep` accepts, skipping the others.
-async fn recv_where(ws: &mut Ws, keep: impl Fn(&str) -> bool) -> String {
-    loop {
-        let t = recv(ws).await;
-        if keep(&t) {
-            return t;
-        }
-    }
-}
-
 /// Sends `text` and returns the next frame that is not a heartbeat or a broadcast.
 async fn call(ws: &mut Ws, text: &str) -> String {
     send(ws, text).await;
@@ -121,19 +96,6 @@ async fn expect_dropped(ws: &mut Ws) -> Vec<Message> {
             Some(Err(_)) | None => return got,
         }
     }
-}
-
-/// Asserts nothing at all arrives for [`QUIET`].
-async fn expect_quiet(ws: &mut Ws) {
-    if let Ok(msg) = tokio::time::timeout(QUIET, ws.next()).await {
-        panic!("expected silence, got {msg:?}");
-    }
-}
-
-async fn closed_with(server: &TestServer, conn: u64, want: CloseReason) -> bool {
-    server
-        .wait_until(T, |s| s.closes().contains(&(conn, want.clone())))
-        .await
 }
 
 async fn close_reason(server: &TestServer, conn: u64) -> CloseReason {
