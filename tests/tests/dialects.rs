@@ -114,15 +114,7 @@ async fn unsubscribed_events_are_dropped_in_both_dialects() {
             up.handle.request("/clienttest/echo", raw("1")).await.code,
             200
         );
-        while let Ok(n) = up.notices.try_recv() {
-            assert!(
-                !matches!(
-                    n,
-                    Notice::Event(_) | Notice::State(StateChange::Closed { .. })
-                ),
-                "{d}: {n:?}"
-            );
-        }
+        up.assert_no_event_nor_close(&d.to_string());
         up.stop().await;
     }
 }

@@ -127,6 +127,20 @@ impl Upstream {
         .await
     }
 
+    /// Asserts that nothing reported so far is an event or a lost connection: for checks
+    /// that something the server sent changed nothing.
+    pub fn assert_no_event_nor_close(&mut self, what: &str) {
+        while let Ok(n) = self.notices.try_recv() {
+            assert!(
+                !matches!(
+                    n,
+                    Notice::Event(_) | Notice::State(StateChange::Closed { .. })
+                ),
+                "{what}: {n:?}"
+            );
+        }
+    }
+
     /// Sends a conformance trigger (`/clienttest/close`, `move`, `send-invalid`...) as a
     /// request whose answer nobody waits for. Not fire-and-forget: such events are sent
     /// again after a broken connection (delivery is at least once), and a trigger that
