@@ -10,15 +10,18 @@ use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
     StateChange,
 };
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
@@ -27,6 +30,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use url::Url;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -47,8 +51,13 @@ pub struct DriverConfig {
     pub seed: u64,
     /// Capacity of the command channel from callers to the driver.
     pub command_capacity: usize,
-    /// Capacity of the notice channel from the driver to the layer above.
+    /// Capacity of the notice channel from the driver to the layer above. When it is
+    /// full the driver stops reading from the server; it holds at most as many notices
+    /// again (from commands and timers) before it waits for the layer above.
     pub notice_capacity: usize,
+    /// Bytes of frames that may wait to be written to the server; beyond, the connection
+    /// is closed as one that stopped reading.
+    pub write_queue_bytes: usize,
     /// Largest WebSocket message accepted from the server, in bytes.
     pub max_message_bytes: usize,
     /// A PEM file of CA certificates that `wss://` servers may chain to, trusted in
@@ -64,6 +73,7 @@ impl DriverConfig {
             seed: rand::random(),
             command_capacity: 1024,
             notice_capacity: 4096,
+            write_queue_bytes: 32 * 1024 * 1024,
             max_message_bytes: 16 * 1024 * 1024,
             ca_file: None,
         }
@@ -401,6 +411,23 @@ pub fn spawn(
     ),
     SpawnError,
 > {
+    let (handle, notices, task) = prepare(cfg, shutdown)?;
+    Ok((handle, notices, tokio::spawn(task)))
+}
+
+/// [`spawn`] without the spawning: the caller runs the returned future as a task of its
+/// own (the daemon puts it in its task tracker and watches it).
+pub fn prepare(
+    cfg: DriverConfig,
+    shutdown: CancellationToken,
+) -> Result<
+    (
+        SessionHandle,
+        mpsc::Receiver<Notice>,
+        impl Future<Output = ()> + Send + 'static,
+    ),
+    SpawnError,
+> {
     let session = Session::new(cfg.session.clone(), cfg.seed, Instant::now().into_std())?;
     let tls = tls_config(cfg.ca_file.as_deref())?;
     if let Some(path) = &cfg.ca_file {
@@ -413,10 +440,15 @@ pub fn spawn(
     let (notice_tx, notice_rx) = mpsc::channel(cfg.notice_capacity);
     let driver = Driver {
         write_timeout: cfg.session.ping_timeout,
+        write_queue_bytes: cfg.write_queue_bytes.max(1),
         session,
-        ws: None,
         connecting: None,
+        reader: None,
+        writer: None,
+        writers: TaskTracker::new(),
         notices: notice_tx,
+        held: VecDeque::new(),
+        held_max: cfg.notice_capacity.max(1),
         tls,
         // tungstenite zero-fills its whole read buffer before every read (128 KiB by
         // default): 32 KiB took a request's cost from 281 k to 70 k instructions.
@@ -425,25 +457,69 @@ pub fn spawn(
             .max_message_size(Some(cfg.max_message_bytes))
             .max_frame_size(Some(cfg.max_message_bytes)),
     };
-    let task = tokio::spawn(driver.run(rx, shutdown));
-    Ok((SessionHandle { tx }, notice_rx, task))
+    Ok((SessionHandle { tx }, notice_rx, driver.run(rx, shutdown)))
 }
 
+/// The driver's state. Its loop never awaits anything but its one `select!`: frames go to
+/// the connection's writer through a queue bounded in bytes, notices to the layer above
+/// through `held` when its channel is full, and everything else is a plain call into the
+/// session.
 struct Driver {
     session: Session<Reply>,
-    /// How long one write to the server may take. A server that stops reading would
-    /// otherwise block this loop (and with it heartbeats, timeouts and every caller);
-    /// one that takes no bytes for a ping timeout is as dead as one that answers no ping.
+    /// How long one write to the server may make no progress. A server that stops
+    /// reading is as dead as one that answers no ping, so the same limit applies.
     write_timeout: Duration,
-    ws: Option<Ws>,
+    /// Bytes of frames that may wait for the writer.
+    write_queue_bytes: usize,
     connecting: Option<Connecting>,
+    /// The reading half of the open connection.
+    reader: Option<SplitStream<Ws>>,
+    /// The writing half's task, fed by a queue.
+    writer: Option<Writer>,
+    /// Every writer task, including those saying goodbye on a closed connection; the
+    /// driver ends only after them.
+    writers: TaskTracker,
     notices: mpsc::Sender<Notice>,
+    /// Notices the layer above has no room for yet, oldest first. While any waits, the
+    /// driver reads nothing from the server (that is the backpressure); commands and
+    /// timers go on until `held_max` wait, and only a layer above that stopped taking
+    /// notices altogether gets there.
+    held: VecDeque<Notice>,
+    held_max: usize,
     tls: Arc<rustls::ClientConfig>,
     ws_config: WebSocketConfig,
 }
 
+/// The driver's side of a connection's writer task.
+struct Writer {
+    /// Frames to write, each with its share of the byte bound; the channel itself is
+    /// unbounded because `room` bounds it.
+    frames: mpsc::UnboundedSender<(Message, OwnedSemaphorePermit)>,
+    /// What is left of `write_queue_bytes`.
+    room: Arc<Semaphore>,
+    /// Ends with the reason when a write fails or makes no progress in time.
+    done: tokio::task::JoinHandle<Result<(), String>>,
+    /// Tells the task to stop: it then sends what is queued and a close frame, for at
+    /// most [`GOODBYE`].
+    goodbye: CancellationToken,
+}
+
+/// How long a closed connection may take to send its last frames and a close frame.
+const GOODBYE: Duration = Duration::from_secs(1);
+
 fn now() -> std::time::Instant {
     Instant::now().into_std()
+}
+
+/// What woke the driver's loop.
+enum Wake {
+    Stop,
+    Connected(Result<Ws, ConnectError>),
+    Message(Option<Result<Message, WsError>>),
+    Command(Option<Command>),
+    Timer,
+    WriteFailed(String),
+    Room(Option<mpsc::OwnedPermit<Notice>>),
 }
 
 impl Driver {
@@ -457,7 +533,8 @@ impl Driver {
         tokio::pin!(timer);
         let mut armed: Option<std::time::Instant> = None;
         loop {
-            self.carry_out().await;
+            self.carry_out();
+            self.forward_held();
             match (self.session.poll_timeout(), armed) {
                 (Some(next), Some(at)) if next >= at => {}
                 (Some(next), _) => {
@@ -466,29 +543,60 @@ impl Driver {
                 }
                 (None, _) => armed = None,
             }
+            let reading = self.reader.is_some() && self.held.is_empty();
+            let working = self.held.len() < self.held_max;
             // Not biased: a server flooding events must not starve callers, nor callers
             // the server; select! picks fairly among what is ready.
-            tokio::select! {
-                _ = &mut stopped => break,
+            let wake = tokio::select! {
+                _ = &mut stopped => Wake::Stop,
                 res = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
+                    Wake::Connected(res)
+                }
+                msg = async { self.reader.as_mut().expect("guarded").next().await }, if reading => {
+                    Wake::Message(msg)
+                }
+                res = async { (&mut self.writer.as_mut().expect("guarded").done).await }, if self.writer.is_some() => {
+                    Wake::WriteFailed(match res {
+                        Ok(Ok(())) => "the connection's writer ended".to_owned(),
+                        Ok(Err(reason)) => reason,
+                        Err(e) => format!("the connection's writer failed: {e}"),
+                    })
+                }
+                permit = self.notices.clone().reserve_owned(), if !self.held.is_empty() => {
+                    Wake::Room(permit.ok())
+                }
+                cmd = commands.recv(), if working => Wake::Command(cmd),
+                _ = &mut timer, if armed.is_some() && working => Wake::Timer,
+            };
+            match wake {
+                Wake::Stop | Wake::Command(None) => break,
+                Wake::Connected(res) => {
                     self.connecting = None;
                     match res {
                         Ok(ws) => {
-                            self.ws = Some(ws);
+                            self.open(ws);
                             self.session.handle_connected(now());
                         }
-                        Err(e) if e.wrong_dialect => self.session.handle_wrong_dialect(now(), &e.reason),
+                        Err(e) if e.wrong_dialect => {
+                            self.session.handle_wrong_dialect(now(), &e.reason)
+                        }
                         Err(e) => self.session.handle_connect_failed(now(), &e.reason),
                     }
                 }
-                msg = async { self.ws.as_mut().expect("guarded").next().await }, if self.ws.is_some() => {
-                    self.on_message(msg);
+                Wake::Message(msg) => self.on_message(msg),
+                Wake::WriteFailed(reason) => {
+                    self.drop_connection();
+                    self.session.handle_closed(now(), &reason);
                 }
-                cmd = commands.recv() => match cmd {
-                    Some(cmd) => self.on_command(cmd),
-                    None => break,
-                },
-                _ = &mut timer, if armed.is_some() => {
+                Wake::Room(Some(permit)) => {
+                    if let Some(notice) = self.held.pop_front() {
+                        permit.send(notice);
+                    }
+                }
+                // Nobody listens any more: nothing to keep.
+                Wake::Room(None) => self.held.clear(),
+                Wake::Command(Some(cmd)) => self.on_command(cmd),
+                Wake::Timer => {
                     armed = None;
                     self.session.handle_timeout(now());
                 }
@@ -499,10 +607,27 @@ impl Driver {
         while let Ok(cmd) = commands.try_recv() {
             self.on_command(cmd);
         }
-        self.carry_out().await;
+        self.carry_out();
+        self.drop_connection();
+        // The last notices (the session stopped) are worth a short wait for the layer
+        // above, which is draining its side; a layer above that takes nothing gets none.
+        let notices = self.notices.clone();
+        let held = std::mem::take(&mut self.held);
+        let last = async move {
+            for notice in held {
+                if notices.send(notice).await.is_err() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(GOODBYE, last).await.is_err() {
+            tracing::warn!("the notice loop took no notices for {GOODBYE:?}; dropped the last ones");
+        }
+        self.writers.close();
+        self.writers.wait().await;
     }
 
-    fn on_message(&mut self, msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) {
+    fn on_message(&mut self, msg: Option<Result<Message, WsError>>) {
         match msg {
             Some(Ok(Message::Text(text))) => self.session.handle_frame(now(), text.as_str()),
             Some(Ok(Message::Binary(_))) => {
@@ -512,7 +637,7 @@ impl Driver {
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
             Some(Ok(Message::Close(frame))) => {
-                self.ws = None;
+                self.drop_connection();
                 let reason = match frame {
                     Some(f) if !f.reason.is_empty() => {
                         format!("server closed the connection ({}: {})", f.code, f.reason)
@@ -523,12 +648,12 @@ impl Driver {
                 self.session.handle_closed(now(), &reason);
             }
             Some(Err(e)) => {
-                self.ws = None;
+                self.drop_connection();
                 self.session
                     .handle_closed(now(), &format!("connection error: {e}"));
             }
             None => {
-                self.ws = None;
+                self.drop_connection();
                 self.session
                     .handle_closed(now(), "connection closed without a close frame");
             }
@@ -565,78 +690,179 @@ impl Driver {
         }
     }
 
-    /// Carries out the session's instructions; frames are fed in a batch and flushed once.
-    async fn carry_out(&mut self) {
-        loop {
-            let mut unflushed = false;
-            while let Some(out) = self.session.poll_output() {
-                match out {
-                    Output::Connect { url, dialect } => {
-                        self.drop_connection();
-                        let tls = self.tls.clone();
-                        self.connecting =
-                            Some(Box::pin(connect(url, dialect, self.ws_config, tls)));
-                    }
-                    Output::Send(text) => {
-                        if let Some(ws) = self.ws.as_mut() {
-                            let sent = within(self.write_timeout, ws.feed(Message::text(text)));
-                            match sent.await {
-                                Ok(()) => unflushed = true,
-                                Err(reason) => {
-                                    self.ws = None;
-                                    unflushed = false;
-                                    self.session.handle_closed(now(), &reason);
-                                }
-                            }
-                        }
-                    }
-                    Output::Close => self.drop_connection(),
-                    Output::Reply(Reply::Plain(tx), outcome) => {
-                        let _ = tx.send(outcome);
-                    }
-                    Output::Reply(Reply::Subscribe { tx, path }, outcome) => {
-                        if let Err(outcome) = tx.send(outcome) {
-                            if outcome.code == crate::session::code::OK {
-                                self.session.unsubscribe(&path);
-                            }
-                        }
-                    }
-                    Output::Event(ev) => notify(&self.notices, Notice::Event(ev)).await,
-                    Output::State(state) => {
-                        log_state(&state);
-                        notify(&self.notices, Notice::State(state)).await
-                    }
-                    Output::SubscriptionLost { path, outcome } => {
-                        tracing::warn!(
-                            path,
-                            code = outcome.code,
-                            "the server refused a restored subscription"
-                        );
-                        notify(&self.notices, Notice::SubscriptionLost { path, outcome }).await
+    /// Carries out every instruction the session has; none of them waits.
+    fn carry_out(&mut self) {
+        while let Some(out) = self.session.poll_output() {
+            self.act(out);
+        }
+    }
+
+    /// Carries out one instruction of the session.
+    fn act(&mut self, out: Output<Reply>) {
+        match out {
+            Output::Connect { url, dialect } => {
+                self.drop_connection();
+                let tls = self.tls.clone();
+                self.connecting = Some(Box::pin(connect(url, dialect, self.ws_config, tls)));
+            }
+            Output::Send(text) => self.send(text),
+            Output::Close => self.drop_connection(),
+            Output::Reply(Reply::Plain(tx), outcome) => {
+                let _ = tx.send(outcome);
+            }
+            Output::Reply(Reply::Subscribe { tx, path }, outcome) => {
+                if let Err(outcome) = tx.send(outcome) {
+                    if outcome.code == crate::session::code::OK {
+                        self.session.unsubscribe(&path);
                     }
                 }
             }
-            let Some(ws) = self.ws.as_mut().filter(|_| unflushed) else {
-                return;
-            };
-            let Err(reason) = within(self.write_timeout, ws.flush()).await else {
-                return;
-            };
-            // The failure produces more instructions (fail callbacks, back off): go again.
-            self.ws = None;
-            self.session.handle_closed(now(), &reason);
+            Output::Event(ev) => self.notify(Notice::Event(ev)),
+            Output::State(state) => {
+                log_state(&state);
+                self.notify(Notice::State(state))
+            }
+            Output::SubscriptionLost { path, outcome } => {
+                tracing::warn!(
+                    path,
+                    code = outcome.code,
+                    "the server refused a restored subscription"
+                );
+                self.notify(Notice::SubscriptionLost { path, outcome })
+            }
         }
+    }
+
+    /// Hands a notice up, or holds it (in order) while the layer above has no room.
+    fn notify(&mut self, notice: Notice) {
+        if !self.held.is_empty() {
+            self.held.push_back(notice);
+            return;
+        }
+        match self.notices.try_send(notice) {
+            Ok(()) => {}
+            Err(TrySendError::Full(notice)) => self.held.push_back(notice),
+            // Nobody listening is fine: a session may run without a layer above (tests).
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Passes on as many held notices as the layer above has room for.
+    fn forward_held(&mut self) {
+        while let Some(notice) = self.held.pop_front() {
+            match self.notices.try_send(notice) {
+                Ok(()) => {}
+                Err(TrySendError::Full(notice)) => {
+                    self.held.push_front(notice);
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.held.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queues a frame for the writer. A frame that does not fit in `write_queue_bytes`
+    /// means the server reads far slower than it is written to: the connection is closed
+    /// like one whose write made no progress (the session then fails or re-sends what was
+    /// in flight, as after any break). One frame larger than the whole bound is let in
+    /// when the queue is empty.
+    fn send(&mut self, text: String) {
+        let Some(writer) = self.writer.as_ref() else {
+            return;
+        };
+        let bound = self.write_queue_bytes.min(u32::MAX as usize);
+        let share = u32::try_from(text.len().clamp(1, bound)).unwrap_or(u32::MAX);
+        match writer.room.clone().try_acquire_many_owned(share) {
+            Ok(permit) => {
+                // A writer that ended reports why through its `done`.
+                let _ = writer.frames.send((Message::text(text), permit));
+            }
+            Err(_) => {
+                let reason = format!(
+                    "the server stopped reading: more than {} bytes of frames wait to be \
+                     written to it (write_queue_bytes)",
+                    self.write_queue_bytes
+                );
+                self.drop_connection();
+                self.session.handle_closed(now(), &reason);
+            }
+        }
+    }
+
+    /// Takes a fresh connection: the reading half stays here, the writing half goes to a
+    /// writer task.
+    fn open(&mut self, ws: Ws) {
+        let (sink, stream) = ws.split();
+        let (frames, queue) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(
+            self.write_queue_bytes.min(Semaphore::MAX_PERMITS),
+        ));
+        let goodbye = CancellationToken::new();
+        let done = self.writers.spawn(write_loop(
+            sink,
+            queue,
+            self.write_timeout,
+            goodbye.clone(),
+        ));
+        self.reader = Some(stream);
+        self.writer = Some(Writer {
+            frames,
+            room,
+            done,
+            goodbye,
+        });
     }
 
     fn drop_connection(&mut self) {
         self.connecting = None;
-        if let Some(mut ws) = self.ws.take() {
+        self.reader = None;
+        if let Some(writer) = self.writer.take() {
             // Say goodbye politely without holding up the loop on a stalled server.
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-            });
+            writer.goodbye.cancel();
         }
     }
+}
+
+/// The writer of one connection: writes queued frames in order, a burst fed as one batch
+/// and flushed once, until `goodbye`; then sends what is still queued and a close frame,
+/// for at most [`GOODBYE`]. Ends early, with the reason, when a write fails or makes no
+/// progress for `limit`.
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    mut queue: mpsc::UnboundedReceiver<(Message, OwnedSemaphorePermit)>,
+    limit: Duration,
+    goodbye: CancellationToken,
+) -> Result<(), String> {
+    let pump = async {
+        while let Some((frame, room)) = queue.recv().await {
+            within(limit, sink.feed(frame)).await?;
+            drop(room);
+            while let Ok((frame, room)) = queue.try_recv() {
+                within(limit, sink.feed(frame)).await?;
+                drop(room);
+            }
+            within(limit, sink.flush()).await?;
+        }
+        Ok(())
+    };
+    let result = tokio::select! {
+        res = pump => res,
+        _ = goodbye.cancelled() => Ok(()),
+    };
+    if result.is_ok() {
+        let last = async {
+            queue.close();
+            while let Some((frame, _)) = queue.recv().await {
+                sink.feed(frame).await?;
+            }
+            sink.close().await
+        };
+        let _ = tokio::time::timeout(GOODBYE, last).await;
+    }
+    result
 }
 
 /// Runs one write with a deadline, turning both failure kinds into a close reason.
@@ -651,12 +877,6 @@ async fn within<E: std::fmt::Display>(
             "the server stopped reading: a write did not complete within {limit:?}"
         )),
     }
-}
-
-/// Hands a notice up, waiting while the layer above is behind (that is the backpressure).
-async fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
-    // Nobody listening is fine: a session may run without a layer above (tests).
-    let _ = notices.send(notice).await;
 }
 
 fn log_state(state: &StateChange) {
