@@ -58,6 +58,10 @@ use tokio_util::task::TaskTracker;
 
 /// Accepts local clients until `stop_accepting`; each client runs until it leaves or
 /// `stop_clients`. Returns once every client task has ended.
+///
+/// Every task it starts runs in `tasks` (the daemon's tracker), so they are waited for
+/// even if this loop itself fails; `clients` only counts the client tasks for
+/// `max_clients`.
 pub async fn serve(
     listener: UnixListener,
     cfg: IpcConfig,
@@ -65,9 +69,10 @@ pub async fn serve(
     hub: Arc<Hub>,
     stop_accepting: CancellationToken,
     stop_clients: CancellationToken,
+    tasks: TaskTracker,
 ) {
     let cfg = Arc::new(cfg);
-    let tracker = TaskTracker::new();
+    let clients = TaskTracker::new();
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     let mut next_id = 0u64;
@@ -107,13 +112,13 @@ pub async fn serve(
                 continue;
             }
         }
-        if tracker.len() >= cfg.max_clients {
+        if clients.len() >= cfg.max_clients {
             tracing::warn!(
                 max_clients = cfg.max_clients,
                 "refused a local client: too many clients"
             );
             let mut stream = stream;
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let line = b"{\"event\":\"/error\",\"data\":{\"code\":-3,\"err_msg\":\"too many local clients (max_clients); try again later\"}}\n";
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(line)).await;
@@ -121,15 +126,15 @@ pub async fn serve(
             continue;
         }
         next_id += 1;
-        tracker.spawn(client::serve_client(
+        tasks.spawn(clients.track_future(client::serve_client(
             stream,
             next_id,
             hub.clone(),
             session.clone(),
             cfg.clone(),
             stop_clients.clone(),
-        ));
+        )));
     }
-    tracker.close();
-    tracker.wait().await;
+    clients.close();
+    clients.wait().await;
 }
