@@ -106,6 +106,10 @@ pub struct Args {
     /// Largest WebSocket message accepted from the server, in bytes
     #[arg(long, env = "QIOD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<String>,
+    /// Most bytes of frames waiting to be written to the server; beyond, the connection
+    /// counts as one whose server stopped reading
+    #[arg(long, env = "QIOD_WRITE_QUEUE_BYTES", value_name = "BYTES")]
+    pub write_queue_bytes: Option<String>,
     /// Longest request line accepted from a client, in bytes
     #[arg(long, env = "QIOD_MAX_LINE_BYTES", value_name = "BYTES")]
     pub max_line_bytes: Option<String>,
@@ -206,6 +210,7 @@ struct FileConfig {
     max_pending_callbacks: Option<toml::Value>,
     max_subscriptions: Option<toml::Value>,
     max_message_bytes: Option<toml::Value>,
+    write_queue_bytes: Option<toml::Value>,
     max_line_bytes: Option<toml::Value>,
     client_queue_events: Option<toml::Value>,
     slow_client: Option<toml::Value>,
@@ -265,6 +270,7 @@ const NUMS: &[Num] = &[
     count!(max_pending_callbacks => driver.session.max_pending_callbacks),
     count!(max_subscriptions => driver.session.max_subscriptions),
     count!(max_message_bytes => driver.max_message_bytes),
+    count!(write_queue_bytes => driver.write_queue_bytes),
     count!(max_line_bytes => ipc.max_line_bytes),
     count!(client_queue_events => ipc.client_queue_events),
     count!(max_clients => ipc.max_clients),
