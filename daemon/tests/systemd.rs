@@ -305,6 +305,84 @@ async fn tells_systemd_ready_status_watchdog_and_stopping() {
     assert!(qiod.wait_exit().await.success());
 }
 
+/// The watchdog follows the session loop answering, so a loop that waited on the server
+/// would get qiod killed for an upstream stall. Here the server stops reading while a
+/// client pushes 48 MiB at it, far beyond what loopback buffers hold: the writer is stuck
+/// on the socket, and the keep-alives must go on all the same.
+#[tokio::test]
+async fn a_stalled_server_does_not_starve_the_watchdog() {
+    let server = TestServer::start(ServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let notify_path = dir.path().join("notify");
+    let mut notes = Notes::bind(&notify_path);
+    let socket = dir.path().join("qiod.sock");
+    let mut cmd = Qiod::command(dir.path());
+    cmd.args(["--server", &server.url(), "--socket"])
+        .arg(&socket)
+        // Nothing may give up on the stalled server during the test: no heartbeat, a
+        // write deadline of a minute, room for every event.
+        .args(["--heartbeat-interval-ms", "600000", "--ping-timeout-ms", "60000"])
+        .args(["--queue-max-bytes", "268435456", "--queue-max-events", "100000"])
+        .args(["--write-queue-bytes", "268435456"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        // A keep-alive every 100 ms, each probe allowed 50 ms.
+        .env("WATCHDOG_USEC", "200000");
+    let mut qiod = Qiod::spawn(cmd, dir.path());
+    notes.expect("READY=1", |l| l == "READY=1").await;
+    let mut client = Client::connect(&socket).await;
+    client.until("/open", |v| v["event"] == "/open").await;
+    notes.expect("a keep-alive", |l| l == "WATCHDOG=1").await;
+
+    server.set_stalled(true);
+    const EVENTS: u64 = 768;
+    let line = json!({"op": "send", "path": "/flood", "data": "x".repeat(64 * 1024)});
+    let mut text = line.to_string();
+    text.push('\n');
+    let flood = tokio::spawn(async move {
+        for _ in 0..EVENTS {
+            client.w.write_all(text.as_bytes()).await.expect("write");
+        }
+        client
+    });
+    // Every event has gone to the writer once `status` counts it; `status` itself takes
+    // the path of the watchdog's probe (the session loop).
+    let mut probe = Client::connect(&socket).await;
+    let deadline = Instant::now() + DEADLINE;
+    for id in 1u64.. {
+        probe.send(json!({"op": "status", "id": id})).await;
+        let st = tokio::time::timeout_at(
+            deadline.into(),
+            probe.until("the status", |v| v["id"] == id),
+        )
+        .await
+        .expect("status answers while the server does not read");
+        assert_eq!(st["data"]["state"], "open", "{st}");
+        if st["data"]["events_out"].as_u64() == Some(EVENTS) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The writer is stuck now; keep-alives go on.
+    for n in 0..5 {
+        notes
+            .expect(&format!("keep-alive {n} during the stall"), |l| {
+                l == "WATCHDOG=1"
+            })
+            .await;
+    }
+    let log = std::fs::read_to_string(&qiod.log).unwrap_or_default();
+    assert!(!log.contains("withholding"), "a probe went unanswered:\n{log}");
+
+    server.set_stalled(false);
+    let mut client = flood.await.unwrap();
+    client.send(json!({"op": "send", "path": "/clienttest/echo", "data": 1, "id": 1})).await;
+    let echo = client.until("the echo", |v| v["id"] == 1).await;
+    assert_eq!(echo["code"], 200, "{echo}");
+    qiod.signal(libc::SIGTERM);
+    notes.expect("STOPPING=1", |l| l == "STOPPING=1").await;
+    assert!(qiod.wait_exit().await.success());
+}
+
 #[tokio::test]
 async fn demo_broadcasts_ticks_without_a_server_setting() {
     let dir = tempfile::tempdir().unwrap();
