@@ -4,6 +4,18 @@
 //! Everything else talks to it through [`SessionHandle`], whose calls travel over a
 //! bounded channel and come back on oneshot channels, so a flood of callers waits
 //! instead of growing a queue without limit.
+//!
+//! The loop never waits on anything but its one `select!`, so neither the server nor the
+//! layer above can stop callers or timers:
+//! - The WebSocket is split. The reading half is polled in the `select!`; the writing half
+//!   belongs to a writer task per connection, fed through a queue bounded in bytes
+//!   (`write_queue_bytes`). A write that does not complete within the ping timeout, or a
+//!   frame that does not fit in the queue, closes the connection: its server stopped
+//!   reading.
+//! - Notices go up with `try_send`; those the layer above has no room for are held, in
+//!   order, and passed on as room comes (a `reserve` in the `select!`). While any are
+//!   held the driver reads nothing from the server, which is the backpressure.
+//! - `Driver::act` maps one session [`Output`] to what the driver does with it.
 
 use crate::codec::Dialect;
 use crate::session::{
@@ -482,8 +494,11 @@ struct Driver {
     notices: mpsc::Sender<Notice>,
     /// Notices the layer above has no room for yet, oldest first. While any waits, the
     /// driver reads nothing from the server (that is the backpressure); commands and
-    /// timers go on until `held_max` wait, and only a layer above that stopped taking
-    /// notices altogether gets there.
+    /// timers go on. Commands can make notices too (with the events of a read they keep
+    /// one order), so beyond `held_max` the driver takes no more commands: only a layer
+    /// above that stopped taking notices altogether gets there, and then the watchdog's
+    /// probe (a command) goes unanswered, as it should. Timers always run; their notices
+    /// are a few state changes per connection attempt.
     held: VecDeque<Notice>,
     held_max: usize,
     tls: Arc<rustls::ClientConfig>,
@@ -566,7 +581,7 @@ impl Driver {
                     Wake::Room(permit.ok())
                 }
                 cmd = commands.recv(), if working => Wake::Command(cmd),
-                _ = &mut timer, if armed.is_some() && working => Wake::Timer,
+                _ = &mut timer, if armed.is_some() => Wake::Timer,
             };
             match wake {
                 Wake::Stop | Wake::Command(None) => break,
@@ -621,7 +636,9 @@ impl Driver {
             }
         };
         if tokio::time::timeout(GOODBYE, last).await.is_err() {
-            tracing::warn!("the notice loop took no notices for {GOODBYE:?}; dropped the last ones");
+            tracing::warn!(
+                "the notice loop took no notices for {GOODBYE:?}; dropped the last ones"
+            );
         }
         self.writers.close();
         self.writers.wait().await;
@@ -801,12 +818,9 @@ impl Driver {
             self.write_queue_bytes.min(Semaphore::MAX_PERMITS),
         ));
         let goodbye = CancellationToken::new();
-        let done = self.writers.spawn(write_loop(
-            sink,
-            queue,
-            self.write_timeout,
-            goodbye.clone(),
-        ));
+        let done = self
+            .writers
+            .spawn(write_loop(sink, queue, self.write_timeout, goodbye.clone()));
         self.reader = Some(stream);
         self.writer = Some(Writer {
             frames,

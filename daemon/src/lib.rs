@@ -153,9 +153,8 @@ pub async fn run_with(
     tasks.close();
     tasks.wait().await;
     // A panic during the shutdown is a failure too; an essential task ending then is not.
-    let failure = failure.or_else(|| {
-        std::iter::from_fn(|| died.try_recv().ok()).find(|d| d.panic.is_some())
-    });
+    let failure =
+        failure.or_else(|| std::iter::from_fn(|| died.try_recv().ok()).find(|d| d.panic.is_some()));
     match failure {
         None => Ok(()),
         Some(death) => Err(anyhow::anyhow!(
@@ -209,11 +208,7 @@ impl std::fmt::Display for Death {
 }
 
 /// Runs an essential task and reports its end, a panic included, on `died`.
-async fn watch(
-    task: Task,
-    fut: TaskFuture,
-    died: mpsc::Sender<Death>,
-) {
+async fn watch(task: Task, fut: TaskFuture, died: mpsc::Sender<Death>) {
     use futures_util::FutureExt;
     let panic = std::panic::AssertUnwindSafe(fut)
         .catch_unwind()
@@ -353,7 +348,9 @@ mod tests {
                 .await
                 .unwrap_or_else(|_| panic!("{task} failed ({panic}) and the daemon went on"))
                 .expect("run_with itself does not panic");
-            let err = result.expect_err("a failed essential task is an error").to_string();
+            let err = result
+                .expect_err("a failed essential task is an error")
+                .to_string();
             let how = if panic {
                 "panicked: injected fault"
             } else {

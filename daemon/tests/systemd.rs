@@ -321,8 +321,18 @@ async fn a_stalled_server_does_not_starve_the_watchdog() {
         .arg(&socket)
         // Nothing may give up on the stalled server during the test: no heartbeat, a
         // write deadline of a minute, room for every event.
-        .args(["--heartbeat-interval-ms", "600000", "--ping-timeout-ms", "60000"])
-        .args(["--queue-max-bytes", "268435456", "--queue-max-events", "100000"])
+        .args([
+            "--heartbeat-interval-ms",
+            "600000",
+            "--ping-timeout-ms",
+            "60000",
+        ])
+        .args([
+            "--queue-max-bytes",
+            "268435456",
+            "--queue-max-events",
+            "100000",
+        ])
         .args(["--write-queue-bytes", "268435456"])
         .env("NOTIFY_SOCKET", &notify_path)
         // A keep-alive every 100 ms, each probe allowed 50 ms.
@@ -371,11 +381,16 @@ async fn a_stalled_server_does_not_starve_the_watchdog() {
             .await;
     }
     let log = std::fs::read_to_string(&qiod.log).unwrap_or_default();
-    assert!(!log.contains("withholding"), "a probe went unanswered:\n{log}");
+    assert!(
+        !log.contains("withholding"),
+        "a probe went unanswered:\n{log}"
+    );
 
     server.set_stalled(false);
     let mut client = flood.await.unwrap();
-    client.send(json!({"op": "send", "path": "/clienttest/echo", "data": 1, "id": 1})).await;
+    client
+        .send(json!({"op": "send", "path": "/clienttest/echo", "data": 1, "id": 1}))
+        .await;
     let echo = client.until("the echo", |v| v["id"] == 1).await;
     assert_eq!(echo["code"], 200, "{echo}");
     qiod.signal(libc::SIGTERM);

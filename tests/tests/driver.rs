@@ -55,7 +55,12 @@ async fn a_server_that_stops_reading_stops_neither_commands_nor_timers() {
     // Once the server reads again, everything arrives.
     server.set_stalled(false);
     until("the server received the flood", || async {
-        server.received().iter().filter(|r| r.path == "/flood").count() == 768
+        server
+            .received()
+            .iter()
+            .filter(|r| r.path == "/flood")
+            .count()
+            == 768
     })
     .await;
     up.stop().await;
@@ -122,7 +127,11 @@ async fn notices_nobody_takes_pause_reading_but_not_commands() {
         let (data, _) = up.wait_event("/news").await;
         seen.push(data.as_u64().expect("a number"));
     }
-    assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>(), "complete and in order");
+    assert_eq!(
+        seen,
+        (0..EVENTS).collect::<Vec<_>>(),
+        "complete and in order"
+    );
     // States keep their place among the events: a close after the events comes after them.
     up.trigger("/clienttest/close", "null").await;
     let closed = up
