@@ -529,7 +529,7 @@ fn now() -> std::time::Instant {
 /// What woke the driver's loop.
 enum Wake {
     Stop,
-    Connected(Result<Ws, ConnectError>),
+    Connected(Box<Result<Ws, ConnectError>>),
     Message(Option<Result<Message, WsError>>),
     Command(Option<Command>),
     Timer,
@@ -565,7 +565,7 @@ impl Driver {
             let wake = tokio::select! {
                 _ = &mut stopped => Wake::Stop,
                 res = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
-                    Wake::Connected(res)
+                    Wake::Connected(Box::new(res))
                 }
                 msg = async { self.reader.as_mut().expect("guarded").next().await }, if reading => {
                     Wake::Message(msg)
@@ -587,7 +587,7 @@ impl Driver {
                 Wake::Stop | Wake::Command(None) => break,
                 Wake::Connected(res) => {
                     self.connecting = None;
-                    match res {
+                    match *res {
                         Ok(ws) => {
                             self.open(ws);
                             self.session.handle_connected(now());
