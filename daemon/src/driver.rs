@@ -7,8 +7,9 @@
 //!
 //! The loop never waits on anything but its one `select!`, so neither the server nor the
 //! layer above can stop callers or timers:
-//! - The WebSocket is split. The reading half is polled in the `select!`; the writing half
-//!   belongs to a writer task per connection, fed through a queue bounded in bytes
+//! - The WebSocket is split. The reading half is polled in the `select!`, and so is the
+//!   writer that owns the writing half (a future, handed to a task of its own only to say
+//!   goodbye on a closed connection), fed through a queue bounded in bytes
 //!   (`write_queue_bytes`). A write that does not complete within the ping timeout, or a
 //!   frame that does not fit in the queue, closes the connection: its server stopped
 //!   reading.
@@ -486,10 +487,9 @@ struct Driver {
     connecting: Option<Connecting>,
     /// The reading half of the open connection.
     reader: Option<SplitStream<Ws>>,
-    /// The writing half's task, fed by a queue.
+    /// The writing half, fed by a queue.
     writer: Option<Writer>,
-    /// Every writer task, including those saying goodbye on a closed connection; the
-    /// driver ends only after them.
+    /// The writers of closed connections saying goodbye; the driver ends only after them.
     writers: TaskTracker,
     notices: mpsc::Sender<Notice>,
     /// Notices the layer above has no room for yet, oldest first. While any waits, the
@@ -505,17 +505,19 @@ struct Driver {
     ws_config: WebSocketConfig,
 }
 
-/// The driver's side of a connection's writer task.
+/// The writer of the open connection: a future the loop polls in its `select!`, so a
+/// write costs no hand-off to another thread, and a blocked one holds up nothing else.
 struct Writer {
     /// Frames to write, each with its share of the byte bound; the channel itself is
     /// unbounded because `room` bounds it.
     frames: mpsc::UnboundedSender<(Message, OwnedSemaphorePermit)>,
     /// What is left of `write_queue_bytes`.
     room: Arc<Semaphore>,
-    /// Ends with the reason when a write fails or makes no progress in time.
-    done: tokio::task::JoinHandle<Result<(), String>>,
-    /// Tells the task to stop: it then sends what is queued and a close frame, for at
-    /// most [`GOODBYE`].
+    /// [`write_loop`]; ends with the reason when a write fails or makes no progress in
+    /// time.
+    task: Pin<Box<dyn Future<Output = Result<(), String>> + Send>>,
+    /// Tells the writer to stop: it then sends what is queued and a close frame, for at
+    /// most [`GOODBYE`], as a task of its own.
     goodbye: CancellationToken,
 }
 
@@ -570,11 +572,10 @@ impl Driver {
                 msg = async { self.reader.as_mut().expect("guarded").next().await }, if reading => {
                     Wake::Message(msg)
                 }
-                res = async { (&mut self.writer.as_mut().expect("guarded").done).await }, if self.writer.is_some() => {
+                res = async { self.writer.as_mut().expect("guarded").task.as_mut().await }, if self.writer.is_some() => {
                     Wake::WriteFailed(match res {
-                        Ok(Ok(())) => "the connection's writer ended".to_owned(),
-                        Ok(Err(reason)) => reason,
-                        Err(e) => format!("the connection's writer failed: {e}"),
+                        Ok(()) => "the connection's writer ended".to_owned(),
+                        Err(reason) => reason,
                     })
                 }
                 permit = self.notices.clone().reserve_owned(), if !self.held.is_empty() => {
@@ -794,7 +795,7 @@ impl Driver {
         let share = u32::try_from(text.len().clamp(1, bound)).unwrap_or(u32::MAX);
         match writer.room.clone().try_acquire_many_owned(share) {
             Ok(permit) => {
-                // A writer that ended reports why through its `done`.
+                // A writer that ended reports why when the loop polls it.
                 let _ = writer.frames.send((Message::text(text), permit));
             }
             Err(_) => {
@@ -809,8 +810,8 @@ impl Driver {
         }
     }
 
-    /// Takes a fresh connection: the reading half stays here, the writing half goes to a
-    /// writer task.
+    /// Takes a fresh connection: both halves stay with the loop, the writing half inside
+    /// its writer.
     fn open(&mut self, ws: Ws) {
         let (sink, stream) = ws.split();
         let (frames, queue) = mpsc::unbounded_channel();
@@ -818,14 +819,12 @@ impl Driver {
             self.write_queue_bytes.min(Semaphore::MAX_PERMITS),
         ));
         let goodbye = CancellationToken::new();
-        let done = self
-            .writers
-            .spawn(write_loop(sink, queue, self.write_timeout, goodbye.clone()));
+        let task = Box::pin(write_loop(sink, queue, self.write_timeout, goodbye.clone()));
         self.reader = Some(stream);
         self.writer = Some(Writer {
             frames,
             room,
-            done,
+            task,
             goodbye,
         });
     }
@@ -834,14 +833,19 @@ impl Driver {
         self.connecting = None;
         self.reader = None;
         if let Some(writer) = self.writer.take() {
-            // Say goodbye politely without holding up the loop on a stalled server.
+            // Say goodbye politely without holding up the loop on a stalled server: the
+            // writer finishes in a task of its own.
             writer.goodbye.cancel();
+            drop(writer.frames);
+            self.writers.spawn(async move {
+                let _ = writer.task.await;
+            });
         }
     }
 }
 
 /// The writer of one connection: writes queued frames in order, a burst fed as one batch
-/// and flushed once, until `goodbye`; then sends what is still queued and a close frame,
+/// and flushed once, until `goodbye` (or until the queue's sender is gone); then sends what is still queued and a close frame,
 /// for at most [`GOODBYE`]. Ends early, with the reason, when a write fails or makes no
 /// progress for `limit`.
 async fn write_loop(
