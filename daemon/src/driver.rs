@@ -601,6 +601,8 @@ impl Driver {
                 }
                 Wake::Message(msg) => self.on_message(msg),
                 Wake::WriteFailed(reason) => {
+                    // The writer has ended: there is no goodbye left for it to say.
+                    self.writer = None;
                     self.drop_connection();
                     self.session.handle_closed(now(), &reason);
                 }

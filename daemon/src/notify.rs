@@ -156,7 +156,10 @@ impl Keepalive {
 ///
 /// The keep-alive must mean "the daemon still works", not "a timer still fires": the
 /// request goes through the session's bounded mailbox and its loop, so a wedged or dead
-/// driver stops the keep-alives and systemd restarts the daemon.
+/// driver stops the keep-alives and systemd restarts the daemon. That loop never waits on
+/// the server (it writes through a queue and stops only reading when the hub is behind),
+/// so an upstream stall does not stop them; a notice loop that takes nothing at all does,
+/// since the driver then stops taking requests.
 async fn probe(session: &SessionHandle, limit: Duration) -> bool {
     matches!(
         tokio::time::timeout(limit, session.status()).await,
