@@ -112,6 +112,13 @@ pub struct Args {
     /// Events buffered for one client before slow_client applies
     #[arg(long, env = "QIOD_CLIENT_QUEUE_EVENTS", value_name = "N")]
     pub client_queue_events: Option<String>,
+    /// Bytes buffered for one client (events and replies) before slow_client applies
+    #[arg(long, env = "QIOD_CLIENT_QUEUE_BYTES", value_name = "BYTES")]
+    pub client_queue_bytes: Option<String>,
+    /// How long a client being disconnected (slow_client, overflow, shutdown) may take to
+    /// read what is queued for it before its socket is closed, in ms
+    #[arg(long, env = "QIOD_CLIENT_CLOSE_GRACE_MS", value_name = "MS")]
+    pub client_close_grace_ms: Option<String>,
     /// What to do with a client that reads too slowly: drop-oldest or disconnect
     #[arg(long, env = "QIOD_SLOW_CLIENT", value_name = "POLICY")]
     pub slow_client: Option<String>,
@@ -208,6 +215,8 @@ struct FileConfig {
     max_message_bytes: Option<toml::Value>,
     max_line_bytes: Option<toml::Value>,
     client_queue_events: Option<toml::Value>,
+    client_queue_bytes: Option<toml::Value>,
+    client_close_grace_ms: Option<toml::Value>,
     slow_client: Option<toml::Value>,
     dialect: Option<toml::Value>,
     max_frame_bytes: Option<toml::Value>,
@@ -267,6 +276,8 @@ const NUMS: &[Num] = &[
     count!(max_message_bytes => driver.max_message_bytes),
     count!(max_line_bytes => ipc.max_line_bytes),
     count!(client_queue_events => ipc.client_queue_events),
+    count!(client_queue_bytes => ipc.client_queue_bytes),
+    millis!(client_close_grace_ms => ipc.client_close_grace),
     count!(max_clients => ipc.max_clients),
     count!(max_pending_per_client => ipc.max_pending_per_client),
     count!(max_subscriptions_per_client => ipc.max_subscriptions_per_client),

@@ -2,19 +2,19 @@
 
 use super::hub::{error_event, event_line, to_raw, ClientRef, Hub};
 use super::lines::{Line, LineDecoder};
-use super::outbox::Outbox;
+use super::outbox::{Outbox, BATCH_LINES};
 use super::IpcConfig;
 use crate::codec;
 use crate::driver::SessionHandle;
 use crate::session::{code, CbHandle, Outcome};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use qio_ipc::{events, Id, Op, RawRequest, ReplyOut};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::io::IoSlice;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -63,18 +63,21 @@ pub async fn serve_client(
     stop: CancellationToken,
 ) {
     let (rd, wr) = stream.into_split();
+    let grace = cfg.client_close_grace;
     let client = Arc::new(ClientRef {
         id,
         outbox: Outbox::new(
             cfg.client_queue_events,
             cfg.max_pending_per_client,
             cfg.slow_client,
-        ),
+        )
+        .with_max_bytes(cfg.client_queue_bytes),
         kick: stop.child_token(),
         pending_events: cfg.client_queue_events,
     });
     hub.join(client.clone());
-    let writer = tokio::spawn(write_loop(wr, client.clone()));
+    let abort_writer = CancellationToken::new();
+    let mut writer = tokio::spawn(write_loop(wr, client.clone(), abort_writer.clone()));
     // A small first buffer: 8 KiB per idle client was most of the daemon's memory.
     let mut lines = FramedRead::with_capacity(rd, LineDecoder::new(cfg.max_line_bytes), 512);
     let mut conn = Conn {
@@ -121,42 +124,84 @@ pub async fn serve_client(
         session.unsubscribe(&path).await;
     }
     client.outbox.close();
-    // A client that stopped reading must not hold up shutdown.
-    if tokio::time::timeout(Duration::from_secs(2), writer)
-        .await
-        .is_err()
-    {
-        tracing::debug!(client = id, "writer did not finish; dropping it");
+    // What is queued gets a bounded time to go out; then the writer is stopped and the
+    // socket closed, so a client that stopped reading neither holds up shutdown nor keeps
+    // its descriptor, its task and its last batch.
+    if tokio::time::timeout(grace, &mut writer).await.is_err() {
+        tracing::debug!(client = id, "writer did not finish within {grace:?}; closing");
+        abort_writer.cancel();
+        let _ = writer.await;
     }
     tracing::debug!(client = id, "client left");
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, client: Arc<ClientRef>) {
-    while let Some(batch) = client.outbox.next_batch().await {
-        // Sized once: growing by doubling cost a fifth of the fan-out's instructions.
-        let total: usize = batch.lines.iter().map(|l| l.len()).sum();
-        let mut buf = BytesMut::with_capacity(total + 64);
-        if batch.lost > 0 {
-            let data = to_raw(&serde_json::json!({ "count": batch.lost }));
-            buf.extend_from_slice(&event_line(events::LOST, Some(&data), None));
+/// Writes the client's lines until its outbox is closed and empty, or `abort`.
+///
+/// The client's socket is released when this returns: `wr` is dropped with it, and the
+/// reading half with `serve_client`, so a writer stuck on a client that stopped reading
+/// must be aborted, not left behind.
+async fn write_loop(mut wr: OwnedWriteHalf, client: Arc<ClientRef>, abort: CancellationToken) {
+    tokio::select! {
+        _ = abort.cancelled() => {
+            tracing::debug!(client = client.id, "writer aborted at the end of the grace period");
         }
-        // One write for the whole batch: a client that fell behind catches up in few
-        // syscalls.
-        let res = if buf.is_empty() && batch.lines.len() == 1 {
-            wr.write_all(&batch.lines[0]).await
-        } else {
-            for line in &batch.lines {
-                buf.extend_from_slice(line);
+        res = write_batches(&mut wr, &client) => match res {
+            Ok(()) => {
+                let _ = wr.shutdown().await;
             }
-            wr.write_all(&buf).await
-        };
-        if let Err(e) = res {
-            tracing::debug!(client = client.id, "write failed: {e}");
-            client.kick.cancel();
-            return;
+            Err(e) => {
+                tracing::debug!(client = client.id, "write failed: {e}");
+                client.kick.cancel();
+            }
+        },
+    }
+}
+
+async fn write_batches(wr: &mut OwnedWriteHalf, client: &ClientRef) -> std::io::Result<()> {
+    while let Some(batch) = client.outbox.next_batch().await {
+        let lost = (batch.lost > 0).then(|| {
+            let data = to_raw(&serde_json::json!({ "count": batch.lost }));
+            event_line(events::LOST, Some(&data), None)
+        });
+        // The shared lines themselves, no private copy: with big events a copy of each
+        // batch per client was most of the daemon's memory.
+        let lines: Vec<&[u8]> = lost
+            .iter()
+            .chain(&batch.lines)
+            .map(|l| l.as_ref())
+            .collect();
+        write_all_vectored(wr, &lines).await?;
+    }
+    Ok(())
+}
+
+/// Writes every slice in order, as few `writev` calls as the socket allows.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, lines: &[&[u8]]) -> std::io::Result<()> {
+    let (mut i, mut off) = (0, 0);
+    while i < lines.len() {
+        if off == lines[i].len() {
+            (i, off) = (i + 1, 0);
+            continue;
+        }
+        let mut slices = Vec::with_capacity((lines.len() - i).min(BATCH_LINES + 1));
+        slices.push(IoSlice::new(&lines[i][off..]));
+        slices.extend(lines[i + 1..].iter().take(BATCH_LINES).map(|l| IoSlice::new(l)));
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < lines.len() {
+            let left = lines[i].len() - off;
+            if n < left {
+                off += n;
+                n = 0;
+            } else {
+                n -= left;
+                (i, off) = (i + 1, 0);
+            }
         }
     }
-    let _ = wr.shutdown().await;
+    Ok(())
 }
 
 impl Conn {
