@@ -2,7 +2,7 @@
 
 use super::hub::{error_event, event_line, to_raw, ClientRef, Hub};
 use super::lines::{Line, LineDecoder};
-use super::outbox::{Outbox, BATCH_LINES};
+use super::outbox::Outbox;
 use super::IpcConfig;
 use crate::codec;
 use crate::driver::SessionHandle;
@@ -157,41 +157,85 @@ async fn write_loop(mut wr: OwnedWriteHalf, client: Arc<ClientRef>, abort: Cance
     }
 }
 
+/// Lines shorter than this are copied together into one buffer (up to [`CHUNK`] bytes)
+/// rather than written one slice each: for small events the copy costs less than the
+/// slices, and it stays small. Longer lines are written from the shared bytes themselves:
+/// a copy of each batch of big events per client was most of the daemon's memory.
+const COPY_BELOW: usize = 2048;
+
+/// Largest buffer small lines are copied into.
+const CHUNK: usize = 64 * 1024;
+
+/// Most slices given to one `writev` (Linux's `IOV_MAX`).
+const MAX_IOV: usize = 1024;
+
 async fn write_batches(wr: &mut OwnedWriteHalf, client: &ClientRef) -> std::io::Result<()> {
     while let Some(batch) = client.outbox.next_batch().await {
         let lost = (batch.lost > 0).then(|| {
             let data = to_raw(&serde_json::json!({ "count": batch.lost }));
             event_line(events::LOST, Some(&data), None)
         });
-        // The shared lines themselves, no private copy: with big events a copy of each
-        // batch per client was most of the daemon's memory.
-        let lines: Vec<&[u8]> = lost
-            .iter()
-            .chain(&batch.lines)
-            .map(|l| l.as_ref())
-            .collect();
-        write_all_vectored(wr, &lines).await?;
+        let segments = coalesce(lost.into_iter().chain(batch.lines));
+        write_all_vectored(wr, &segments).await?;
     }
     Ok(())
 }
 
-/// Writes every slice in order, as few `writev` calls as the socket allows.
-async fn write_all_vectored(wr: &mut OwnedWriteHalf, lines: &[&[u8]]) -> std::io::Result<()> {
+/// The lines as few segments: runs of small lines copied together, long lines as they are.
+fn coalesce(lines: impl Iterator<Item = Bytes>) -> Vec<Bytes> {
+    fn flush(run: &mut Vec<Bytes>, run_bytes: &mut usize, out: &mut Vec<Bytes>) {
+        if run.len() == 1 {
+            out.append(run);
+        } else if !run.is_empty() {
+            let mut buf = Vec::with_capacity(*run_bytes);
+            for line in run.drain(..) {
+                buf.extend_from_slice(&line);
+            }
+            out.push(Bytes::from(buf));
+        }
+        *run_bytes = 0;
+    }
+    let mut out = Vec::new();
+    let mut run = Vec::new();
+    let mut run_bytes = 0;
+    for line in lines {
+        if line.len() >= COPY_BELOW {
+            flush(&mut run, &mut run_bytes, &mut out);
+            out.push(line);
+            continue;
+        }
+        if run_bytes + line.len() > CHUNK {
+            flush(&mut run, &mut run_bytes, &mut out);
+        }
+        run_bytes += line.len();
+        run.push(line);
+    }
+    flush(&mut run, &mut run_bytes, &mut out);
+    out
+}
+
+/// Writes every segment in order, in as few `writev` calls as the socket allows.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, segments: &[Bytes]) -> std::io::Result<()> {
     let (mut i, mut off) = (0, 0);
-    while i < lines.len() {
-        if off == lines[i].len() {
+    while i < segments.len() {
+        if off == segments[i].len() {
             (i, off) = (i + 1, 0);
             continue;
         }
-        let mut slices = Vec::with_capacity((lines.len() - i).min(BATCH_LINES + 1));
-        slices.push(IoSlice::new(&lines[i][off..]));
-        slices.extend(lines[i + 1..].iter().take(BATCH_LINES).map(|l| IoSlice::new(l)));
+        let mut slices = Vec::with_capacity((segments.len() - i).min(MAX_IOV));
+        slices.push(IoSlice::new(&segments[i][off..]));
+        slices.extend(
+            segments[i + 1..]
+                .iter()
+                .take(MAX_IOV - 1)
+                .map(|l| IoSlice::new(l)),
+        );
         let mut n = wr.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while n > 0 && i < lines.len() {
-            let left = lines[i].len() - off;
+        while n > 0 && i < segments.len() {
+            let left = segments[i].len() - off;
             if n < left {
                 off += n;
                 n = 0;
@@ -202,6 +246,46 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, lines: &[&[u8]]) -> std::io
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_lines_are_copied_together_and_long_ones_kept_as_they_are() {
+        let small = |c: u8| Bytes::from(vec![c; 100]);
+        let long = Bytes::from(vec![b'L'; COPY_BELOW]);
+        let out = coalesce(
+            [small(b'a'), small(b'b'), long.clone(), small(b'c'), long.clone()].into_iter(),
+        );
+        let joined: Vec<u8> = [vec![b'a'; 100], vec![b'b'; 100]].concat();
+        assert_eq!(out, [Bytes::from(joined), long.clone(), small(b'c'), long.clone()]);
+        // The long line is the very same memory, not a copy.
+        assert_eq!(out[1].as_ptr(), long.as_ptr());
+        let many = coalesce((0..1000).map(|_| small(b'x')));
+        assert!(many.iter().all(|s| s.len() <= CHUNK), "copies stay small");
+        assert_eq!(many.iter().map(Bytes::len).sum::<usize>(), 100_000);
+    }
+
+    #[tokio::test]
+    async fn partial_writes_resume_where_they_stopped() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (_ra, mut wa) = a.into_split();
+        let segments: Vec<Bytes> = (0..3000u32)
+            .map(|i| Bytes::from(format!("{i:0>3000}\n")))
+            .collect();
+        let want: Vec<u8> = segments.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut b = b;
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got).await.unwrap();
+            got
+        });
+        write_all_vectored(&mut wa, &segments).await.unwrap();
+        drop((_ra, wa));
+        assert_eq!(reader.await.unwrap(), want);
+    }
 }
 
 impl Conn {

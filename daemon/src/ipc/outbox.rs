@@ -12,11 +12,10 @@ use tokio::sync::Notify;
 /// What the writer holds is not counted against the client's bound any more, so this cap
 /// is what keeps "bound plus one batch" small: a batch of the whole queue held twice a
 /// slow client's worth of events.
-pub const BATCH_BYTES: usize = 256 * 1024;
+pub const BATCH_BYTES: usize = 512 * 1024;
 
-/// Most lines the writer takes out in one go: one vectored write each, at most the
-/// system's `IOV_MAX` (1024 on Linux) slices.
-pub const BATCH_LINES: usize = 1024;
+/// Most lines the writer takes out in one go.
+pub const BATCH_LINES: usize = 4096;
 
 /// Lines waiting to be written to one client.
 ///
@@ -477,7 +476,7 @@ mod tests {
             assert!(o.push_event(line.clone()));
         }
         assert_eq!(o.lost_total(), 0);
-        let small = Outbox::new(4096, 10, DROP);
+        let small = Outbox::new(BATCH_LINES * 2, 10, DROP);
         for _ in 0..BATCH_LINES + 1 {
             small.push_event(b("e\n"));
         }
