@@ -131,7 +131,10 @@ pub async fn slow_readers(ctx: &Ctx) -> anyhow::Result<Section> {
             num(m(&|r| r.secs), 2),
         ]);
         checks.push(Check::at_most(
-            &format!("slow readers ({slow} x {}): daemon peak RSS (MiB)", bytes(size as f64)),
+            &format!(
+                "slow readers ({slow} x {}): daemon peak RSS (MiB)",
+                bytes(size as f64)
+            ),
             peak / 1048576.0,
             512.0,
             bytes(peak),
@@ -187,7 +190,10 @@ async fn one_round(
     match res {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(e.context(log)),
-        Err(_) => bail!("round not done within {:?} (raise --timeout)\n{log}", ctx.run_timeout),
+        Err(_) => bail!(
+            "round not done within {:?} (raise --timeout)\n{log}",
+            ctx.run_timeout
+        ),
     }
 }
 
@@ -283,11 +289,10 @@ async fn read_fast(
     let mut lat = Vec::with_capacity(events as usize);
     let (mut got, mut lost) = (0u64, 0u64);
     while got + lost < events {
-        let line = c
-            .r
-            .next_line()
-            .await?
-            .context("qiod closed the fast client's connection")?;
+        let line =
+            c.r.next_line()
+                .await?
+                .context("qiod closed the fast client's connection")?;
         let now = epoch.elapsed().as_micros() as u64;
         let msg = Msg::parse(line)?;
         if msg.event.as_deref() == Some(PATH) {

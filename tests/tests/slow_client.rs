@@ -40,7 +40,9 @@ async fn until_closed(c: &mut LineClient, what: &str) {
 async fn broadcast_big(server: &qio_testserver::TestServer, n: usize) {
     let payload = "x".repeat(EVENT_BYTES);
     for i in 0..n {
-        server.broadcast("/feed", json!({"i": i, "p": payload})).await;
+        server
+            .broadcast("/feed", json!({"i": i, "p": payload}))
+            .await;
     }
 }
 
@@ -57,7 +59,11 @@ async fn a_client_that_stops_reading_is_disconnected_and_its_socket_closed() {
     let mut other = daemon.open_client().await;
     // 4 MiB: more than the socket holds plus eight events, so the queue overflows.
     broadcast_big(&server, 64).await;
-    until_closed(&mut stalled, "the daemon closed the stalled client's socket").await;
+    until_closed(
+        &mut stalled,
+        "the daemon closed the stalled client's socket",
+    )
+    .await;
     // The daemon itself is unharmed and counts the client gone.
     let st = other.call(json!({"op": "status"}), 2).await;
     assert_eq!(st["data"]["clients"], 1, "{st}");
@@ -83,5 +89,9 @@ async fn at_shutdown_a_client_that_stops_reading_does_not_keep_its_socket() {
     }
     assert!(!closed_by_daemon(&mut stalled).await, "still connected");
     daemon.stop().await;
-    until_closed(&mut stalled, "the stopped daemon closed the stalled client's socket").await;
+    until_closed(
+        &mut stalled,
+        "the stopped daemon closed the stalled client's socket",
+    )
+    .await;
 }

@@ -13,8 +13,8 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use qio_ipc::{events, Id, Op, RawRequest, ReplyOut};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::io::IoSlice;
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -128,7 +128,10 @@ pub async fn serve_client(
     // socket closed, so a client that stopped reading neither holds up shutdown nor keeps
     // its descriptor, its task and its last batch.
     if tokio::time::timeout(grace, &mut writer).await.is_err() {
-        tracing::debug!(client = id, "writer did not finish within {grace:?}; closing");
+        tracing::debug!(
+            client = id,
+            "writer did not finish within {grace:?}; closing"
+        );
         abort_writer.cancel();
         let _ = writer.await;
     }
@@ -246,46 +249,6 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, segments: &[Bytes]) -> std:
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn small_lines_are_copied_together_and_long_ones_kept_as_they_are() {
-        let small = |c: u8| Bytes::from(vec![c; 100]);
-        let long = Bytes::from(vec![b'L'; COPY_BELOW]);
-        let out = coalesce(
-            [small(b'a'), small(b'b'), long.clone(), small(b'c'), long.clone()].into_iter(),
-        );
-        let joined: Vec<u8> = [vec![b'a'; 100], vec![b'b'; 100]].concat();
-        assert_eq!(out, [Bytes::from(joined), long.clone(), small(b'c'), long.clone()]);
-        // The long line is the very same memory, not a copy.
-        assert_eq!(out[1].as_ptr(), long.as_ptr());
-        let many = coalesce((0..1000).map(|_| small(b'x')));
-        assert!(many.iter().all(|s| s.len() <= CHUNK), "copies stay small");
-        assert_eq!(many.iter().map(Bytes::len).sum::<usize>(), 100_000);
-    }
-
-    #[tokio::test]
-    async fn partial_writes_resume_where_they_stopped() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (_ra, mut wa) = a.into_split();
-        let segments: Vec<Bytes> = (0..3000u32)
-            .map(|i| Bytes::from(format!("{i:0>3000}\n")))
-            .collect();
-        let want: Vec<u8> = segments.concat();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            let mut b = b;
-            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got).await.unwrap();
-            got
-        });
-        write_all_vectored(&mut wa, &segments).await.unwrap();
-        drop((_ra, wa));
-        assert_eq!(reader.await.unwrap(), want);
-    }
 }
 
 impl Conn {
@@ -588,5 +551,57 @@ impl Conn {
         let mut v = serde_json::to_vec(&reply).unwrap_or_default();
         v.push(b'\n');
         self.client.push_notice(Bytes::from(v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_lines_are_copied_together_and_long_ones_kept_as_they_are() {
+        let small = |c: u8| Bytes::from(vec![c; 100]);
+        let long = Bytes::from(vec![b'L'; COPY_BELOW]);
+        let out = coalesce(
+            [
+                small(b'a'),
+                small(b'b'),
+                long.clone(),
+                small(b'c'),
+                long.clone(),
+            ]
+            .into_iter(),
+        );
+        let joined: Vec<u8> = [vec![b'a'; 100], vec![b'b'; 100]].concat();
+        assert_eq!(
+            out,
+            [Bytes::from(joined), long.clone(), small(b'c'), long.clone()]
+        );
+        // The long line is the very same memory, not a copy.
+        assert_eq!(out[1].as_ptr(), long.as_ptr());
+        let many = coalesce((0..1000).map(|_| small(b'x')));
+        assert!(many.iter().all(|s| s.len() <= CHUNK), "copies stay small");
+        assert_eq!(many.iter().map(Bytes::len).sum::<usize>(), 100_000);
+    }
+
+    #[tokio::test]
+    async fn partial_writes_resume_where_they_stopped() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (_ra, mut wa) = a.into_split();
+        let segments: Vec<Bytes> = (0..3000u32)
+            .map(|i| Bytes::from(format!("{i:0>3000}\n")))
+            .collect();
+        let want: Vec<u8> = segments.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut b = b;
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got)
+                .await
+                .unwrap();
+            got
+        });
+        write_all_vectored(&mut wa, &segments).await.unwrap();
+        drop((_ra, wa));
+        assert_eq!(reader.await.unwrap(), want);
     }
 }

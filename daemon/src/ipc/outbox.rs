@@ -159,8 +159,7 @@ impl Outbox {
         }
         let len = line.len();
         let too_many = st.replies >= self.max_replies.saturating_mul(2);
-        let too_big =
-            st.reply_bytes > 0 && st.reply_bytes + len > self.max_bytes.saturating_mul(2);
+        let too_big = st.reply_bytes > 0 && st.reply_bytes + len > self.max_bytes.saturating_mul(2);
         if too_many || too_big {
             st.closed = true;
             drop(st);
@@ -203,8 +202,7 @@ impl Outbox {
                 if !st.lines.is_empty() || st.lost > 0 {
                     let mut lines = Vec::with_capacity(st.lines.len().min(BATCH_LINES));
                     let mut taken = 0;
-                    while lines.len() < BATCH_LINES && (lines.is_empty() || taken < BATCH_BYTES)
-                    {
+                    while lines.len() < BATCH_LINES && (lines.is_empty() || taken < BATCH_BYTES) {
                         let Some((line, event)) = st.lines.pop_front() else {
                             break;
                         };
@@ -486,7 +484,11 @@ mod tests {
         single.push_event(Bytes::from(vec![b'y'; BATCH_BYTES * 2]));
         single.push_event(b("after\n"));
         let big = single.next_batch().await.unwrap();
-        assert_eq!(big.lines.len(), 1, "a line longer than the cap goes alone, whole");
+        assert_eq!(
+            big.lines.len(),
+            1,
+            "a line longer than the cap goes alone, whole"
+        );
         assert_eq!(big.lines[0].len(), BATCH_BYTES * 2);
     }
 }
