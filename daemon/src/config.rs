@@ -1436,4 +1436,36 @@ mod tests {
         assert_eq!(new.settings.driver.session.servers[0].host_str(), Some("b"));
         assert_eq!(cfg.needs_restart(&new), ["max_clients"]);
     }
+
+    #[test]
+    fn the_client_byte_bound_and_close_grace_come_from_any_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "servers = [\"ws://h:1/\"]\nclient_queue_bytes = 1_048_576\n",
+        );
+        let cfg = load_env(
+            args_with_file(&path),
+            &[("QIOD_CLIENT_CLOSE_GRACE_MS", "50")],
+        )
+        .unwrap();
+        assert_eq!(cfg.settings.ipc.client_queue_bytes, 1_048_576);
+        assert_eq!(
+            cfg.settings.ipc.client_close_grace,
+            Duration::from_millis(50)
+        );
+        let err = load_env(
+            Args {
+                client_queue_bytes: Some("0".into()),
+                ..server_args()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("client_queue_bytes (from --client-queue-bytes)"),
+            "{err}"
+        );
+    }
 }
