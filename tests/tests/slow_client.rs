@@ -75,6 +75,8 @@ async fn at_shutdown_a_client_that_stops_reading_does_not_keep_its_socket() {
     let server = server().await;
     let mut settings = daemon_settings(&server.url());
     settings.ipc.client_close_grace = Duration::from_millis(50);
+    // Room for every event, so the reader that reads only afterwards misses none.
+    settings.ipc.client_queue_bytes = 64 * 1024 * 1024;
     let daemon = Daemon::start_with(settings).await;
     let mut stalled = daemon.open_client().await;
     stalled.subscribe("/feed", 1).await;
