@@ -1,5 +1,6 @@
-//! Clients that stop reading: a disconnected one really loses its socket (the daemon closes
-//! its descriptor within `client_close_grace_ms`), at shutdown as well.
+//! Slow clients: bounded in bytes as well as in events, and a disconnected one really loses
+//! its socket (the daemon closes its descriptor within `client_close_grace_ms`), at
+//! shutdown as well.
 
 mod common;
 
@@ -96,4 +97,46 @@ async fn at_shutdown_a_client_that_stops_reading_does_not_keep_its_socket() {
         "the stopped daemon closed the stalled client's socket",
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_slow_client_is_bounded_in_bytes_not_only_in_events() {
+    let server = server().await;
+    let mut settings = daemon_settings(&server.url());
+    // 64 events are far below the event bound; 256 KiB are four of them.
+    settings.ipc.client_queue_events = 4096;
+    settings.ipc.client_queue_bytes = 256 * 1024;
+    let daemon = Daemon::start_with(settings).await;
+    let mut slow = daemon.open_client().await;
+    slow.subscribe("/feed", 1).await;
+    let mut reader = daemon.open_client().await;
+    reader.subscribe("/feed", 1).await;
+    let n = 64;
+    let payload = "x".repeat(EVENT_BYTES);
+    // In lockstep with the reader, so it stays within its bound and the slow one's
+    // outbox has seen every event once the loop ends.
+    for i in 0..n {
+        server
+            .broadcast("/feed", json!({"i": i, "p": payload}))
+            .await;
+        assert_eq!(reader.event("/feed").await["data"]["i"], i);
+    }
+    let (mut got, mut lost) = (0, 0);
+    let mut last = -1;
+    while got + lost < n {
+        let v = slow.next().await;
+        match v["event"].as_str() {
+            Some("/lost") => lost += v["data"]["count"].as_i64().unwrap(),
+            Some("/feed") => {
+                let i = v["data"]["i"].as_i64().unwrap();
+                assert!(i > last, "in order, newest kept: {i} after {last}");
+                last = i;
+                got += 1;
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert!(lost > 0, "the byte bound dropped events ({got} got)");
+    assert_eq!(last, n - 1, "the newest event is kept");
+    daemon.stop().await;
 }
