@@ -115,8 +115,8 @@ pub struct Args {
     /// Bytes buffered for one client (events and replies) before slow_client applies
     #[arg(long, env = "QIOD_CLIENT_QUEUE_BYTES", value_name = "BYTES")]
     pub client_queue_bytes: Option<String>,
-    /// How long a client being disconnected (slow_client, overflow, shutdown) may take to
-    /// read what is queued for it before its socket is closed, in ms
+    /// How long a client whose session ends (disconnected, shutdown, half-close) may take
+    /// to read what is queued for it before its socket is closed, in ms
     #[arg(long, env = "QIOD_CLIENT_CLOSE_GRACE_MS", value_name = "MS")]
     pub client_close_grace_ms: Option<String>,
     /// What to do with a client that reads too slowly: drop-oldest or disconnect

@@ -19,8 +19,9 @@ pub struct IpcConfig {
     /// Bytes of lines buffered for one client (events and replies); with
     /// `client_queue_events`, whichever is reached first applies.
     pub client_queue_bytes: usize,
-    /// How long a client being disconnected (slow-client policy, overflow, shutdown) may
-    /// take to read what was queued for it before its socket is closed anyway.
+    /// How long a client whose session ends (slow-client policy, overflow, shutdown,
+    /// half-close) may take to read what was queued for it before its socket is closed
+    /// anyway: a client that stopped reading must not keep its descriptor and task.
     pub client_close_grace: Duration,
     /// What happens to a client that does not read fast enough.
     pub slow_client: SlowClientPolicy,
