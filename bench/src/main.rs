@@ -17,6 +17,7 @@ mod memory;
 mod reconnect;
 mod report;
 mod roundtrip;
+mod slow;
 mod sys;
 
 use anyhow::Context;
@@ -39,6 +40,9 @@ enum Scenario {
     Memory,
     /// Kill and restart the server; time until subscriptions are restored.
     Reconnect,
+    /// Slow readers of big events: N slow subscribers and a fast one; qiod's peak memory
+    /// and the fast one's latency.
+    SlowReaders,
     /// All of the above, in that order.
     All,
 }
@@ -103,13 +107,16 @@ struct Args {
     /// Only these variants (default both).
     #[arg(long, value_enum, value_delimiter = ',')]
     variants: Option<Vec<Variant>>,
-    /// fanout: subscriber counts (default 1,10,100,1000; smoke 1,10).
+    /// fanout: subscriber counts (default 1,10,100,1000; smoke 1,10). slow-readers: the
+    /// first is the number of slow subscribers (default 40; smoke 4).
     #[arg(long, value_delimiter = ',')]
     subscribers: Option<Vec<usize>>,
-    /// fanout/ingest: events per run (default: fanout ~4M deliveries, ingest 500000).
+    /// fanout/ingest/slow-readers: events per run (default: fanout ~4M deliveries, ingest
+    /// 500000, slow-readers 10 s worth).
     #[arg(long)]
     events: Option<u64>,
-    /// Bytes of event data (fanout 128, ingest 64) or request data (roundtrip 64).
+    /// Bytes of event data (fanout 128, ingest 64, slow-readers 16384) or request data
+    /// (roundtrip 64).
     #[arg(long)]
     size: Option<usize>,
     /// roundtrip: requests in flight, one run each (default 1,64).
@@ -132,6 +139,9 @@ struct Args {
     /// reconnect: subscribed paths (default 1000; smoke 50).
     #[arg(long)]
     paths: Option<usize>,
+    /// slow-readers: events per second the server sends (default 1000).
+    #[arg(long)]
+    rate: Option<u64>,
     /// Longest a single run may take, in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -149,6 +159,7 @@ pub struct Ctx {
     size: Option<usize>,
     clients: Option<Vec<usize>>,
     paths: Option<usize>,
+    rate: Option<u64>,
     windows: Option<Vec<usize>>,
     requests: Option<usize>,
     floors: bool,
@@ -235,6 +246,7 @@ fn main() -> anyhow::Result<()> {
         size: args.size,
         clients: args.clients.clone(),
         paths: args.paths,
+        rate: args.rate,
         windows: args.windows.clone(),
         requests: args.requests,
         floors: !args.no_floors,
@@ -320,6 +332,7 @@ async fn run(ctx: &Ctx, scenario: Scenario) -> anyhow::Result<Vec<Section>> {
         Scenario::Ingest,
         Scenario::Memory,
         Scenario::Reconnect,
+        Scenario::SlowReaders,
     ];
     let list: Vec<Scenario> = if scenario == Scenario::All {
         all.to_vec()
@@ -334,6 +347,7 @@ async fn run(ctx: &Ctx, scenario: Scenario) -> anyhow::Result<Vec<Section>> {
             Scenario::Ingest => flow::ingest(ctx).await?,
             Scenario::Memory => memory::memory(ctx).await?,
             Scenario::Reconnect => reconnect::reconnect(ctx).await?,
+            Scenario::SlowReaders => slow::slow_readers(ctx).await?,
             Scenario::All => unreachable!("expanded above"),
         };
         print!("{}", section.table.render());

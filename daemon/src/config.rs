@@ -116,6 +116,13 @@ pub struct Args {
     /// Events buffered for one client before slow_client applies
     #[arg(long, env = "QIOD_CLIENT_QUEUE_EVENTS", value_name = "N")]
     pub client_queue_events: Option<String>,
+    /// Bytes buffered for one client (events and replies) before slow_client applies
+    #[arg(long, env = "QIOD_CLIENT_QUEUE_BYTES", value_name = "BYTES")]
+    pub client_queue_bytes: Option<String>,
+    /// How long a client whose session ends (disconnected, shutdown, half-close) may take
+    /// to read what is queued for it before its socket is closed, in ms
+    #[arg(long, env = "QIOD_CLIENT_CLOSE_GRACE_MS", value_name = "MS")]
+    pub client_close_grace_ms: Option<String>,
     /// What to do with a client that reads too slowly: drop-oldest or disconnect
     #[arg(long, env = "QIOD_SLOW_CLIENT", value_name = "POLICY")]
     pub slow_client: Option<String>,
@@ -213,6 +220,8 @@ struct FileConfig {
     write_queue_bytes: Option<toml::Value>,
     max_line_bytes: Option<toml::Value>,
     client_queue_events: Option<toml::Value>,
+    client_queue_bytes: Option<toml::Value>,
+    client_close_grace_ms: Option<toml::Value>,
     slow_client: Option<toml::Value>,
     dialect: Option<toml::Value>,
     max_frame_bytes: Option<toml::Value>,
@@ -273,6 +282,8 @@ const NUMS: &[Num] = &[
     count!(write_queue_bytes => driver.write_queue_bytes),
     count!(max_line_bytes => ipc.max_line_bytes),
     count!(client_queue_events => ipc.client_queue_events),
+    count!(client_queue_bytes => ipc.client_queue_bytes),
+    millis!(client_close_grace_ms => ipc.client_close_grace),
     count!(max_clients => ipc.max_clients),
     count!(max_pending_per_client => ipc.max_pending_per_client),
     count!(max_subscriptions_per_client => ipc.max_subscriptions_per_client),
@@ -1430,5 +1441,37 @@ mod tests {
         let new = cfg.reload_from(&env(&[]), None).unwrap();
         assert_eq!(new.settings.driver.session.servers[0].host_str(), Some("b"));
         assert_eq!(cfg.needs_restart(&new), ["max_clients"]);
+    }
+
+    #[test]
+    fn the_client_byte_bound_and_close_grace_come_from_any_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "servers = [\"ws://h:1/\"]\nclient_queue_bytes = 1_048_576\n",
+        );
+        let cfg = load_env(
+            args_with_file(&path),
+            &[("QIOD_CLIENT_CLOSE_GRACE_MS", "50")],
+        )
+        .unwrap();
+        assert_eq!(cfg.settings.ipc.client_queue_bytes, 1_048_576);
+        assert_eq!(
+            cfg.settings.ipc.client_close_grace,
+            Duration::from_millis(50)
+        );
+        let err = load_env(
+            Args {
+                client_queue_bytes: Some("0".into()),
+                ..server_args()
+            },
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("client_queue_bytes (from --client-queue-bytes)"),
+            "{err}"
+        );
     }
 }

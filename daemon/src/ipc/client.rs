@@ -7,14 +7,14 @@ use super::IpcConfig;
 use crate::codec;
 use crate::driver::SessionHandle;
 use crate::session::{code, CbHandle, Outcome};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use qio_ipc::{events, Id, Op, RawRequest, ReplyOut};
 use std::collections::{HashMap, HashSet};
+use std::io::IoSlice;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -63,18 +63,21 @@ pub async fn serve_client(
     stop: CancellationToken,
 ) {
     let (rd, wr) = stream.into_split();
+    let grace = cfg.client_close_grace;
     let client = Arc::new(ClientRef {
         id,
         outbox: Outbox::new(
             cfg.client_queue_events,
             cfg.max_pending_per_client,
             cfg.slow_client,
-        ),
+        )
+        .with_max_bytes(cfg.client_queue_bytes),
         kick: stop.child_token(),
         pending_events: cfg.client_queue_events,
     });
     hub.join(client.clone());
-    let writer = tokio::spawn(write_loop(wr, client.clone()));
+    let abort_writer = CancellationToken::new();
+    let mut writer = tokio::spawn(write_loop(wr, client.clone(), abort_writer.clone()));
     // A small first buffer: 8 KiB per idle client was most of the daemon's memory.
     let mut lines = FramedRead::with_capacity(rd, LineDecoder::new(cfg.max_line_bytes), 512);
     let mut conn = Conn {
@@ -121,42 +124,131 @@ pub async fn serve_client(
         session.unsubscribe(&path).await;
     }
     client.outbox.close();
-    // A client that stopped reading must not hold up shutdown.
-    if tokio::time::timeout(Duration::from_secs(2), writer)
-        .await
-        .is_err()
-    {
-        tracing::debug!(client = id, "writer did not finish; dropping it");
+    // What is queued gets a bounded time to go out; then the writer is stopped and the
+    // socket closed, so a client that stopped reading neither holds up shutdown nor keeps
+    // its descriptor, its task and its last batch.
+    if tokio::time::timeout(grace, &mut writer).await.is_err() {
+        tracing::debug!(
+            client = id,
+            "writer did not finish within {grace:?}; closing"
+        );
+        abort_writer.cancel();
+        let _ = writer.await;
     }
     tracing::debug!(client = id, "client left");
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, client: Arc<ClientRef>) {
-    while let Some(batch) = client.outbox.next_batch().await {
-        // Sized once: growing by doubling cost a fifth of the fan-out's instructions.
-        let total: usize = batch.lines.iter().map(|l| l.len()).sum();
-        let mut buf = BytesMut::with_capacity(total + 64);
-        if batch.lost > 0 {
-            let data = to_raw(&serde_json::json!({ "count": batch.lost }));
-            buf.extend_from_slice(&event_line(events::LOST, Some(&data), None));
+/// Writes the client's lines until its outbox is closed and empty, or `abort`.
+///
+/// The client's socket is released when this returns: `wr` is dropped with it, and the
+/// reading half with `serve_client`, so a writer stuck on a client that stopped reading
+/// must be aborted, not left behind.
+async fn write_loop(mut wr: OwnedWriteHalf, client: Arc<ClientRef>, abort: CancellationToken) {
+    tokio::select! {
+        _ = abort.cancelled() => {
+            tracing::debug!(client = client.id, "writer aborted at the end of the grace period");
         }
-        // One write for the whole batch: a client that fell behind catches up in few
-        // syscalls.
-        let res = if buf.is_empty() && batch.lines.len() == 1 {
-            wr.write_all(&batch.lines[0]).await
-        } else {
-            for line in &batch.lines {
-                buf.extend_from_slice(line);
+        res = write_batches(&mut wr, &client) => match res {
+            Ok(()) => {
+                let _ = wr.shutdown().await;
             }
-            wr.write_all(&buf).await
-        };
-        if let Err(e) = res {
-            tracing::debug!(client = client.id, "write failed: {e}");
-            client.kick.cancel();
-            return;
+            Err(e) => {
+                tracing::debug!(client = client.id, "write failed: {e}");
+                client.kick.cancel();
+            }
+        },
+    }
+}
+
+/// Lines shorter than this are copied together into one buffer (up to [`CHUNK`] bytes)
+/// rather than written one slice each: for small events the copy costs less than the
+/// slices, and it stays small. Longer lines are written from the shared bytes themselves:
+/// a copy of each batch of big events per client was most of the daemon's memory.
+const COPY_BELOW: usize = 2048;
+
+/// Largest buffer small lines are copied into.
+const CHUNK: usize = 64 * 1024;
+
+/// Most slices given to one `writev` (Linux's `IOV_MAX`).
+const MAX_IOV: usize = 1024;
+
+async fn write_batches(wr: &mut OwnedWriteHalf, client: &ClientRef) -> std::io::Result<()> {
+    while let Some(batch) = client.outbox.next_batch().await {
+        let lost = (batch.lost > 0).then(|| {
+            let data = to_raw(&serde_json::json!({ "count": batch.lost }));
+            event_line(events::LOST, Some(&data), None)
+        });
+        let segments = coalesce(lost.into_iter().chain(batch.lines));
+        write_all_vectored(wr, &segments).await?;
+    }
+    Ok(())
+}
+
+/// The lines as few segments: runs of small lines copied together, long lines as they are.
+fn coalesce(lines: impl Iterator<Item = Bytes>) -> Vec<Bytes> {
+    fn flush(run: &mut Vec<Bytes>, run_bytes: &mut usize, out: &mut Vec<Bytes>) {
+        if run.len() == 1 {
+            out.append(run);
+        } else if !run.is_empty() {
+            let mut buf = Vec::with_capacity(*run_bytes);
+            for line in run.drain(..) {
+                buf.extend_from_slice(&line);
+            }
+            out.push(Bytes::from(buf));
+        }
+        *run_bytes = 0;
+    }
+    let mut out = Vec::new();
+    let mut run = Vec::new();
+    let mut run_bytes = 0;
+    for line in lines {
+        if line.len() >= COPY_BELOW {
+            flush(&mut run, &mut run_bytes, &mut out);
+            out.push(line);
+            continue;
+        }
+        if run_bytes + line.len() > CHUNK {
+            flush(&mut run, &mut run_bytes, &mut out);
+        }
+        run_bytes += line.len();
+        run.push(line);
+    }
+    flush(&mut run, &mut run_bytes, &mut out);
+    out
+}
+
+/// Writes every segment in order, in as few `writev` calls as the socket allows.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, segments: &[Bytes]) -> std::io::Result<()> {
+    let (mut i, mut off) = (0, 0);
+    while i < segments.len() {
+        if off == segments[i].len() {
+            (i, off) = (i + 1, 0);
+            continue;
+        }
+        let mut slices = Vec::with_capacity((segments.len() - i).min(MAX_IOV));
+        slices.push(IoSlice::new(&segments[i][off..]));
+        slices.extend(
+            segments[i + 1..]
+                .iter()
+                .take(MAX_IOV - 1)
+                .map(|l| IoSlice::new(l)),
+        );
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && i < segments.len() {
+            let left = segments[i].len() - off;
+            if n < left {
+                off += n;
+                n = 0;
+            } else {
+                n -= left;
+                (i, off) = (i + 1, 0);
+            }
         }
     }
-    let _ = wr.shutdown().await;
+    Ok(())
 }
 
 impl Conn {
@@ -459,5 +551,57 @@ impl Conn {
         let mut v = serde_json::to_vec(&reply).unwrap_or_default();
         v.push(b'\n');
         self.client.push_notice(Bytes::from(v));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_lines_are_copied_together_and_long_ones_kept_as_they_are() {
+        let small = |c: u8| Bytes::from(vec![c; 100]);
+        let long = Bytes::from(vec![b'L'; COPY_BELOW]);
+        let out = coalesce(
+            [
+                small(b'a'),
+                small(b'b'),
+                long.clone(),
+                small(b'c'),
+                long.clone(),
+            ]
+            .into_iter(),
+        );
+        let joined: Vec<u8> = [vec![b'a'; 100], vec![b'b'; 100]].concat();
+        assert_eq!(
+            out,
+            [Bytes::from(joined), long.clone(), small(b'c'), long.clone()]
+        );
+        // The long line is the very same memory, not a copy.
+        assert_eq!(out[1].as_ptr(), long.as_ptr());
+        let many = coalesce((0..1000).map(|_| small(b'x')));
+        assert!(many.iter().all(|s| s.len() <= CHUNK), "copies stay small");
+        assert_eq!(many.iter().map(Bytes::len).sum::<usize>(), 100_000);
+    }
+
+    #[tokio::test]
+    async fn partial_writes_resume_where_they_stopped() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (_ra, mut wa) = a.into_split();
+        let segments: Vec<Bytes> = (0..3000u32)
+            .map(|i| Bytes::from(format!("{i:0>3000}\n")))
+            .collect();
+        let want: Vec<u8> = segments.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut b = b;
+            tokio::io::AsyncReadExt::read_to_end(&mut b, &mut got)
+                .await
+                .unwrap();
+            got
+        });
+        write_all_vectored(&mut wa, &segments).await.unwrap();
+        drop((_ra, wa));
+        assert_eq!(reader.await.unwrap(), want);
     }
 }

@@ -16,6 +16,13 @@ pub struct IpcConfig {
     pub max_line_bytes: usize,
     /// Events buffered for one client before the slow-client policy applies.
     pub client_queue_events: usize,
+    /// Bytes of lines buffered for one client (events and replies); with
+    /// `client_queue_events`, whichever is reached first applies.
+    pub client_queue_bytes: usize,
+    /// How long a client whose session ends (slow-client policy, overflow, shutdown,
+    /// half-close) may take to read what was queued for it before its socket is closed
+    /// anyway: a client that stopped reading must not keep its descriptor and task.
+    pub client_close_grace: Duration,
     /// What happens to a client that does not read fast enough.
     pub slow_client: SlowClientPolicy,
     /// Most local clients connected at once.
@@ -33,6 +40,8 @@ impl Default for IpcConfig {
         IpcConfig {
             max_line_bytes: 1024 * 1024,
             client_queue_events: 4096,
+            client_queue_bytes: 4 * 1024 * 1024,
+            client_close_grace: Duration::from_secs(2),
             slow_client: SlowClientPolicy::DropOldest,
             max_clients: 16_384,
             max_pending_per_client: 1024,
