@@ -77,6 +77,15 @@ pub enum Notice {
     Event(Event),
     /// The connection's state changed.
     State(StateChange),
+    /// An accepted fire-and-forget event was dropped after all; its sender is told.
+    Dropped {
+        /// The sender's tag given to [`SessionHandle::emit_from`] (the local client id).
+        client: u64,
+        /// The event's path.
+        path: String,
+        /// Why, with the code.
+        outcome: Outcome,
+    },
     /// A restored subscription was refused; its holders hold it no more.
     SubscriptionLost {
         /// The path.
@@ -102,6 +111,7 @@ enum Command {
     Emit {
         path: String,
         data: Box<RawValue>,
+        sender: Option<u64>,
         done: oneshot::Sender<Result<(), SessionError>>,
     },
     Request {
@@ -149,10 +159,31 @@ impl std::fmt::Debug for Command {
 impl SessionHandle {
     /// Sends an event without a callback (queued while offline).
     pub async fn emit(&self, path: &str, data: Box<RawValue>) -> Result<(), SessionError> {
+        self.send_emit(None, path, data).await
+    }
+
+    /// [`SessionHandle::emit`] on behalf of local client `client`: should the accepted event
+    /// be dropped later, a [`Notice::Dropped`] names that client.
+    pub async fn emit_from(
+        &self,
+        client: u64,
+        path: &str,
+        data: Box<RawValue>,
+    ) -> Result<(), SessionError> {
+        self.send_emit(Some(client), path, data).await
+    }
+
+    async fn send_emit(
+        &self,
+        sender: Option<u64>,
+        path: &str,
+        data: Box<RawValue>,
+    ) -> Result<(), SessionError> {
         let (done, rx) = oneshot::channel();
         let cmd = Command::Emit {
             path: path.to_owned(),
             data,
+            sender,
             done,
         };
         if self.tx.send(cmd).await.is_err() {
@@ -538,8 +569,13 @@ impl Driver {
     fn on_command(&mut self, cmd: Command) {
         let now = now();
         match cmd {
-            Command::Emit { path, data, done } => {
-                let _ = done.send(self.session.emit(now, &path, &data));
+            Command::Emit {
+                path,
+                data,
+                sender,
+                done,
+            } => {
+                let _ = done.send(self.session.emit_from(now, &path, &data, sender));
             }
             Command::Request { path, data, reply } => {
                 self.session.request(now, &path, &data, reply)
@@ -605,6 +641,18 @@ impl Driver {
                     Output::State(state) => {
                         log_state(&state);
                         notify(&self.notices, Notice::State(state)).await
+                    }
+                    Output::Dropped {
+                        sender,
+                        path,
+                        outcome,
+                    } => {
+                        let notice = Notice::Dropped {
+                            client: sender,
+                            path,
+                            outcome,
+                        };
+                        notify(&self.notices, notice).await
                     }
                     Output::SubscriptionLost { path, outcome } => {
                         tracing::warn!(
