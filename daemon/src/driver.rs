@@ -10,6 +10,7 @@ use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
     StateChange,
 };
+use crate::repeats::Repeats;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use std::future::Future;
@@ -448,6 +449,7 @@ pub fn spawn(
         ws: None,
         connecting: None,
         notices: notice_tx,
+        repeats: Repeats::new(LOG_REPEATS_EVERY),
         tls,
         // tungstenite zero-fills its whole read buffer before every read (128 KiB by
         // default): 32 KiB took a request's cost from 281 k to 70 k instructions.
@@ -469,6 +471,8 @@ struct Driver {
     ws: Option<Ws>,
     connecting: Option<Connecting>,
     notices: mpsc::Sender<Notice>,
+    /// Holds back repeated connection log lines (a flapping server).
+    repeats: Repeats,
     tls: Arc<rustls::ClientConfig>,
     ws_config: WebSocketConfig,
 }
@@ -639,7 +643,7 @@ impl Driver {
                     }
                     Output::Event(ev) => notify(&self.notices, Notice::Event(ev)).await,
                     Output::State(state) => {
-                        log_state(&state);
+                        log_state(&state, &mut self.repeats);
                         notify(&self.notices, Notice::State(state)).await
                     }
                     Output::Dropped {
@@ -707,16 +711,41 @@ async fn notify(notices: &mpsc::Sender<Notice>, notice: Notice) {
     let _ = notices.send(notice).await;
 }
 
-fn log_state(state: &StateChange) {
+/// A line of each kind at most this often; the next says how many were held back.
+const LOG_REPEATS_EVERY: Duration = Duration::from_secs(60);
+
+fn log_state(state: &StateChange, repeats: &mut Repeats) {
+    // The key leaves out what varies between identical events (the jittered delay). The
+    // lines an operator looks for, open and stopped, are never held back.
+    let key = match state {
+        StateChange::Reconnecting { .. } => "reconnecting".to_owned(),
+        StateChange::Open { .. } | StateChange::Stopped => String::new(),
+        other => format!("{other:?}"),
+    };
+    let held = match state {
+        StateChange::Open { .. } | StateChange::Stopped => 0,
+        _ => match repeats.check(&key, now()) {
+            Some(held) => held,
+            None => return,
+        },
+    };
+    let more = match held {
+        0 => String::new(),
+        n => format!(" (and {n} more like this, not logged, since the last one)"),
+    };
     match state {
-        StateChange::Connecting { url } => tracing::info!(%url, "connecting"),
-        StateChange::Open { url } => tracing::info!(%url, "open"),
+        StateChange::Connecting { url } => tracing::info!(%url, "connecting{more}"),
+        StateChange::Open { url } => tracing::info!(%url, "open{more}"),
         StateChange::ConnectFailed { url, reason } => {
-            tracing::warn!(%url, "connection attempt failed: {reason}")
+            tracing::warn!(%url, "connection attempt failed: {reason}{more}")
         }
-        StateChange::Closed { reason } => tracing::warn!("connection closed: {reason}"),
-        StateChange::Moved { from, to } => tracing::info!(%from, %to, "moved by the server"),
-        StateChange::Reconnecting { after } => tracing::info!("reconnecting in {after:.1?}"),
+        StateChange::Closed { reason } => tracing::warn!("connection closed: {reason}{more}"),
+        StateChange::Moved { from, to } => {
+            tracing::info!(%from, %to, "moved by the server{more}")
+        }
+        StateChange::Reconnecting { after } => {
+            tracing::info!("reconnecting in {after:.1?}{more}")
+        }
         StateChange::Stopped => tracing::info!("session stopped"),
     }
 }
