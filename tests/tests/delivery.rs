@@ -233,39 +233,3 @@ async fn regression_bug7_a_server_that_greets_and_drops_gets_the_growing_backoff
         up.stop().await;
     }
 }
-
-#[tokio::test]
-async fn a_connection_that_lasted_stable_after_resets_the_backoff() {
-    let server = server().await;
-    let mut cfg = fast_config(&[server.url()]);
-    cfg.session.stable_after = Duration::from_millis(50);
-    let mut up = Upstream::start_with(cfg).await;
-    // Some failures first, so the delay has grown.
-    server.kill().await;
-    for _ in 0..4 {
-        up.wait_for("reconnecting", |n| match n {
-            Notice::State(StateChange::Reconnecting { .. }) => Some(()),
-            _ => None,
-        })
-        .await;
-    }
-    server.restart().await.unwrap();
-    up.wait_open().await;
-    until("the connection is stable", || async {
-        up.handle
-            .status()
-            .await
-            .and_then(|s| s.open_for)
-            .is_some_and(|d| d >= Duration::from_millis(50))
-    })
-    .await;
-    server.kill().await;
-    let first = up
-        .wait_for("reconnecting", |n| match n {
-            Notice::State(StateChange::Reconnecting { after }) => Some(*after),
-            _ => None,
-        })
-        .await;
-    assert!(first <= Duration::from_millis(10), "reset: {first:?}");
-    up.stop().await;
-}
