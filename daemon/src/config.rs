@@ -1234,14 +1234,27 @@ mod tests {
             "servers = ['ws://h:1/']\nfire_and_forget = 'at-least-once'\n\
              allow_insecure_move = true\nstable_after_ms = 250\n",
         );
-        let s = load_env(args_with_file(&path), &[]).unwrap().settings.driver.session;
+        let s = load_env(args_with_file(&path), &[])
+            .unwrap()
+            .settings
+            .driver
+            .session;
         assert_eq!(s.fire_and_forget, FireAndForget::AtLeastOnce);
         assert!(s.allow_insecure_move);
         assert_eq!(s.stable_after, Duration::from_millis(250));
-        let path = write(&dir, "servers = ['ws://h:1/']\nallow_insecure_move = 'no'\n");
-        let msg = load_env(args_with_file(&path), &[]).unwrap_err().to_string();
+        let path = write(
+            &dir,
+            "servers = ['ws://h:1/']\nallow_insecure_move = 'no'\n",
+        );
+        let msg = load_env(args_with_file(&path), &[])
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("expected true or false, got \"no\""), "{msg}");
-        let s = load_env(server_args(), &[]).unwrap().settings.driver.session;
+        let s = load_env(server_args(), &[])
+            .unwrap()
+            .settings
+            .driver
+            .session;
         assert_eq!(
             (s.fire_and_forget, s.allow_insecure_move),
             (FireAndForget::Once, false),

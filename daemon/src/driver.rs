@@ -6,11 +6,11 @@
 //! instead of growing a queue without limit.
 
 use crate::codec::Dialect;
+use crate::repeats::Repeats;
 use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
     StateChange,
 };
-use crate::repeats::Repeats;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use std::future::Future;

@@ -1767,10 +1767,7 @@ async fn soak(seed: u64, faults: u64, delivery: FireAndForget) {
             "  queued while offline, checked (must arrive)",
             t.offline_checked.to_string(),
         ),
-        (
-            "  queued while offline, lost",
-            t.lost_offline.to_string(),
-        ),
+        ("  queued while offline, lost", t.lost_offline.to_string()),
         (
             "  lost with a broken connection (allowed with once)",
             t.lost_in_flight.to_string(),

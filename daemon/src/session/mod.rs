@@ -1238,7 +1238,8 @@ impl<T> Session<T> {
     /// Tells the sender of an accepted event that it will not be sent after all.
     fn drop_event(&mut self, event: Queued, code: i64, why: String) {
         self.events_dropped += 1;
-        tracing::warn!(path = event.path, "dropping an accepted event: {why}");
+        // The caller logs one line for the lot: a full queue can hold thousands.
+        tracing::debug!(path = event.path, "dropping an accepted event: {why}");
         if let Some(sender) = event.sender {
             self.out.push_back(Output::Dropped {
                 sender,
@@ -1282,11 +1283,15 @@ impl<T> Session<T> {
             self.send_on(&path);
         }
         let queued: Vec<_> = self.queue.drain().collect();
+        let dropped_before = self.events_dropped;
         for event in queued {
             let frame = self.dialect.encode(&event.path, 0, &event.data);
             if let Err(e) = self.check_size(&frame) {
                 // Only when the dialect changed since it was queued (0.1's smaller limit).
-                let why = format!("queued while offline, then the server turned out to speak Quick.IO {}: {e}", self.dialect.name());
+                let why = format!(
+                    "queued while offline, then the server turned out to speak Quick.IO {}: {e}",
+                    self.dialect.name()
+                );
                 self.drop_event(event, e.code(), why);
                 continue;
             }
@@ -1302,6 +1307,13 @@ impl<T> Session<T> {
             } else if self.confirm_at.is_none() {
                 self.confirm_at = Some(now + CONFIRM_AFTER.min(self.cfg.heartbeat_interval));
             }
+        }
+        if self.events_dropped > dropped_before {
+            tracing::warn!(
+                events = self.events_dropped - dropped_before,
+                dialect = self.dialect.name(),
+                "dropped queued events too large for the server's frame limit; their senders were told"
+            );
         }
         self.out.push_back(Output::State(StateChange::Open { url }));
     }
@@ -1437,7 +1449,14 @@ impl<T> Session<T> {
                 "sending again after the reconnect: events the server may not have read"
             );
             // The queue is empty while open and has the same bounds, so all fit.
-            for event in self.queue.push_front(unconfirmed) {
+            let refused = self.queue.push_front(unconfirmed);
+            if !refused.is_empty() {
+                tracing::warn!(
+                    events = refused.len(),
+                    "the offline queue is full: dropping events to be sent again; their senders were told"
+                );
+            }
+            for event in refused {
                 let why = "the offline queue is full (queue_max_events/queue_max_bytes): \
                            an event sent before the connection broke cannot be sent again"
                     .to_owned();

@@ -542,7 +542,10 @@ fn backoff_grows_while_failing_and_resets_after_a_stable_connection() {
     h.at(t + Duration::from_secs(9));
     h.s.handle_closed(h.now, "gone");
     let after = delay(&h.drain()).unwrap();
-    assert!(after >= Duration::from_millis(19_200), "not reset: {after:?}");
+    assert!(
+        after >= Duration::from_millis(19_200),
+        "not reset: {after:?}"
+    );
     t += Duration::from_secs(9) + after;
     h.at(t);
     h.drain();
@@ -929,7 +932,9 @@ fn regression_issue13_at_least_once_never_drops_what_was_sent_again() {
     for round in 0..4 {
         match round {
             0 => h.s.handle_closed(h.now, "reset"),
-            1 => h.s.handle_closed(h.now, "server closed the connection (1005)"),
+            1 => {
+                h.s.handle_closed(h.now, "server closed the connection (1005)")
+            }
             2 => h.frame("/qio/move:0=\"ws://a.test/\""),
             _ => h.frame("not a frame"),
         }
@@ -1018,7 +1023,11 @@ fn attempts_per_minute(open_for: Duration, minutes: u64) -> Vec<u32> {
 
 #[test]
 fn regression_bug7_a_server_that_greets_and_drops_is_not_hammered() {
-    for open_for in [Duration::ZERO, Duration::from_millis(50), Duration::from_secs(2)] {
+    for open_for in [
+        Duration::ZERO,
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+    ] {
         let per_minute = attempts_per_minute(open_for, 10);
         // The first minute ramps up the backoff; after it, at most one a second on
         // average (in fact the capped backoff gives a few a minute).
@@ -1096,7 +1105,12 @@ fn regression_bug5_a_queued_event_too_big_for_the_detected_dialect_is_told_to_it
                 sender,
                 path,
                 outcome,
-            } => Some((*sender, path.as_str(), outcome.code, outcome.err_msg.clone())),
+            } => Some((
+                *sender,
+                path.as_str(),
+                outcome.code,
+                outcome.err_msg.clone(),
+            )),
             _ => None,
         })
         .collect();
@@ -1104,7 +1118,10 @@ fn regression_bug5_a_queued_event_too_big_for_the_detected_dialect_is_told_to_it
     let (sender, path, code, msg) = &dropped[0];
     assert_eq!((*sender, *path, *code), (7, "/big", code::BAD_REQUEST));
     let msg = msg.as_deref().unwrap_or_default();
-    assert!(msg.contains("0.1") && msg.contains("max_frame_bytes"), "{msg}");
+    assert!(
+        msg.contains("0.1") && msg.contains("max_frame_bytes"),
+        "{msg}"
+    );
     assert_eq!(h.s.status(h.now).events_dropped, 1);
 }
 
@@ -1158,7 +1175,7 @@ fn regression_bug7_a_flapping_listener_is_not_hammered() {
         if outs.iter().any(|o| matches!(o, Output::Connect { .. })) {
             per_minute[((h.now - h.t0).as_secs() / 60) as usize] += 1;
             n += 1;
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 h.s.handle_connect_failed(h.now, "connection refused");
             } else {
                 h.handshake();
