@@ -1302,8 +1302,12 @@ impl<T> Session<T> {
             }
             // The queue and this table have the same bounds, and this one is empty now.
             if let Err(event) = self.unconfirmed.push(self.next_cb, event) {
-                // Unreachable with equal bounds; should it happen, the event was sent once.
-                tracing::debug!(path = event.path, "sent again without a replay record");
+                // Unreachable with equal bounds; should it happen, the event was still sent
+                // once, only not kept for another replay.
+                tracing::debug!(
+                    path = event.path,
+                    "no room to keep a sent event for a replay"
+                );
             } else if self.confirm_at.is_none() {
                 self.confirm_at = Some(now + CONFIRM_AFTER.min(self.cfg.heartbeat_interval));
             }
