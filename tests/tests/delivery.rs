@@ -252,3 +252,50 @@ async fn regression_bug7_a_server_that_greets_and_drops_gets_the_growing_backoff
         up.stop().await;
     }
 }
+
+#[tokio::test]
+async fn regression_bug4_the_backoff_resets_again_after_a_move_loop() {
+    let servers = [server().await, server().await];
+    let mut cfg = fast_config(&[servers[0].url()]);
+    cfg.session.stable_after = Duration::from_millis(50);
+    let mut up = Upstream::start_with(cfg).await;
+    // A move loop: each server sends the session to the other as soon as it arrives.
+    for i in 0..6 {
+        let to = servers[(i + 1) % 2].url();
+        up.trigger("/clienttest/move", &format!("{to:?}")).await;
+        up.wait_closed().await;
+        up.wait_open().await;
+    }
+    // Then a connection that lasts, and an ordinary break: the next attempt waits the
+    // initial delay again, as after any good connection.
+    until("the connection is stable", || async {
+        up.handle
+            .status()
+            .await
+            .and_then(|s| s.open_for)
+            .is_some_and(|d| d >= Duration::from_millis(50))
+    })
+    .await;
+    let at = up
+        .handle
+        .status()
+        .await
+        .and_then(|s| s.url)
+        .expect("a server");
+    let i = servers
+        .iter()
+        .position(|s| s.url() == at.as_str())
+        .expect("one of ours");
+    servers[i].kill().await;
+    let first = up
+        .wait_for("reconnecting", |n| match n {
+            Notice::State(StateChange::Reconnecting { after }) => Some(*after),
+            _ => None,
+        })
+        .await;
+    assert!(
+        first <= Duration::from_millis(10),
+        "after a move loop: {first:?}"
+    );
+    up.stop().await;
+}
