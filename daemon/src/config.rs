@@ -10,7 +10,7 @@
 use crate::codec::Dialect;
 use crate::driver::DriverConfig;
 use crate::ipc::{IpcConfig, SlowClientPolicy};
-use crate::session::{parse_server_url, DialectChoice, SessionConfig};
+use crate::session::{parse_server_url, DialectChoice, FireAndForget, SessionConfig};
 use crate::socket;
 use crate::Settings;
 use clap::Parser;
@@ -132,6 +132,16 @@ pub struct Args {
     /// Largest frame the server accepts, in bytes; larger sends are refused locally
     #[arg(long, env = "QIOD_MAX_FRAME_BYTES", value_name = "BYTES")]
     pub max_frame_bytes: Option<String>,
+    /// How long a connection must stay open before the reconnect backoff starts over, in ms
+    #[arg(long, env = "QIOD_STABLE_AFTER_MS", value_name = "MS")]
+    pub stable_after_ms: Option<String>,
+    /// Events sent without a callback: once (never sent twice; queued while offline) or
+    /// at-least-once (kept until the server was seen to read them; may arrive twice)
+    #[arg(long, env = "QIOD_FIRE_AND_FORGET", value_name = "MODE")]
+    pub fire_and_forget: Option<String>,
+    /// Follow a server's move from wss:// to a ws:// address (true or false)
+    #[arg(long, env = "QIOD_ALLOW_INSECURE_MOVE", value_name = "BOOL")]
+    pub allow_insecure_move: Option<String>,
     /// Most clients connected at once
     #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N")]
     pub max_clients: Option<String>,
@@ -180,6 +190,8 @@ fn default_text(key: &str) -> Option<String> {
         "slow_client" => slow_client_name(defaults.ipc.slow_client).into(),
         "dialect" => "auto".into(),
         "max_frame_bytes" => "none for 0.2, 1024 for 0.1".into(),
+        "fire_and_forget" => defaults.driver.session.fire_and_forget.name().into(),
+        "allow_insecure_move" => defaults.driver.session.allow_insecure_move.to_string(),
         "allowed_groups" => "none".into(),
         "ca_file" => "none: the built-in web roots only".into(),
         _ => return None,
@@ -225,6 +237,9 @@ struct FileConfig {
     slow_client: Option<toml::Value>,
     dialect: Option<toml::Value>,
     max_frame_bytes: Option<toml::Value>,
+    stable_after_ms: Option<toml::Value>,
+    fire_and_forget: Option<toml::Value>,
+    allow_insecure_move: Option<toml::Value>,
     max_clients: Option<toml::Value>,
     max_pending_per_client: Option<toml::Value>,
     max_subscriptions_per_client: Option<toml::Value>,
@@ -274,6 +289,7 @@ const NUMS: &[Num] = &[
     millis!(handshake_timeout_ms => driver.session.handshake_timeout),
     millis!(backoff_initial_ms => driver.session.backoff_initial),
     millis!(backoff_max_ms => driver.session.backoff_max),
+    millis!(stable_after_ms => driver.session.stable_after),
     count!(queue_max_events => driver.session.queue_max_events),
     count!(queue_max_bytes => driver.session.queue_max_bytes),
     count!(max_pending_callbacks => driver.session.max_pending_callbacks),
@@ -409,6 +425,12 @@ impl Config {
         if old.max_frame_bytes != new_s.max_frame_bytes {
             keys.push("max_frame_bytes");
         }
+        if old.fire_and_forget != new_s.fire_and_forget {
+            keys.push("fire_and_forget");
+        }
+        if old.allow_insecure_move != new_s.allow_insecure_move {
+            keys.push("allow_insecure_move");
+        }
         if self.settings.ipc.allowed_gids != new.settings.ipc.allowed_gids {
             keys.push("allowed_groups");
         }
@@ -534,6 +556,34 @@ fn load_from(
             message: format!("expected a whole number greater than 0, got {shown}"),
         })?;
         settings.driver.session.max_frame_bytes = Some(n);
+    }
+
+    if let Some(found) = layers.find(
+        "fire_and_forget",
+        "QIOD_FIRE_AND_FORGET",
+        args.fire_and_forget.as_deref(),
+        layers.file.fire_and_forget.as_ref(),
+    )? {
+        let (text, origin) = found.text("fire_and_forget")?;
+        settings.driver.session.fire_and_forget = match text.trim() {
+            "once" => FireAndForget::Once,
+            "at-least-once" => FireAndForget::AtLeastOnce,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "fire_and_forget",
+                    origin,
+                    message: format!("expected once or at-least-once, got {text:?}"),
+                })
+            }
+        };
+    }
+    if let Some(found) = layers.find(
+        "allow_insecure_move",
+        "QIOD_ALLOW_INSECURE_MOVE",
+        args.allow_insecure_move.as_deref(),
+        layers.file.allow_insecure_move.as_ref(),
+    )? {
+        settings.driver.session.allow_insecure_move = found.boolean("allow_insecure_move")?;
     }
 
     settings.ipc.allowed_gids = layers.allowed_gids()?;
@@ -664,6 +714,26 @@ impl Found<'_> {
                 message: format!("expected a string, got {other}"),
             }),
         }
+    }
+
+    fn boolean(self, key: &'static str) -> Result<bool, ConfigError> {
+        let (value, shown, origin) = match self {
+            Found::Toml(toml::Value::Boolean(b), origin) => (Some(*b), b.to_string(), origin),
+            Found::Toml(other, origin) => (None, other.to_string(), origin),
+            Found::Text(text, origin) => {
+                let value = match text.trim() {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                };
+                (value, format!("{text:?}"), origin)
+            }
+        };
+        value.ok_or_else(|| ConfigError::Invalid {
+            key,
+            origin,
+            message: format!("expected true or false, got {shown}"),
+        })
     }
 
     fn number(self, num: &Num) -> Result<u64, ConfigError> {
@@ -1159,6 +1229,53 @@ mod tests {
                 .session
                 .dialect,
             DialectChoice::Auto
+        );
+
+        let msg = load_env(server_args(), &[("QIOD_FIRE_AND_FORGET", "twice")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "fire_and_forget (from QIOD_FIRE_AND_FORGET): expected once or at-least-once, got \"twice\""
+        );
+        let msg = load_env(server_args(), &[("QIOD_ALLOW_INSECURE_MOVE", "yes")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "allow_insecure_move (from QIOD_ALLOW_INSECURE_MOVE): expected true or false, got \"yes\""
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "servers = ['ws://h:1/']\nfire_and_forget = 'at-least-once'\n\
+             allow_insecure_move = true\nstable_after_ms = 250\n",
+        );
+        let s = load_env(args_with_file(&path), &[])
+            .unwrap()
+            .settings
+            .driver
+            .session;
+        assert_eq!(s.fire_and_forget, FireAndForget::AtLeastOnce);
+        assert!(s.allow_insecure_move);
+        assert_eq!(s.stable_after, Duration::from_millis(250));
+        let path = write(
+            &dir,
+            "servers = ['ws://h:1/']\nallow_insecure_move = 'no'\n",
+        );
+        let msg = load_env(args_with_file(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("expected true or false, got \"no\""), "{msg}");
+        let s = load_env(server_args(), &[])
+            .unwrap()
+            .settings
+            .driver
+            .session;
+        assert_eq!(
+            (s.fire_and_forget, s.allow_insecure_move),
+            (FireAndForget::Once, false),
+            "the defaults"
         );
 
         let args = Args {

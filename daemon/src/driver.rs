@@ -19,6 +19,7 @@
 //! - `Driver::act` maps one session [`Output`] to what the driver does with it.
 
 use crate::codec::Dialect;
+use crate::repeats::Repeats;
 use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
     StateChange,
@@ -100,6 +101,15 @@ pub enum Notice {
     Event(Event),
     /// The connection's state changed.
     State(StateChange),
+    /// An accepted fire-and-forget event was dropped after all; its sender is told.
+    Dropped {
+        /// The sender's tag given to [`SessionHandle::emit_from`] (the local client id).
+        client: u64,
+        /// The event's path.
+        path: String,
+        /// Why, with the code.
+        outcome: Outcome,
+    },
     /// A restored subscription was refused; its holders hold it no more.
     SubscriptionLost {
         /// The path.
@@ -125,6 +135,7 @@ enum Command {
     Emit {
         path: String,
         data: Box<RawValue>,
+        sender: Option<u64>,
         done: oneshot::Sender<Result<(), SessionError>>,
     },
     Request {
@@ -172,10 +183,31 @@ impl std::fmt::Debug for Command {
 impl SessionHandle {
     /// Sends an event without a callback (queued while offline).
     pub async fn emit(&self, path: &str, data: Box<RawValue>) -> Result<(), SessionError> {
+        self.send_emit(None, path, data).await
+    }
+
+    /// [`SessionHandle::emit`] on behalf of local client `client`: should the accepted event
+    /// be dropped later, a [`Notice::Dropped`] names that client.
+    pub async fn emit_from(
+        &self,
+        client: u64,
+        path: &str,
+        data: Box<RawValue>,
+    ) -> Result<(), SessionError> {
+        self.send_emit(Some(client), path, data).await
+    }
+
+    async fn send_emit(
+        &self,
+        sender: Option<u64>,
+        path: &str,
+        data: Box<RawValue>,
+    ) -> Result<(), SessionError> {
         let (done, rx) = oneshot::channel();
         let cmd = Command::Emit {
             path: path.to_owned(),
             data,
+            sender,
             done,
         };
         if self.tx.send(cmd).await.is_err() {
@@ -462,6 +494,7 @@ pub fn prepare(
         notices: notice_tx,
         held: VecDeque::new(),
         held_max: cfg.notice_capacity.max(1),
+        repeats: Repeats::new(LOG_REPEATS_EVERY),
         tls,
         // tungstenite zero-fills its whole read buffer before every read (128 KiB by
         // default): 32 KiB took a request's cost from 281 k to 70 k instructions.
@@ -501,6 +534,8 @@ struct Driver {
     /// are a few state changes per connection attempt.
     held: VecDeque<Notice>,
     held_max: usize,
+    /// Holds back repeated connection log lines (a flapping server).
+    repeats: Repeats,
     tls: Arc<rustls::ClientConfig>,
     ws_config: WebSocketConfig,
 }
@@ -683,8 +718,13 @@ impl Driver {
     fn on_command(&mut self, cmd: Command) {
         let now = now();
         match cmd {
-            Command::Emit { path, data, done } => {
-                let _ = done.send(self.session.emit(now, &path, &data));
+            Command::Emit {
+                path,
+                data,
+                sender,
+                done,
+            } => {
+                let _ = done.send(self.session.emit_from(now, &path, &data, sender));
             }
             Command::Request { path, data, reply } => {
                 self.session.request(now, &path, &data, reply)
@@ -739,9 +779,18 @@ impl Driver {
             }
             Output::Event(ev) => self.notify(Notice::Event(ev)),
             Output::State(state) => {
-                log_state(&state);
+                log_state(&state, &mut self.repeats);
                 self.notify(Notice::State(state))
             }
+            Output::Dropped {
+                sender,
+                path,
+                outcome,
+            } => self.notify(Notice::Dropped {
+                client: sender,
+                path,
+                outcome,
+            }),
             Output::SubscriptionLost { path, outcome } => {
                 tracing::warn!(
                     path,
@@ -899,16 +948,41 @@ async fn within<E: std::fmt::Display>(
     }
 }
 
-fn log_state(state: &StateChange) {
+/// A line of each kind at most this often; the next says how many were held back.
+const LOG_REPEATS_EVERY: Duration = Duration::from_secs(60);
+
+fn log_state(state: &StateChange, repeats: &mut Repeats) {
+    // The key leaves out what varies between identical events (the jittered delay). The
+    // lines an operator looks for, open and stopped, are never held back.
+    let key = match state {
+        StateChange::Reconnecting { .. } => "reconnecting".to_owned(),
+        StateChange::Open { .. } | StateChange::Stopped => String::new(),
+        other => format!("{other:?}"),
+    };
+    let held = match state {
+        StateChange::Open { .. } | StateChange::Stopped => 0,
+        _ => match repeats.check(&key, now()) {
+            Some(held) => held,
+            None => return,
+        },
+    };
+    let more = match held {
+        0 => String::new(),
+        n => format!(" (and {n} more like this, not logged, since the last one)"),
+    };
     match state {
-        StateChange::Connecting { url } => tracing::info!(%url, "connecting"),
-        StateChange::Open { url } => tracing::info!(%url, "open"),
+        StateChange::Connecting { url } => tracing::info!(%url, "connecting{more}"),
+        StateChange::Open { url } => tracing::info!(%url, "open{more}"),
         StateChange::ConnectFailed { url, reason } => {
-            tracing::warn!(%url, "connection attempt failed: {reason}")
+            tracing::warn!(%url, "connection attempt failed: {reason}{more}")
         }
-        StateChange::Closed { reason } => tracing::warn!("connection closed: {reason}"),
-        StateChange::Moved { from, to } => tracing::info!(%from, %to, "moved by the server"),
-        StateChange::Reconnecting { after } => tracing::info!("reconnecting in {after:.1?}"),
+        StateChange::Closed { reason } => tracing::warn!("connection closed: {reason}{more}"),
+        StateChange::Moved { from, to } => {
+            tracing::info!(%from, %to, "moved by the server{more}")
+        }
+        StateChange::Reconnecting { after } => {
+            tracing::info!("reconnecting in {after:.1?}{more}")
+        }
         StateChange::Stopped => tracing::info!("session stopped"),
     }
 }

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod driver;
 pub mod ipc;
+mod repeats;
 pub mod session;
 pub mod socket;
 

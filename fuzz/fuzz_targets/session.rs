@@ -59,6 +59,7 @@ impl Harness {
                 Output::Connect { .. }
                 | Output::Close
                 | Output::SubscriptionLost { .. }
+                | Output::Dropped { .. }
                 | Output::State(_) => {}
             }
         }

@@ -14,10 +14,12 @@
 //!   can be accounted for.
 //!
 //! At the end: every request with an id got exactly one reply; fire-and-forget events arrived
-//! at most once and in order per client, and none went missing except in a round where the
-//! upstream connection broke (PROTOCOL.md: such sends arrive at most once); file descriptors
-//! and tasks are back to their baseline; nothing panicked. A figures table is printed
-//! (`-- --nocapture`).
+//! in order per client, each mode keeping its promise (PROTOCOL.md): with the default
+//! `fire_and_forget = "once"` none arrived twice and none queued while offline went missing
+//! (one written to a connection that broke may be lost), with `"at-least-once"` none went
+//! missing (duplicates only in rounds with a reconnect); file descriptors and tasks are back
+//! to their baseline; nothing panicked. The run does both modes, two thirds of the rounds
+//! with the default. A figures table per mode is printed (`-- --nocapture`).
 //!
 //! `QIOD_CHAOS_SEED` picks the seed (printed at start), `QIOD_CHAOS_FAULTS` the number of
 //! rounds (one fault each; default 300). The seed fixes every random choice; thread timing
@@ -27,6 +29,7 @@ mod common;
 
 use common::{daemon_settings, server_with, Daemon, DEADLINE};
 use qio_testserver::{CallbackKind, CloseReason, LogEntry, TestServer};
+use qiod::session::FireAndForget;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -262,6 +265,16 @@ struct WState {
     killed: bool,
     /// Fire-and-forget events sent: index `seq - 1` holds the round it was sent in.
     ev_round: Vec<u64>,
+    /// For each event sent while this client believed the daemon offline (after `/close`,
+    /// before `/open`), the number of `/close` lines seen when it was sent.
+    ev_offline: HashMap<u64, u64>,
+    /// Events queued while offline whose next connection was still up at a barrier: they
+    /// must arrive in every mode.
+    must_arrive: HashSet<u64>,
+    /// Whether the last connection line was `/open`.
+    online: bool,
+    /// `/close` lines seen.
+    closes: u64,
     /// Events the daemon refused at once (`/error` naming their path), by code.
     refused: HashMap<u64, i64>,
     /// Every event up to this sequence number was handled by the daemon.
@@ -417,7 +430,12 @@ impl Worker {
             let mut s = lock(&self.st);
             s.ev_round.push(round);
             bump(&mut s.counts, "events.sent");
-            s.ev_round.len() as u64
+            let seq = s.ev_round.len() as u64;
+            if !s.online {
+                let closes = s.closes;
+                s.ev_offline.insert(seq, closes);
+            }
+            seq
         };
         let (w, inc) = (self.w, self.inc);
         let v = json!({
@@ -638,10 +656,13 @@ impl Worker {
                 "/open" => {
                     bump(&mut s.counts, "lines.open");
                     s.ticker_last = None;
+                    s.online = true;
                 }
                 "/close" => {
                     bump(&mut s.counts, "lines.close");
                     s.ticker_last = None;
+                    s.online = false;
+                    s.closes += 1;
                 }
                 "/lost" => {
                     bump(&mut s.counts, "lines.lost");
@@ -830,6 +851,8 @@ type Arrival = (u64, usize, u64);
 
 struct Chaos {
     seed: u64,
+    /// The daemon's `fire_and_forget` setting: which promise the events are held to.
+    delivery: FireAndForget,
     servers: [TestServer; 2],
     socket: std::path::PathBuf,
     ctl: Ctl,
@@ -1184,6 +1207,27 @@ impl Chaos {
             .entry("checks.broadcasts".into())
             .and_modify(|n| *n += expect.len() as u64)
             .or_insert(expect.len() as u64);
+        if delivered {
+            // A holder that got its marker has read every connection line before it (one
+            // ordered stream), so an event it sent offline with no `/close` since went out
+            // on the connection that is open now, which the echo above proved delivered.
+            let holders: HashSet<usize> = expect.iter().flat_map(|e| e.2.clone()).collect();
+            for i in holders {
+                let mut guard = lock(&self.slots[i].st);
+                let s = &mut *guard;
+                let closes = s.closes;
+                let sure: Vec<u64> = s
+                    .ev_offline
+                    .iter()
+                    .filter(|&(_, &c)| c == closes)
+                    .map(|(&seq, _)| seq)
+                    .collect();
+                for seq in sure {
+                    s.ev_offline.remove(&seq);
+                    s.must_arrive.insert(seq);
+                }
+            }
+        }
         if !delivered {
             let missed: Vec<_> = expect
                 .iter()
@@ -1304,6 +1348,8 @@ struct Tally {
     arrived: u64,
     unknown_fate: u64,
     lost_in_flight: u64,
+    lost_offline: u64,
+    offline_checked: u64,
     lost_unexplained: u64,
     refused_but_arrived: u64,
     out_of_order: u64,
@@ -1350,8 +1396,21 @@ fn tally(c: &Chaos) -> Tally {
                 }
             } else if got {
                 t.arrived += 1;
+                t.offline_checked += u64::from(s.must_arrive.contains(&seq));
             } else if s.killed && seq > s.confirmed_upto {
                 t.unknown_fate += 1;
+            } else if s.must_arrive.contains(&seq) {
+                t.offline_checked += 1;
+                t.lost_offline += 1;
+                c.violation(format!(
+                    "w{}.{}: event {seq} (round {round}) was queued while offline and never arrived",
+                    s.w, s.inc
+                ));
+            } else if c.broken_rounds.contains(round) && c.delivery == FireAndForget::Once {
+                // Written to a connection that broke: sent once, never again (PROTOCOL.md).
+                t.lost_in_flight += 1;
+                let kind = c.round_fault.get(round).copied().unwrap_or(Fault::Quiet);
+                *t.lost_by_fault.entry(format!("{kind:?}")).or_default() += 1;
             } else if c.broken_rounds.contains(round) {
                 t.lost_in_flight += 1;
                 c.violation(format!(
@@ -1385,8 +1444,14 @@ fn tally(c: &Chaos) -> Tally {
             }
         }
     }
-    // Duplicates only where a connection broke.
+    // Never a duplicate by default; with at-least-once, only where a connection broke.
     for &(w, i, seq) in &c.duplicates {
+        if c.delivery == FireAndForget::Once {
+            c.violation(format!(
+                "event {w}.{i}#{seq} arrived twice (fire_and_forget = once)"
+            ));
+            continue;
+        }
         let round = c.all.iter().find_map(|st| {
             let s = lock(st);
             (s.w == w && s.inc == i)
@@ -1438,9 +1503,10 @@ fn install_panic_counter() {
     }));
 }
 
-fn chaos_settings(url: &str, seed: u64) -> qiod::Settings {
+fn chaos_settings(url: &str, seed: u64, delivery: FireAndForget) -> qiod::Settings {
     let mut s = daemon_settings(url);
     let c = &mut s.driver.session;
+    c.fire_and_forget = delivery;
     c.heartbeat_interval = Duration::from_millis(100);
     c.ping_timeout = Duration::from_millis(100);
     c.request_timeout = REQUEST_TIMEOUT;
@@ -1464,16 +1530,32 @@ async fn settle_count(target: usize, f: impl Fn() -> usize) -> usize {
     }
 }
 
+/// Both delivery modes, one after the other (in one test, because the file descriptor and
+/// task baselines are the whole process's): the default with two thirds of the rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak() {
     install_panic_counter();
     let seed = env_u64("QIOD_CHAOS_SEED").unwrap_or(DEFAULT_SEED);
     let faults = env_u64("QIOD_CHAOS_FAULTS").unwrap_or(DEFAULT_FAULTS);
-    println!("chaos: seed {seed} (QIOD_CHAOS_SEED), faults {faults} (QIOD_CHAOS_FAULTS)");
+    let once = faults - faults / 3;
+    soak(seed, once, FireAndForget::Once).await;
+    soak(seed, faults - once, FireAndForget::AtLeastOnce).await;
+}
+
+async fn soak(seed: u64, faults: u64, delivery: FireAndForget) {
+    if faults == 0 {
+        return;
+    }
+    println!(
+        "chaos: seed {seed} (QIOD_CHAOS_SEED), faults {faults} (QIOD_CHAOS_FAULTS), \
+         fire_and_forget = {}",
+        delivery.name()
+    );
     let started = Instant::now();
+    let panics_before = PANICS.load(Ordering::Relaxed);
     let fd_start = fd_count();
     let servers = [server_with(|_| {}).await, server_with(|_| {}).await];
-    let daemon = Daemon::start_with(chaos_settings(&servers[0].url(), seed)).await;
+    let daemon = Daemon::start_with(chaos_settings(&servers[0].url(), seed, delivery)).await;
     let (writer, lines, reader) = connect(&daemon.socket).await;
     let mut ctl = Ctl {
         writer,
@@ -1493,6 +1575,7 @@ async fn chaos_soak() {
     let (mode, _) = watch::channel(Mode::Quiesce);
     let mut c = Chaos {
         seed,
+        delivery,
         socket: daemon.socket.clone(),
         servers,
         ctl,
@@ -1644,7 +1727,7 @@ async fn chaos_soak() {
     }
     drop(servers);
     let fd_end = settle_count(fd_start, fd_count).await;
-    let panics = PANICS.load(Ordering::Relaxed);
+    let panics = PANICS.load(Ordering::Relaxed) - panics_before;
 
     // The figures.
     let mut figures = counts;
@@ -1661,6 +1744,7 @@ async fn chaos_soak() {
     let max = round_times.iter().max().copied().unwrap_or_default();
     let summary: Vec<(&str, String)> = vec![
         ("seed", seed.to_string()),
+        ("fire_and_forget", delivery.name().to_owned()),
         ("faults (rounds)", faults.to_string()),
         ("rounds with a reconnect", broken_rounds.len().to_string()),
         ("daemon reconnects", reconnects.to_string()),
@@ -1678,9 +1762,14 @@ async fn chaos_soak() {
         ),
         ("events sent (fire and forget)", t.sent.to_string()),
         ("  refused at once (-3, queue full)", t.refused.to_string()),
-        ("  arrived (at least once)", t.arrived.to_string()),
+        ("  arrived", t.arrived.to_string()),
         (
-            "  lost with a broken connection",
+            "  queued while offline, checked (must arrive)",
+            t.offline_checked.to_string(),
+        ),
+        ("  queued while offline, lost", t.lost_offline.to_string()),
+        (
+            "  lost with a broken connection (allowed with once)",
             t.lost_in_flight.to_string(),
         ),
         ("  lost otherwise", t.lost_unexplained.to_string()),
@@ -1740,6 +1829,10 @@ async fn chaos_soak() {
     assert_eq!(
         t.lost_unexplained, 0,
         "seed {seed}: events lost without a reconnect"
+    );
+    assert_eq!(
+        t.lost_offline, 0,
+        "seed {seed}: events queued while offline lost"
     );
     assert_eq!(t.out_of_order, 0, "seed {seed}: events out of order");
     assert_eq!(panics, 0, "seed {seed}: panics");

@@ -1340,11 +1340,13 @@ fn generated_requests_through_the_line_parser() {
 /// answers the requests in it into the socket the daemon has closed; the second answer
 /// gets a broken pipe and the server drops the connection with the rest of the backlog:
 /// those events are gone, though each was accepted without an `/error`. Asked here: each
-/// arrives at least once, in order.
+/// arrives at least once, in order: the promise of `fire_and_forget = "at-least-once"` (by
+/// default what was written is never sent again, and may be lost with the connection).
 #[tokio::test]
 async fn events_sent_to_a_hung_server_are_not_lost() {
     let server = server().await;
     let mut settings = daemon_settings(&server.url());
+    settings.driver.session.fire_and_forget = qiod::session::FireAndForget::AtLeastOnce;
     settings.driver.session.heartbeat_interval = Duration::from_millis(200);
     settings.driver.session.ping_timeout = Duration::from_millis(200);
     let daemon = Daemon::start_with(settings).await;

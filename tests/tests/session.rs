@@ -352,9 +352,11 @@ async fn a_stalled_server_is_detected_by_the_heartbeat_watch() {
 }
 
 #[tokio::test]
-async fn backoff_grows_while_the_server_is_down_and_resets_after_a_handshake() {
+async fn backoff_grows_while_the_server_is_down_and_resets_after_a_stable_connection() {
     let server = server().await;
-    let mut up = Upstream::start(&server.url()).await;
+    let mut cfg = fast_config(&[server.url()]);
+    cfg.session.stable_after = Duration::from_millis(50);
+    let mut up = Upstream::start_with(cfg).await;
     server.kill().await;
     let mut delays = Vec::new();
     while delays.len() < 6 {
@@ -374,6 +376,15 @@ async fn backoff_grows_while_the_server_is_down_and_resets_after_a_handshake() {
     }
     server.restart().await.unwrap();
     up.wait_open().await;
+    // A handshake alone is not enough: the connection must last stable_after.
+    until("the connection is stable", || async {
+        up.handle
+            .status()
+            .await
+            .and_then(|s| s.open_for)
+            .is_some_and(|d| d >= Duration::from_millis(50))
+    })
+    .await;
     server.kill().await;
     let first = up
         .wait_for("reconnecting", |n| match n {
@@ -383,7 +394,7 @@ async fn backoff_grows_while_the_server_is_down_and_resets_after_a_handshake() {
         .await;
     assert!(
         first <= Duration::from_millis(10),
-        "reset after a handshake: {first:?}"
+        "reset after a stable connection: {first:?}"
     );
     up.stop().await;
 }

@@ -250,3 +250,42 @@ async fn a_missing_empty_or_certless_ca_file_stops_the_session_from_starting() {
     assert!(msg.contains("ca_file"), "{msg}");
     assert!(msg.contains("missing.pem"), "{msg}");
 }
+
+/// A `wss://` server moves the session to a plain `ws://` one; returns where it opened
+/// next and whether the plain server ever saw a connection.
+async fn move_to_plain(allow: bool) -> (String, String, bool, Option<String>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = pki(&["localhost"]);
+    let ca_file = file(&dir, "ca.pem", &pki.ca_pem);
+    let secure = tls_server(pki.server, Dialect::V02).await;
+    let plain = server().await;
+    let mut cfg = config_with_ca(&secure.url(), Some(&ca_file));
+    cfg.session.allow_insecure_move = allow;
+    let mut up = Upstream::start_with(cfg).await;
+    up.trigger("/clienttest/move", &format!("{:?}", plain.url()))
+        .await;
+    up.wait_closed().await;
+    let url = up.wait_open().await;
+    let last_error = up.handle.status().await.and_then(|s| s.last_error);
+    let plain_seen = plain
+        .log()
+        .iter()
+        .any(|e| matches!(e, LogEntry::Accepted { .. }));
+    up.stop().await;
+    (url.to_string(), secure.url(), plain_seen, last_error)
+}
+
+#[tokio::test]
+async fn regression_issue13_a_move_from_wss_to_ws_is_refused_unless_allowed() {
+    let (url, secure, plain_seen, last_error) = move_to_plain(false).await;
+    assert_eq!(url, secure, "back to the configured server");
+    assert!(!plain_seen, "TLS is never dropped silently");
+    let last_error = last_error.unwrap_or_default();
+    assert!(
+        last_error.contains("drop TLS") && last_error.contains("allow_insecure_move"),
+        "{last_error}"
+    );
+    let (url, _, plain_seen, _) = move_to_plain(true).await;
+    assert!(url.starts_with("ws://"), "{url}");
+    assert!(plain_seen);
+}

@@ -303,7 +303,7 @@ impl Conn {
                     })));
             }
             None => {
-                if let Err(e) = self.session.emit(&path, data).await {
+                if let Err(e) = self.session.emit_from(self.client.id, &path, data).await {
                     let path = codec::clean_path(&path);
                     self.fail(None, Some(Op::Send), Some(&path), e.code(), e.to_string());
                 }
@@ -447,6 +447,7 @@ impl Conn {
             "pending_callbacks": st.pending_callbacks,
             "events_in": st.events_in,
             "events_out": st.events_out,
+            "events_dropped": st.events_dropped,
             "events_delivered": delivered,
             "events_lost": self.client.outbox.lost_total(),
         });

@@ -400,6 +400,18 @@ impl Hub {
                 }
                 Vec::new()
             }
+            Notice::Dropped {
+                client,
+                path,
+                outcome,
+            } => {
+                // The event was accepted without a reply: an `/error` is the only way to
+                // tell its sender, if it is still here.
+                if let Some(c) = self.lock().clients.get(&client) {
+                    c.push_notice(error_event(Some("send"), Some(&path), &outcome));
+                }
+                Vec::new()
+            }
             Notice::SubscriptionLost { path, outcome } => {
                 let mut st = self.lock();
                 let list = st.subs.remove(&path).unwrap_or_default();

@@ -41,6 +41,11 @@ pub fn resolve_move(current: &Url, target: &str) -> Result<Url, String> {
         .ok_or_else(|| format!("move to {target:?}: not an address"))
 }
 
+/// Whether following a move from `from` to `to` would give up TLS (`wss://` to `ws://`).
+pub fn drops_tls(from: &Url, to: &Url) -> bool {
+    from.scheme() == "wss" && to.scheme() == "ws"
+}
+
 fn normalize(mut url: Url) -> Option<Url> {
     let scheme = match url.scheme() {
         "ws" | "http" => "ws",
@@ -94,6 +99,20 @@ mod tests {
         }
         for t in ["", "   ", "ftp://b/", "b:notaport", "ws://"] {
             assert!(resolve_move(&cur, t).is_err(), "{t} should fail");
+        }
+    }
+
+    #[test]
+    fn only_wss_to_ws_drops_tls() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let cases = [
+            ("wss://a/", "ws://b/", true),
+            ("wss://a/", "wss://b/", false),
+            ("ws://a/", "ws://b/", false),
+            ("ws://a/", "wss://b/", false),
+        ];
+        for (from, to, want) in cases {
+            assert_eq!(drops_tls(&url(from), &url(to)), want, "{from} -> {to}");
         }
     }
 }

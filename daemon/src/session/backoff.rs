@@ -1,4 +1,5 @@
-//! Reconnect backoff: doubling delays with jitter, reset after a good handshake.
+//! Reconnect backoff: doubling delays with jitter, reset by the session after a connection
+//! that stayed open for `stable_after` (a handshake alone does not prove a server good).
 
 use rand::Rng;
 use std::time::Duration;

@@ -15,7 +15,7 @@ mod address;
 mod backoff;
 mod queue;
 
-pub use address::{parse_server_url, resolve_move};
+pub use address::{drops_tls, parse_server_url, resolve_move};
 pub use backoff::Backoff;
 pub use queue::{OfflineQueue, Queued, Unconfirmed};
 
@@ -76,6 +76,41 @@ pub struct SessionConfig {
     /// Largest frame the server accepts, in bytes; `None` means the dialect's default
     /// (no limit for 0.2, 1024 for 0.1, whose server drops the connection beyond it).
     pub max_frame_bytes: Option<usize>,
+    /// How long a connection must stay open to count as good: only then does the backoff
+    /// start over (and the move-loop count clear). A server that greets and then drops
+    /// the connection is therefore retried at the growing backoff's pace, not hammered.
+    pub stable_after: Duration,
+    /// What happens to fire-and-forget events across a broken connection.
+    pub fire_and_forget: FireAndForget,
+    /// Whether a `/qio/move` from a `wss://` server to a `ws://` address is followed.
+    /// Off by default: a move must not silently drop TLS.
+    pub allow_insecure_move: bool,
+}
+
+/// The delivery promise for events sent without a callback (the `fire_and_forget` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FireAndForget {
+    /// Quick.IO's own semantics: an event written to an open connection is never sent
+    /// again (it may or may not arrive, as the client documents say); events accepted
+    /// while not open are queued and sent once, in order, after the reconnect. A server
+    /// never acts twice on one event.
+    #[default]
+    Once,
+    /// Every event is kept until the server is seen to have read it (the answer to a later
+    /// callback) and sent again after every break until then, so none is lost but one the
+    /// server read just before a break arrives twice. A server's close frame or
+    /// `/qio/move` does not end the replay: neither shows which frames it read.
+    AtLeastOnce,
+}
+
+impl FireAndForget {
+    /// The setting's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            FireAndForget::Once => "once",
+            FireAndForget::AtLeastOnce => "at-least-once",
+        }
+    }
 }
 
 /// The dialect setting.
@@ -91,10 +126,8 @@ pub enum DialectChoice {
 /// How soon after fire-and-forget events the session pings for proof they were read.
 const CONFIRM_AFTER: Duration = Duration::from_millis(100);
 
-/// A move this soon after opening counts as part of a possible move loop.
-const QUICK_MOVE: Duration = Duration::from_secs(1);
-
-/// Quick moves followed at once; after these, moves wait for the growing backoff.
+/// Moves of connections younger than `stable_after` followed at once, in a row; after
+/// these, moves wait for the growing backoff.
 const MAX_QUICK_MOVES: u32 = 3;
 
 /// The default frame limit of a 0.1 server (bytes of WebSocket payload).
@@ -117,6 +150,9 @@ impl SessionConfig {
             max_subscriptions: 65_536,
             dialect: DialectChoice::Auto,
             max_frame_bytes: None,
+            stable_after: Duration::from_secs(10),
+            fire_and_forget: FireAndForget::Once,
+            allow_insecure_move: false,
         }
     }
 }
@@ -264,6 +300,17 @@ pub enum Output<T> {
     Reply(T, Outcome),
     /// Deliver an event to the subscribers of its path.
     Event(Event),
+    /// An accepted fire-and-forget event could not be sent after all (queued while offline,
+    /// then too large for the dialect the server turned out to speak): its sender must be
+    /// told, since nothing else will tell it.
+    Dropped {
+        /// Who sent it (the tag given to [`Session::emit_from`]).
+        sender: u64,
+        /// The event's path.
+        path: String,
+        /// Why, with the code the sender sees.
+        outcome: Outcome,
+    },
     /// A subscription callers held was refused when it was restored; they hold it no more.
     SubscriptionLost {
         /// The path.
@@ -343,6 +390,8 @@ pub struct SessionStatus {
     pub events_in: u64,
     /// Events sent to the server.
     pub events_out: u64,
+    /// Accepted fire-and-forget events that were dropped afterwards (each sender told).
+    pub events_dropped: u64,
 }
 
 /// One subscription in [`SessionStatus`].
@@ -439,8 +488,9 @@ pub struct Session<T> {
     unconfirmed: Unconfirmed,
     /// When to ping for proof that the unconfirmed events were read.
     confirm_at: Option<Instant>,
-    /// Moves that came within [`QUICK_MOVE`] of opening, in a row.
+    /// Moves of connections that were not yet stable, in a row.
     quick_moves: u32,
+    events_dropped: u64,
     opened: u64,
     last_error: Option<String>,
     events_in: u64,
@@ -481,6 +531,7 @@ impl<T> Session<T> {
             unconfirmed: Unconfirmed::new(cfg.queue_max_events, cfg.queue_max_bytes),
             confirm_at: None,
             quick_moves: 0,
+            events_dropped: 0,
             opened: 0,
             last_error: None,
             events_in: 0,
@@ -568,7 +619,7 @@ impl<T> Session<T> {
                 self.attempt_failed(now, reason, true)
             }
             Phase::Open { .. } => {
-                self.lose(reason.to_owned(), false);
+                self.lose(now, reason.to_owned(), false);
                 self.retry_later(now);
             }
             Phase::Waiting { .. } | Phase::Stopped => {}
@@ -618,6 +669,7 @@ impl<T> Session<T> {
                 if self.ping_deadline.is_some_and(|d| d <= now) {
                     let after = self.cfg.ping_timeout;
                     self.lose(
+                        now,
                         format!("no answer to /qio/ping within {after:?}: connection is dead"),
                         true,
                     );
@@ -662,16 +714,33 @@ impl<T> Session<T> {
 
     /// Sends an event without asking for a callback; queued while not open.
     pub fn emit(&mut self, now: Instant, path: &str, data: &RawValue) -> Result<(), SessionError> {
+        self.emit_from(now, path, data, None)
+    }
+
+    /// [`Session::emit`] on behalf of `sender` (the driver passes the local client's id):
+    /// should the event be dropped after it was accepted, an [`Output::Dropped`] names it.
+    ///
+    /// What happens across breaks follows [`SessionConfig::fire_and_forget`].
+    pub fn emit_from(
+        &mut self,
+        now: Instant,
+        path: &str,
+        data: &RawValue,
+        sender: Option<u64>,
+    ) -> Result<(), SessionError> {
         let path = check_path(path)?;
         let frame = self.dialect.encode(&path, 0, data);
         self.check_size(&frame)?;
+        let event = Queued::new(path, data.to_owned(), sender);
         match self.phase {
+            Phase::Open { .. } if self.cfg.fire_and_forget == FireAndForget::Once => {
+                // Written once; whatever happens to the connection, never again.
+                self.events_out += 1;
+                self.out.push_back(Output::Send(frame));
+                Ok(())
+            }
             Phase::Open { .. } => {
-                if self
-                    .unconfirmed
-                    .push(self.next_cb, Queued::new(path, data.to_owned()))
-                    .is_err()
-                {
+                if self.unconfirmed.push(self.next_cb, event).is_err() {
                     let (n, bytes) = self.unconfirmed.size();
                     return Err(SessionError::QueueFull(format!(
                         "{n} events, {bytes} bytes sent and not yet confirmed by the server"
@@ -688,16 +757,13 @@ impl<T> Session<T> {
                 Ok(())
             }
             Phase::Stopped => Err(SessionError::Stopped),
-            _ => self
-                .queue
-                .push(Queued::new(path, data.to_owned()))
-                .map_err(|_| {
-                    SessionError::QueueFull(format!(
-                        "{} events, {} bytes",
-                        self.queue.len(),
-                        self.queue.bytes()
-                    ))
-                }),
+            _ => self.queue.push(event).map_err(|_| {
+                SessionError::QueueFull(format!(
+                    "{} events, {} bytes",
+                    self.queue.len(),
+                    self.queue.bytes()
+                ))
+            }),
         }
     }
 
@@ -851,7 +917,7 @@ impl<T> Session<T> {
             Some(url) if self.cfg.servers.contains(&url) => {}
             Some(_) => {
                 if self.is_open() {
-                    self.lose("the configured server address changed".into(), true);
+                    self.lose(now, "the configured server address changed".into(), true);
                 } else {
                     self.out.push_back(Output::Close);
                 }
@@ -926,6 +992,7 @@ impl<T> Session<T> {
             pending_callbacks: self.user_pending,
             events_in: self.events_in,
             events_out: self.events_out,
+            events_dropped: self.events_dropped,
         }
     }
 
@@ -1103,51 +1170,89 @@ impl<T> Session<T> {
     }
 
     fn moved(&mut self, now: Instant, data: &RawValue) {
-        let Phase::Open { url, since } = &self.phase else {
+        let Phase::Open { url, .. } = &self.phase else {
             return;
         };
         let from = url.clone();
-        // A server that moves us on as soon as we arrive (a move loop, or two servers
-        // sending clients to each other) must not make us reconnect as fast as we can.
-        if now.saturating_duration_since(*since) < QUICK_MOVE {
-            self.quick_moves += 1;
-        } else {
+        // A server that moves us on before the connection proved stable (a move loop, or
+        // two servers sending clients to each other) must not make us reconnect as fast
+        // as we can.
+        if self.is_stable(now) {
             self.quick_moves = 0;
+        } else {
+            self.quick_moves += 1;
         }
         let target = serde_json::from_str::<String>(data.get())
             .map_err(|_| format!("move data {} is not a string", data.get()))
             .and_then(|t| resolve_move(&from, &t));
-        match target {
-            Ok(to) => {
-                self.out.push_back(Output::State(StateChange::Moved {
-                    from,
-                    to: to.clone(),
-                }));
-                self.moved_to = Some(to.clone());
-                // The new server may speak the other dialect: detect afresh.
-                self.detected.clear();
-                self.lose(format!("moved to {to}"), true);
-                if self.quick_moves < MAX_QUICK_MOVES {
-                    // A move is not a failure: go to the new server at once.
-                    self.start_connect(now);
-                } else {
-                    tracing::warn!(
-                        moves = self.quick_moves,
-                        "the servers keep moving us right after connecting; backing off"
-                    );
-                    self.retry_later(now);
-                }
-            }
+        let to = match target {
+            Ok(to) => to,
             Err(e) => {
                 tracing::warn!("ignoring a move the server asked for: {e}");
                 self.last_error = Some(e);
+                return;
             }
+        };
+        if drops_tls(&from, &to) && !self.cfg.allow_insecure_move {
+            // The server wants us gone, but not to where it says: back to the configured
+            // servers, as after a move target that cannot be reached.
+            let reason = format!(
+                "refused a move from {from} to {to}: it would drop TLS \
+                 (set allow_insecure_move = true to follow such moves)"
+            );
+            tracing::warn!("{reason}");
+            self.moved_to = None;
+            self.lose(now, reason, true);
+        } else {
+            self.out.push_back(Output::State(StateChange::Moved {
+                from,
+                to: to.clone(),
+            }));
+            self.moved_to = Some(to.clone());
+            // The new server may speak the other dialect: detect afresh.
+            self.detected.clear();
+            self.lose(now, format!("moved to {to}"), true);
+        }
+        if self.quick_moves < MAX_QUICK_MOVES {
+            // A move is not a failure: go to the new server at once.
+            self.start_connect(now);
+        } else {
+            tracing::warn!(
+                moves = self.quick_moves,
+                "the servers keep moving us right after connecting; backing off"
+            );
+            self.retry_later(now);
+        }
+    }
+
+    /// Whether the open connection has lasted long enough to count as good.
+    fn is_stable(&self, now: Instant) -> bool {
+        match &self.phase {
+            Phase::Open { since, .. } => {
+                now.saturating_duration_since(*since) >= self.cfg.stable_after
+            }
+            _ => false,
+        }
+    }
+
+    /// Tells the sender of an accepted event that it will not be sent after all.
+    fn drop_event(&mut self, event: Queued, code: i64, why: String) {
+        self.events_dropped += 1;
+        // The caller logs one line for the lot: a full queue can hold thousands.
+        tracing::debug!(path = event.path, "dropping an accepted event: {why}");
+        if let Some(sender) = event.sender {
+            self.out.push_back(Output::Dropped {
+                sender,
+                path: event.path,
+                outcome: Outcome::local(code, why),
+            });
         }
     }
 
     fn invalid_frame(&mut self, now: Instant, text: &str, e: DecodeError) {
         let shown: String = text.chars().take(64).collect();
         self.lose(
+            now,
             format!("invalid frame from the server ({e}): {shown:?}"),
             true,
         );
@@ -1162,10 +1267,8 @@ impl<T> Session<T> {
         if self.cfg.dialect == DialectChoice::Auto {
             self.detected.insert(url.clone(), self.dialect);
         }
-        // After quick moves in a row, the backoff keeps growing until a server keeps us.
-        if self.quick_moves < MAX_QUICK_MOVES {
-            self.backoff.reset();
-        }
+        // The backoff starts over only when this connection proves stable (see `lose`):
+        // a server that greets and then drops us must not be hammered.
         self.conn += 1;
         self.next_cb = 1;
         self.opened += 1;
@@ -1180,19 +1283,41 @@ impl<T> Session<T> {
             self.send_on(&path);
         }
         let queued: Vec<_> = self.queue.drain().collect();
+        let dropped_before = self.events_dropped;
         for event in queued {
             let frame = self.dialect.encode(&event.path, 0, &event.data);
             if let Err(e) = self.check_size(&frame) {
                 // Only when the dialect changed since it was queued (0.1's smaller limit).
-                tracing::warn!(path = event.path, "dropping a queued event: {e}");
+                let why = format!(
+                    "queued while offline, then the server turned out to speak Quick.IO {}: {e}",
+                    self.dialect.name()
+                );
+                self.drop_event(event, e.code(), why);
                 continue;
             }
             self.events_out += 1;
             self.out.push_back(Output::Send(frame));
+            if self.cfg.fire_and_forget == FireAndForget::Once {
+                continue;
+            }
             // The queue and this table have the same bounds, and this one is empty now.
-            if self.unconfirmed.push(self.next_cb, event).is_ok() && self.confirm_at.is_none() {
+            if let Err(event) = self.unconfirmed.push(self.next_cb, event) {
+                // Unreachable with equal bounds; should it happen, the event was still sent
+                // once, only not kept for another replay.
+                tracing::debug!(
+                    path = event.path,
+                    "no room to keep a sent event for a replay"
+                );
+            } else if self.confirm_at.is_none() {
                 self.confirm_at = Some(now + CONFIRM_AFTER.min(self.cfg.heartbeat_interval));
             }
+        }
+        if self.events_dropped > dropped_before {
+            tracing::warn!(
+                events = self.events_dropped - dropped_before,
+                dialect = self.dialect.name(),
+                "dropped queued events too large for the server's frame limit; their senders were told"
+            );
         }
         self.out.push_back(Output::State(StateChange::Open { url }));
     }
@@ -1303,34 +1428,44 @@ impl<T> Session<T> {
     /// The open connection is gone: fail callbacks at once and keep subscriptions for the
     /// reconnect, which the caller schedules.
     ///
-    /// Fire-and-forget events the server was not seen to read go first after the
-    /// reconnect, so delivery is at least once (an event read just before the break can
-    /// arrive twice). Even a server that closes or moves us on purpose may not have read
-    /// what was in flight. Each event is sent again once at most.
-    fn lose(&mut self, reason: String, close: bool) {
+    /// A connection that lasted `stable_after` was a good one: the backoff and the move
+    /// count start over. One that did not leaves both growing, so a server that greets
+    /// and drops is retried ever more slowly.
+    ///
+    /// With `fire_and_forget = "at-least-once"`, events the server was not seen to read go
+    /// first after the reconnect, however many breaks it takes (an event read just before
+    /// a break arrives twice). Even a server that closes or moves us on purpose may not
+    /// have read what was in flight, so its close frame or move does not end the replay.
+    /// By default nothing written is kept.
+    fn lose(&mut self, now: Instant, reason: String, close: bool) {
+        if self.is_stable(now) {
+            self.backoff.reset();
+            self.quick_moves = 0;
+        }
         if close {
             self.out.push_back(Output::Close);
         }
         self.confirm_at = None;
         let unconfirmed = self.unconfirmed.take();
         if !unconfirmed.is_empty() {
-            let (again, twice): (Vec<_>, Vec<_>) = unconfirmed.into_iter().partition(|e| !e.resent);
-            if !twice.is_empty() {
-                tracing::warn!(
-                    events = twice.len(),
-                    "dropping events already sent again once across broken connections"
-                );
-            }
             tracing::info!(
-                events = again.len(),
+                events = unconfirmed.len(),
                 "sending again after the reconnect: events the server may not have read"
             );
-            self.queue.push_front(
-                again
-                    .into_iter()
-                    .map(|e| Queued { resent: true, ..e })
-                    .collect(),
-            );
+            // The queue is empty while open and has the same bounds, so all fit.
+            let refused = self.queue.push_front(unconfirmed);
+            if !refused.is_empty() {
+                tracing::warn!(
+                    events = refused.len(),
+                    "the offline queue is full: dropping events to be sent again; their senders were told"
+                );
+            }
+            for event in refused {
+                let why = "the offline queue is full (queue_max_events/queue_max_bytes): \
+                           an event sent before the connection broke cannot be sent again"
+                    .to_owned();
+                self.drop_event(event, code::OVERLOADED, why);
+            }
         }
         self.fail_pending();
         for sub in self.subs.values_mut() {

@@ -10,20 +10,14 @@ pub struct Queued {
     pub path: String,
     /// The data, serialized when the caller sent it.
     pub data: Box<RawValue>,
-    /// Whether it was already sent again once after a broken connection; such an event
-    /// is not sent a third time, so an event that makes the server drop the connection
-    /// cannot make the daemon reconnect forever.
-    pub resent: bool,
+    /// Who sent it, to be told should it be dropped after it was accepted.
+    pub sender: Option<u64>,
 }
 
 impl Queued {
     /// A new event, never sent.
-    pub fn new(path: String, data: Box<RawValue>) -> Self {
-        Queued {
-            path,
-            data,
-            resent: false,
-        }
+    pub fn new(path: String, data: Box<RawValue>, sender: Option<u64>) -> Self {
+        Queued { path, data, sender }
     }
 
     fn size(&self) -> usize {
@@ -90,24 +84,19 @@ impl OfflineQueue {
 
 impl OfflineQueue {
     /// Puts events back at the front, in their order, ahead of what is queued; what does
-    /// not fit in the bounds is dropped (and logged), newest first.
-    pub fn push_front(&mut self, events: Vec<Queued>) {
-        let mut dropped = 0usize;
+    /// not fit in the bounds is handed back (newest first) for its senders to be told.
+    pub fn push_front(&mut self, events: Vec<Queued>) -> Vec<Queued> {
+        let mut refused = Vec::new();
         for event in events.into_iter().rev() {
             let size = event.size();
             if self.frames.len() >= self.max_frames || self.bytes + size > self.max_bytes {
-                dropped += 1;
+                refused.push(event);
                 continue;
             }
             self.bytes += size;
             self.frames.push_front(event);
         }
-        if dropped > 0 {
-            tracing::warn!(
-                dropped,
-                "the offline queue is full: events sent during a break were dropped"
-            );
-        }
+        refused
     }
 }
 
@@ -188,6 +177,7 @@ mod tests {
         Queued::new(
             path.to_owned(),
             RawValue::from_string(data.to_owned()).unwrap(),
+            None,
         )
     }
 
@@ -206,7 +196,9 @@ mod tests {
             .collect();
         assert_eq!(all, ["/a=11", "/b=22", "/c=3"]);
         q.push(ev("/n", "1")).unwrap();
-        q.push_front(vec![ev("/x", "1"), ev("/y", "22"), ev("/z", "3")]);
+        let refused = q.push_front(vec![ev("/x", "1"), ev("/y", "22"), ev("/z", "3")]);
+        let refused: Vec<_> = refused.into_iter().map(|e| e.path).collect();
+        assert_eq!(refused, ["/x"], "handed back, not dropped silently");
         let all: Vec<_> = q.drain().map(|e| e.path).collect();
         assert_eq!(
             all,
@@ -226,6 +218,7 @@ mod unconfirmed_tests {
         Queued::new(
             path.to_owned(),
             RawValue::from_string("1".to_owned()).unwrap(),
+            None,
         )
     }
 

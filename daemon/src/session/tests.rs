@@ -52,6 +52,22 @@ impl Harness {
         self.s.handle_timeout(self.now);
     }
 
+    /// After a break: waits out the backoff, if any, until the session connects again.
+    fn reconnect(&mut self) {
+        let outs = self.drain();
+        if outs.iter().any(|o| matches!(o, Output::Connect { .. })) {
+            return;
+        }
+        let next = self.s.poll_timeout().expect("a retry is scheduled");
+        self.at(next - self.t0);
+        let outs = self.drain();
+        assert!(
+            outs.iter().any(|o| matches!(o, Output::Connect { .. })),
+            "{:?}",
+            kinds(&outs)
+        );
+    }
+
     fn frame(&mut self, text: &str) {
         self.s.handle_frame(self.now, text);
     }
@@ -93,6 +109,7 @@ fn kinds(outs: &[Output<u32>]) -> Vec<&'static str> {
             Output::Reply(..) => "reply",
             Output::Event(_) => "event",
             Output::SubscriptionLost { .. } => "lost",
+            Output::Dropped { .. } => "dropped",
             Output::State(StateChange::Connecting { .. }) => "connecting",
             Output::State(StateChange::Open { .. }) => "open",
             Output::State(StateChange::ConnectFailed { .. }) => "failed",
@@ -495,7 +512,7 @@ fn subscriptions_survive_reconnects_and_refusals_on_restore_are_reported() {
 }
 
 #[test]
-fn backoff_grows_while_failing_and_resets_after_a_handshake() {
+fn backoff_grows_while_failing_and_resets_after_a_stable_connection() {
     let mut h = Harness::new(cfg(&["ws://a.test/"]));
     h.drain();
     let mut delays = Vec::new();
@@ -520,16 +537,22 @@ fn backoff_grows_while_failing_and_resets_after_a_handshake() {
         let cap = Duration::from_millis(cap);
         assert!(*d <= cap && *d >= cap.mul_f64(0.75), "{d:?} vs {cap:?}");
     }
+    // A handshake alone does not reset it: the connection must last stable_after.
     h.handshake();
+    h.at(t + Duration::from_secs(9));
     h.s.handle_closed(h.now, "gone");
-    let outs = h.drain();
-    let after = states(&outs)
-        .into_iter()
-        .find_map(|s| match s {
-            StateChange::Reconnecting { after } => Some(*after),
-            _ => None,
-        })
-        .unwrap();
+    let after = delay(&h.drain()).unwrap();
+    assert!(
+        after >= Duration::from_millis(19_200),
+        "not reset: {after:?}"
+    );
+    t += Duration::from_secs(9) + after;
+    h.at(t);
+    h.drain();
+    h.handshake();
+    h.at(t + Duration::from_secs(10));
+    h.s.handle_closed(h.now, "gone");
+    let after = delay(&h.drain()).unwrap();
     assert!(after <= Duration::from_millis(100), "reset: {after:?}");
 }
 
@@ -842,8 +865,8 @@ fn a_move_loop_is_slowed_down_by_the_backoff() {
         delays.len() == 6 && delays.windows(2).all(|w| w[1] >= w[0].mul_f64(1.5)),
         "{delays:?}"
     );
-    // A server that keeps us for a while is trusted again.
-    let later = h.now - h.t0 + Duration::from_secs(5);
+    // A server that keeps us for stable_after is trusted again.
+    let later = h.now - h.t0 + Duration::from_secs(10);
     h.at(later);
     h.frame("/qio/move:0=\"ws://c.test/\"");
     assert!(matches!(
@@ -852,9 +875,18 @@ fn a_move_loop_is_slowed_down_by_the_backoff() {
     ));
 }
 
+fn at_least_once() -> Harness {
+    let mut c = cfg(&["ws://a.test/"]);
+    c.fire_and_forget = FireAndForget::AtLeastOnce;
+    let mut h = Harness::new(c);
+    h.drain();
+    h.handshake();
+    h
+}
+
 #[test]
 fn fire_and_forget_events_are_sent_again_unless_the_server_was_seen_to_read_them() {
-    let mut h = Harness::open();
+    let mut h = at_least_once();
     h.s.emit(h.now, "/e", &raw("1")).unwrap();
     h.s.emit(h.now, "/e", &raw("2")).unwrap();
     assert_eq!(sent(&h.drain()), ["/e:0=1", "/e:0=2"]);
@@ -874,7 +906,7 @@ fn fire_and_forget_events_are_sent_again_unless_the_server_was_seen_to_read_them
 
 #[test]
 fn unconfirmed_events_are_bounded_and_refused_not_dropped() {
-    let mut h = Harness::open();
+    let mut h = at_least_once();
     for i in 0..3 {
         h.s.emit(h.now, "/e", &raw(&i.to_string())).unwrap();
     }
@@ -891,15 +923,268 @@ fn unconfirmed_events_are_bounded_and_refused_not_dropped() {
 }
 
 #[test]
-fn an_event_is_sent_again_once_at_most() {
-    let mut h = Harness::open();
-    h.s.emit(h.now, "/poison", &raw("1")).unwrap();
+fn regression_issue13_at_least_once_never_drops_what_was_sent_again() {
+    let mut h = at_least_once();
+    h.s.emit_from(h.now, "/e", &raw("1"), Some(4)).unwrap();
     h.drain();
-    for round in 0..2 {
-        h.s.handle_closed(h.now, "reset");
-        h.at(h.now - h.t0 + Duration::from_secs(30));
-        h.drain();
-        let again = sent(&h.handshake()).contains(&"/poison:0=1");
-        assert_eq!(again, round == 0, "round {round}");
+    // Every kind of break, the server's own close and a move included: the event goes
+    // again each time until a callback proves the server read it.
+    for round in 0..4 {
+        match round {
+            0 => h.s.handle_closed(h.now, "reset"),
+            1 => {
+                h.s.handle_closed(h.now, "server closed the connection (1005)")
+            }
+            2 => h.frame("/qio/move:0=\"ws://a.test/\""),
+            _ => h.frame("not a frame"),
+        }
+        h.reconnect();
+        assert_eq!(sent(&h.handshake()), ["/e:0=1"], "round {round}");
     }
+    assert_eq!(h.s.status(h.now).events_dropped, 0);
+    h.at(h.now - h.t0 + Duration::from_secs(1));
+    assert_eq!(sent(&h.drain()), ["/qio/ping:1=null"]);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.s.handle_closed(h.now, "reset");
+    h.at(h.now - h.t0 + Duration::from_secs(30));
+    h.drain();
+    assert!(sent(&h.handshake()).is_empty(), "confirmed: not sent again");
+}
+
+/// The delay the session chose in these outputs, if it chose one.
+fn delay(outs: &[Output<u32>]) -> Option<Duration> {
+    states(outs).into_iter().find_map(|s| match s {
+        StateChange::Reconnecting { after } => Some(*after),
+        _ => None,
+    })
+}
+
+#[test]
+fn regression_bug4_backoff_resets_again_after_a_move_loop() {
+    // A move loop first: the servers move us on as soon as we arrive.
+    let mut h = Harness::open();
+    for i in 0..6 {
+        let to = if i % 2 == 0 {
+            "ws://b.test/"
+        } else {
+            "ws://a.test/"
+        };
+        h.frame(&format!("/qio/move:0=\"{to}\""));
+        if let Some(after) = delay(&h.drain()) {
+            h.at(h.now - h.t0 + after);
+            h.drain();
+        }
+        h.handshake();
+    }
+    // Then ordinary life: connections that stay up 30 s and break. Each reconnect waits
+    // about the initial delay, as after any good connection.
+    for round in 0..5 {
+        let later = h.now - h.t0 + Duration::from_secs(30);
+        h.at(later);
+        h.drain();
+        h.s.handle_closed(h.now, "reset by peer");
+        let after = delay(&h.drain()).expect("a reconnect delay");
+        assert!(
+            after <= Duration::from_millis(100),
+            "round {round}: {after:?} after a 30 s connection"
+        );
+        h.at(h.now - h.t0 + after);
+        h.drain();
+        h.handshake();
+    }
+}
+
+/// Simulates `minutes` of a server that answers the handshake and then drops the
+/// connection after `open_for`; returns the connection attempts in each minute.
+fn attempts_per_minute(open_for: Duration, minutes: u64) -> Vec<u32> {
+    let mut h = Harness::new(cfg(&["ws://flaky.test/"]));
+    let mut per_minute = vec![0u32; minutes as usize];
+    let end = Duration::from_secs(60 * minutes);
+    loop {
+        let outs = h.drain();
+        if outs.iter().any(|o| matches!(o, Output::Connect { .. })) {
+            let minute = ((h.now - h.t0).as_secs() / 60) as usize;
+            per_minute[minute] += 1;
+            h.handshake();
+            h.at(h.now - h.t0 + open_for);
+            h.drain();
+            h.s.handle_closed(h.now, "connection reset without closing handshake");
+            continue;
+        }
+        let Some(next) = h.s.poll_timeout() else {
+            panic!("the session stopped trying: {:?}", kinds(&outs));
+        };
+        if next - h.t0 >= end {
+            return per_minute;
+        }
+        h.at(next - h.t0);
+    }
+}
+
+#[test]
+fn regression_bug7_a_server_that_greets_and_drops_is_not_hammered() {
+    for open_for in [
+        Duration::ZERO,
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+    ] {
+        let per_minute = attempts_per_minute(open_for, 10);
+        // The first minute ramps up the backoff; after it, at most one a second on
+        // average (in fact the capped backoff gives a few a minute).
+        assert!(
+            per_minute[1..].iter().all(|&n| n <= 60),
+            "open for {open_for:?}: {per_minute:?}"
+        );
+        let total: u32 = per_minute.iter().sum();
+        assert!(total <= 60 + 9 * 5, "open for {open_for:?}: {per_minute:?}");
+    }
+}
+
+#[test]
+fn regression_issue13_an_event_written_to_an_open_connection_is_never_sent_again() {
+    let mut h = Harness::open();
+    h.s.emit(h.now, "/clienttest/close", &raw("null")).unwrap();
+    assert_eq!(sent(&h.drain()), ["/clienttest/close:0=null"]);
+    h.s.handle_closed(h.now, "server closed the connection (1005)");
+    h.s.emit(h.now, "/offline", &raw("1")).unwrap();
+    let after = delay(&h.drain()).unwrap();
+    h.at(after);
+    h.drain();
+    // Only what was queued while offline goes, once.
+    assert_eq!(sent(&h.handshake()), ["/offline:0=1"]);
+    h.s.handle_closed(h.now, "reset");
+    h.at(Duration::from_secs(5));
+    h.drain();
+    assert!(sent(&h.handshake()).is_empty(), "nothing is sent twice");
+}
+
+#[test]
+fn regression_issue13_a_move_from_wss_to_ws_is_refused() {
+    let mut h = Harness::new(cfg(&["wss://secure.test/"]));
+    h.drain();
+    h.handshake();
+    h.frame("/qio/move:0=\"ws://plain.test/\"");
+    let outs = h.drain();
+    let connects: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Connect { url, .. } => Some(url.as_str().to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(connects, ["wss://secure.test/"], "{:?}", kinds(&outs));
+    assert!(
+        h.s.status(h.now)
+            .last_error
+            .is_some_and(|e| e.contains("TLS")),
+        "{:?}",
+        h.s.status(h.now).last_error
+    );
+}
+
+#[test]
+fn regression_bug5_a_queued_event_too_big_for_the_detected_dialect_is_told_to_its_sender() {
+    let mut c = cfg(&["ws://old.test/qio"]);
+    c.queue_max_bytes = 10_000;
+    let mut h = Harness::new(c);
+    h.drain();
+    // Queued before the first connection, checked against 0.2 (no frame limit).
+    let big = format!("\"{}\"", "x".repeat(1100));
+    h.s.emit_from(h.now, "/big", &raw(&big), Some(7)).unwrap();
+    h.s.emit_from(h.now, "/small", &raw("1"), Some(8)).unwrap();
+    // The server turns out to speak 0.1, whose frames stop at 1 KiB.
+    h.s.handle_wrong_dialect(h.now, "server sent no subprotocol");
+    h.drain();
+    h.s.handle_connected(h.now);
+    let outs = h.drain();
+    assert_eq!(sent(&outs), ["/small:0:json=1"]);
+    let dropped: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Dropped {
+                sender,
+                path,
+                outcome,
+            } => Some((
+                *sender,
+                path.as_str(),
+                outcome.code,
+                outcome.err_msg.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dropped.len(), 1, "{:?}", kinds(&outs));
+    let (sender, path, code, msg) = &dropped[0];
+    assert_eq!((*sender, *path, *code), (7, "/big", code::BAD_REQUEST));
+    let msg = msg.as_deref().unwrap_or_default();
+    assert!(
+        msg.contains("0.1") && msg.contains("max_frame_bytes"),
+        "{msg}"
+    );
+    assert_eq!(h.s.status(h.now).events_dropped, 1);
+}
+
+#[test]
+fn by_default_nothing_waits_for_proof_of_reading() {
+    let mut h = Harness::open();
+    for i in 0..10 {
+        h.s.emit(h.now, "/e", &raw(&i.to_string())).unwrap();
+    }
+    assert_eq!(sent(&h.drain()).len(), 10, "no bound on what was written");
+    h.at(Duration::from_secs(1));
+    assert!(sent(&h.drain()).is_empty(), "no confirmation ping");
+}
+
+#[test]
+fn a_move_that_drops_tls_is_followed_when_allowed() {
+    let mut c = cfg(&["wss://secure.test/"]);
+    c.allow_insecure_move = true;
+    let mut h = Harness::new(c);
+    h.drain();
+    h.handshake();
+    h.frame("/qio/move:0=\"ws://plain.test/\"");
+    let outs = h.drain();
+    assert!(
+        matches!(outs.last(), Some(Output::Connect { url, .. }) if url.as_str() == "ws://plain.test/"),
+        "{:?}",
+        kinds(&outs)
+    );
+    // wss to wss is always followed.
+    let mut h = Harness::new(cfg(&["wss://secure.test/"]));
+    h.drain();
+    h.handshake();
+    h.frame("/qio/move:0=\"other.test:8443\"");
+    let outs = h.drain();
+    assert!(
+        matches!(outs.last(), Some(Output::Connect { url, .. }) if url.as_str() == "wss://other.test:8443/"),
+        "{:?}",
+        kinds(&outs)
+    );
+}
+
+#[test]
+fn regression_bug7_a_flapping_listener_is_not_hammered() {
+    // Every other attempt is refused, the others greet and drop at once.
+    let mut h = Harness::new(cfg(&["ws://flap.test/"]));
+    let mut per_minute = [0u32; 5];
+    let end = Duration::from_secs(300);
+    let mut n = 0u32;
+    while h.now - h.t0 < end {
+        let outs = h.drain();
+        if outs.iter().any(|o| matches!(o, Output::Connect { .. })) {
+            per_minute[((h.now - h.t0).as_secs() / 60) as usize] += 1;
+            n += 1;
+            if n.is_multiple_of(2) {
+                h.s.handle_connect_failed(h.now, "connection refused");
+            } else {
+                h.handshake();
+                h.s.handle_closed(h.now, "connection closed without a close frame");
+            }
+            continue;
+        }
+        let next = h.s.poll_timeout().expect("a retry");
+        h.at(next - h.t0);
+    }
+    assert!(per_minute[1..].iter().all(|&n| n <= 60), "{per_minute:?}");
 }

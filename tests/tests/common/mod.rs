@@ -142,9 +142,9 @@ impl Upstream {
     }
 
     /// Sends a conformance trigger (`/clienttest/close`, `move`, `send-invalid`...) as a
-    /// request whose answer nobody waits for. Not fire-and-forget: such events are sent
-    /// again after a broken connection (delivery is at least once), and a trigger that
-    /// breaks the connection would then fire twice.
+    /// request whose answer nobody waits for. Not fire-and-forget: with
+    /// `fire_and_forget = "at-least-once"` such events are sent again after a broken
+    /// connection, and a trigger that breaks the connection would then fire twice.
     pub async fn trigger(&self, path: &str, data: &str) {
         drop(self.handle.request_deferred(path, raw(data)).await);
     }
