@@ -26,7 +26,8 @@
 //! ```
 //!
 //! Layout: [`codec`] is the pure wire codec (everything dialect-specific is behind
-//! [`Dialect`]); `handshake` holds the 0.1 HTTP upgrade checks and the request recorder; `conn`
+//! [`Dialect`]); `ws` is the 0.2 server's own WebSocket framing; `handshake` holds both
+//! dialects' HTTP upgrade checks and the request recorder; `conn`
 //! runs one connection; `app` is the conformance app; `server` holds the shared state and the
 //! control API.
 
@@ -37,6 +38,7 @@ pub mod codec;
 mod conn;
 mod handshake;
 mod server;
+mod ws;
 
 pub use codec::{clean_path, Dialect, Frame, ParseError, Reply};
 pub use server::{
