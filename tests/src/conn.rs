@@ -123,10 +123,10 @@ async fn start_tls(inner: &Inner, id: u64, stream: TcpStream) -> Result<Io, Clos
 /// and end the connection (0.2 answers some with an HTTP status first).
 async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Transport, CloseReason> {
     let res = match inner.dialect {
-        Dialect::V01 => upgrade_v01(inner, id, stream).await.map(Transport::Lib),
-        Dialect::V02 => upgrade_v02(inner, id, stream)
+        Dialect::V01 => upgrade_v01(inner, id, stream)
             .await
-            .map(|raw| Transport::Raw(Box::new(raw))),
+            .map(|ws| Transport::Lib(Box::new(ws))),
+        Dialect::V02 => upgrade_v02(inner, id, stream).await.map(Transport::Raw),
     };
     res.map_err(|(request, reason)| {
         inner.push_log(LogEntry::UpgradeRejected {
@@ -391,8 +391,8 @@ fn classify_raw(f: ws::RawFrame) -> In {
 
 /// The connection's socket: tungstenite for 0.1, hand framing for 0.2.
 enum Transport {
-    Lib(WebSocketStream<Io>),
-    Raw(Box<RawWs>),
+    Lib(Box<WebSocketStream<Io>>),
+    Raw(RawWs),
 }
 
 impl Transport {

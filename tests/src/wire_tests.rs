@@ -785,7 +785,9 @@ fn raw_frame(b0: u8, payload: &[u8], masked: bool) -> Vec<u8> {
 #[tokio::test]
 async fn frames_no_library_sends_close_with_the_real_servers_codes() {
     let server = TestServer::start(cfg()).await.unwrap();
-    let cases: Vec<(u8, &[u8], bool, (u16, &str), CloseReason)> = vec![
+    /// First byte, payload, masked, the close expected, the logged reason.
+    type Case = (u8, &'static [u8], bool, (u16, &'static str), CloseReason);
+    let cases: Vec<Case> = vec![
         (
             0x81,
             b"/qio/ping:1=null",
