@@ -59,19 +59,21 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Out>,
 ) {
     let mut stall = inner.stall_rx();
-    // A stalled server does not even answer the HTTP upgrade.
-    if stall.wait_for(|s| !*s).await.is_err() {
-        inner.remove_conn(id, CloseReason::Shutdown);
-        return;
-    }
-    let stream = match start_tls(&inner, id, stream).await {
-        Ok(stream) => stream,
-        Err(reason) => {
-            inner.remove_conn(id, reason);
-            return;
+    let mut closing = inner.closing_rx();
+    let start = async {
+        // A stalled server does not even answer the HTTP upgrade.
+        if stall.wait_for(|s| !*s).await.is_err() {
+            return Err(CloseReason::Shutdown);
         }
+        let stream = start_tls(&inner, id, stream).await?;
+        upgrade(&inner, id, stream).await
     };
-    let transport = match upgrade(&inner, id, stream).await {
+    // A shutdown does not wait for upgrades in progress.
+    let started = tokio::select! {
+        res = start => res,
+        _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => Err(CloseReason::Shutdown),
+    };
+    let transport = match started {
         Ok(t) => t,
         Err(reason) => {
             inner.remove_conn(id, reason);
