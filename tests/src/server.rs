@@ -37,8 +37,11 @@ pub struct ServerConfig {
     pub challenge_timeout: Duration,
     /// Period of the `/clienttest/broadcast` events while anyone is subscribed (10 ms).
     pub broadcast_interval: Duration,
-    /// Whether every path outside `/qio/` can be subscribed to (true). When false only the
-    /// conformance app's subscribable paths can, and everything else answers 404.
+    /// Whether every path outside `/qio/` and `/clienttest/` can be subscribed to (true), as
+    /// if an app had registered a handler taking subscriptions for each. The real server
+    /// answers 404 for a path no handler registered: with false, so does the test server
+    /// for everything but the conformance app's subscribable paths. (The conformance app's
+    /// other events answer 401 either way, unknown `/clienttest/` paths 404.)
     pub open_subscriptions: bool,
     /// Bound of each connection's outbound queue (8192 frames). Bounded so a client that stops
     /// reading cannot make the server eat all memory.

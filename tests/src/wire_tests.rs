@@ -1060,3 +1060,26 @@ fn handle_and_futures_are_send() {
         send(server.wait_until(T, |s| s.connection_count() == 0));
     });
 }
+
+#[tokio::test]
+async fn without_open_subscriptions_unknown_paths_are_404_as_on_the_real_server() {
+    let server = TestServer::start(ServerConfig {
+        open_subscriptions: false,
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let (mut ws, _) = connect(&server).await;
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:1="/app/x""#).await,
+        r#"/qio/callback/1:0={"code":404,"data":null,"err_msg":"not subscribable"}"#
+    );
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:2="/clienttest/broadcast""#).await,
+        ok(2, "null")
+    );
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:3="/clienttest/move""#).await,
+        r#"/qio/callback/3:0={"code":401,"data":null,"err_msg":"subscriptions not allowed"}"#
+    );
+}
