@@ -80,10 +80,8 @@ pub(crate) async fn run(
             return;
         }
     };
+    // 0.1 connections were counted open with their 101, 0.2 ones open with the greeting.
     let mut conn = Conn::new(inner.clone(), id, transport);
-    if conn.opened {
-        inner.mark_opened(id);
-    }
     let reason = conn.serve(&mut rx, &mut stall).await;
     // Forget the connection first (counts, subscriptions), then finish the close handshake,
     // which may take a while.
@@ -212,17 +210,20 @@ async fn upgrade_v01(
     let request = handshake::head_text(&buf[..end]);
     let req = handshake::check_v01(&request).map_err(|reason| (request.clone(), reason))?;
     let answer = handshake::response_101(&req.key);
+    // 0.1 is open with the 101: counted open before the client can see it, so a client
+    // that got the 101 can rely on the server counting it.
+    inner.push_log(LogEntry::Upgraded {
+        conn: id,
+        uri: req.uri,
+        subprotocol_requested: req.subprotocol_requested,
+        request: request.clone(),
+    });
+    inner.mark_opened(id);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.write_all(answer.as_bytes())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err((request, format!("writing the 101: {e}"))),
         Err(_) => return Err((request, "timed out writing the 101".into())),
     }
-    inner.push_log(LogEntry::Upgraded {
-        conn: id,
-        uri: req.uri,
-        subprotocol_requested: req.subprotocol_requested,
-        request,
-    });
     let rest = buf.split_off(end);
     Ok(WebSocketStream::from_partially_read(stream, rest, Role::Server, ws_config(inner)).await)
 }
