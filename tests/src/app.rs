@@ -33,13 +33,18 @@ const MOVE: &str = "/clienttest/move";
 const SEND_INVALID: &str = "/clienttest/send-invalid";
 /// Sends an event on a path the client never subscribed to.
 const SEND_UNSUBSCRIBED: &str = "/clienttest/send-unsubscribed";
-/// Where `/clienttest/send-unsubscribed` sends its event.
-const UNSUBSCRIBED_PATH: &str = "/clienttest/unsubscribed-path";
+/// Where `/clienttest/send-unsubscribed` sends its event (as the real server does).
+const UNSUBSCRIBED_PATH: &str = "/you/didnt/subscribe/to/this";
 /// Subscription accepted only with the data [`ON_DATA_VALUE`].
 const ON_DATA: &str = "/clienttest/on-data";
 const ON_DATA_VALUE: i64 = 123987;
-/// The frame `/clienttest/send-invalid` sends (from the original test app).
-pub(crate) const INVALID_FRAME: &str = "unicorns, ponies, princesses, and magic!:good times";
+/// The frame `/clienttest/send-invalid` sends, exactly as the real 0.2 server sends it
+/// (empty data after the `=`, which is not an event: empty is not a spelling of `null`).
+pub(crate) const INVALID_FRAME: &str = "unicorns, ponies, princesses, and magic!:good times:0=";
+/// The conformance app's paths; of these only [`BROADCAST`], [`IN_PROGRESS`] and
+/// [`ON_DATA`] take subscriptions (the others answer 401, as the real server's handlers
+/// without a subscribe callback do).
+const CLIENTTEST: &str = "/clienttest";
 
 /// One thing for the connection handler to do, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,12 +56,11 @@ pub(crate) enum Action {
         reply: Reply,
         chain: Option<CallbackKind>,
     },
-    /// Send an event; with `request`, it requests a callback of that kind.
-    Send {
-        path: String,
-        data: Value,
-        request: Option<CallbackKind>,
-    },
+    /// Send an event without a callback request.
+    Send { path: String, data: Value },
+    /// Send a heartbeat challenge; once the client answers it, answer the client's callback
+    /// `then_reply` (nothing if 0) with 200.
+    Challenge { then_reply: u64 },
     /// Send a text frame as is.
     Raw(String),
     /// Close the connection (the handler picks close frame or not from the reason).
@@ -105,7 +109,11 @@ pub(crate) fn subscribe(
     data: Option<&Value>,
 ) -> Vec<Action> {
     if inner.is_subscribed(conn, path) {
-        return vec![reply(cb, Reply::error(400, "already subscribed"))];
+        // The real 0.2 server answers a repeated subscription 200; 0.1 calls it an error.
+        return match inner.dialect {
+            Dialect::V02 => vec![reply(cb, Reply::ok(Value::Null))],
+            Dialect::V01 => vec![reply(cb, Reply::error(400, "already subscribed"))],
+        };
     }
     if let Some(code) = inner.refused(path) {
         return vec![reply(cb, Reply::error(code, "subscription refused"))];
@@ -130,7 +138,14 @@ pub(crate) fn subscribe(
             // as_i64 is None for floats and strings: only the integer itself is accepted.
             if data.and_then(Value::as_i64) == Some(ON_DATA_VALUE) {
                 inner.subscribe(conn, path);
-                vec![reply(cb, Reply::ok(Value::Null))]
+                // The real server follows its 200 with an event on the path.
+                vec![
+                    reply(cb, Reply::ok(Value::Null)),
+                    Action::Send {
+                        path: ON_DATA.into(),
+                        data: Value::Bool(true),
+                    },
+                ]
             } else {
                 vec![reply(
                     cb,
@@ -143,12 +158,35 @@ pub(crate) fn subscribe(
             inner.wake_ticker();
             vec![reply(cb, Reply::ok(Value::Null))]
         }
+        _ if path.starts_with(CLIENTTEST) && path[CLIENTTEST.len()..].starts_with('/') => {
+            if is_clienttest_event(path) {
+                vec![reply(cb, Reply::error(401, "subscriptions not allowed"))]
+            } else {
+                vec![reply(cb, Reply::error(404, "not subscribable"))]
+            }
+        }
         _ if inner.cfg.open_subscriptions => {
             inner.subscribe(conn, path);
             vec![reply(cb, Reply::ok(Value::Null))]
         }
         _ => vec![reply(cb, Reply::error(404, "not subscribable"))],
     }
+}
+
+/// Whether `path` is one of the conformance app's events that refuse subscriptions.
+fn is_clienttest_event(path: &str) -> bool {
+    matches!(
+        path,
+        CLOSE
+            | DROP_CALLBACK
+            | ECHO
+            | HEARTBEAT_CHALLENGE
+            | MOVE
+            | SEND_INVALID
+            | SEND_UNSUBSCRIBED
+    ) || path
+        .strip_prefix(ERROR_PREFIX)
+        .is_some_and(|c| !c.is_empty())
 }
 
 /// Decides an unsubscribe request (`/qio/off`, `/qio/unsub`). Always 200 (0.1: an empty
@@ -175,47 +213,37 @@ pub(crate) fn event(inner: &Inner, conn: u64, st: &mut AppState, f: &Frame) -> V
             reply: Reply::ok(f.data.clone()),
             chain: Some(CallbackKind::Echo),
         }],
-        HEARTBEAT_CHALLENGE => vec![
-            Action::Send {
-                path: "/qio/heartbeat".into(),
-                data: Value::Null,
-                request: Some(CallbackKind::Challenge),
-            },
-            ok_null(),
-        ],
-        IN_PROGRESS => {
-            let mut actions = Vec::new();
-            if let Some(on_cb) = st.in_progress.take() {
+        // The caller's callback is answered only once the challenge is.
+        HEARTBEAT_CHALLENGE => vec![Action::Challenge { then_reply: cb }],
+        IN_PROGRESS => match st.in_progress.take() {
+            // The FIRST on's callback, then this event's.
+            Some(on_cb) => {
                 inner.subscribe(conn, IN_PROGRESS);
-                actions.push(reply(on_cb, Reply::ok(Value::Null)));
+                vec![reply(on_cb, Reply::ok(Value::Null)), ok_null()]
             }
-            actions.push(ok_null());
-            actions
-        }
+            None => vec![reply(cb, Reply::error(500, "no subscription in progress"))],
+        },
         MOVE => vec![
             Action::Send {
                 path: "/qio/move".into(),
                 data: f.data.clone(),
-                request: None,
             },
             Action::Close(CloseReason::Moved),
         ],
-        SEND_INVALID => vec![ok_null(), Action::Raw(INVALID_FRAME.into())],
-        SEND_UNSUBSCRIBED => vec![
-            Action::Send {
-                path: UNSUBSCRIBED_PATH.into(),
-                data: json!("you should not see this"),
-                request: None,
-            },
-            ok_null(),
-        ],
+        // These never answer the caller's callback, as on the real server.
+        SEND_INVALID => vec![Action::Raw(INVALID_FRAME.into())],
+        SEND_UNSUBSCRIBED => vec![Action::Send {
+            path: UNSUBSCRIBED_PATH.into(),
+            data: Value::Null,
+        }],
         _ => match path.strip_prefix(ERROR_PREFIX) {
             Some(code) => {
                 let reply_for = match code.parse::<i64>() {
+                    // err_msg only when the code is not 200, as on the real server.
                     Ok(code) => Reply {
                         code,
                         data: json!("you requested an error?"),
-                        err_msg: Some(format!("{code}s are fun!")),
+                        err_msg: (code != 200).then(|| format!("{code}s are fun!")),
                     },
                     Err(_) => Reply::error(400, "the error code must be an integer"),
                 };

@@ -5,11 +5,16 @@
 //! Each connection is one task that owns its socket and selects over: stall changes, incoming
 //! frames, its outbound queue and one timer. Owning everything in one task means no locks on
 //! the hot path and a single place that decides when and how the connection ends.
+//!
+//! 0.2 connections frame by hand ([`crate::ws`]) because the real 0.2 server's framing
+//! quirks cannot be had from a WebSocket library; 0.1 connections use tungstenite.
 
 use crate::app::{self, reply, Action, AppState};
 use crate::codec::{callback_id, snippet, Dialect, Frame, Reply};
-use crate::handshake::{self, Io, Tap, MAX_HEAD};
+use crate::handshake::{self, Io, V02Refusal, MAX_HEAD};
 use crate::server::{CallbackKind, CloseReason, Inner, LogEntry, Out, Received};
+use crate::ws;
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -20,25 +25,28 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::header::SEC_WEBSOCKET_PROTOCOL;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
-
-type Ws = WebSocketStream<Tap>;
 
 /// A client that opens TCP but never completes the HTTP upgrade is dropped after this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the client's side of the close handshake before dropping TCP.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// At most this many echo/request callbacks wait for answers per connection; past it, answers
-/// stop requesting callbacks, so a client that never answers cannot grow the table forever.
-const MAX_PENDING_CALLBACKS: usize = 4096;
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Server callback slots per connection, as on the real 0.2 server: a fifth outstanding
+/// callback evicts one of the four.
+const CALLBACK_SLOTS: usize = 4;
+/// 0.1 (not observed): ids count 1, 2, 3... and up to this many wait at once, the oldest
+/// evicted past it, so a client that never answers cannot grow the table forever.
+const CALLBACK_SLOTS_V01: usize = 4096;
 /// Queued frames written per flush, to batch syscalls under load without starving reads.
 const BATCH: usize = 128;
+/// The largest frame payload a 0.2 client may send when the config does not say (the limit
+/// tungstenite applied before the 0.2 server framed by hand).
+const DEFAULT_MAX_FRAME_V02: usize = 16 << 20;
+/// How much a 0.2 connection reads at once: what arrives in one read with `/qio/ohai` is
+/// thrown away, as on the real server.
+const READ_CHUNK: usize = 64 * 1024;
 
 type Step = Result<(), CloseReason>;
 
@@ -51,29 +59,29 @@ pub(crate) async fn run(
     mut rx: mpsc::Receiver<Out>,
 ) {
     let mut stall = inner.stall_rx();
-    // A stalled server does not even answer the HTTP upgrade.
-    if stall.wait_for(|s| !*s).await.is_err() {
-        inner.remove_conn(id, CloseReason::Shutdown);
-        return;
-    }
-    let stream = match start_tls(&inner, id, stream).await {
-        Ok(stream) => stream,
+    let mut closing = inner.closing_rx();
+    let start = async {
+        // A stalled server does not even answer the HTTP upgrade.
+        if stall.wait_for(|s| !*s).await.is_err() {
+            return Err(CloseReason::Shutdown);
+        }
+        let stream = start_tls(&inner, id, stream).await?;
+        upgrade(&inner, id, stream).await
+    };
+    // A shutdown does not wait for upgrades in progress.
+    let started = tokio::select! {
+        res = start => res,
+        _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => Err(CloseReason::Shutdown),
+    };
+    let transport = match started {
+        Ok(t) => t,
         Err(reason) => {
             inner.remove_conn(id, reason);
             return;
         }
     };
-    let ws = match upgrade(&inner, id, stream).await {
-        Ok(ws) => ws,
-        Err(reason) => {
-            inner.remove_conn(id, reason);
-            return;
-        }
-    };
-    let mut conn = Conn::new(inner.clone(), id, ws);
-    if conn.opened {
-        inner.mark_opened(id);
-    }
+    // 0.1 connections were counted open with their 101, 0.2 ones open with the greeting.
+    let mut conn = Conn::new(inner.clone(), id, transport);
     let reason = conn.serve(&mut rx, &mut stall).await;
     // Forget the connection first (counts, subscriptions), then finish the close handshake,
     // which may take a while.
@@ -112,11 +120,13 @@ async fn start_tls(inner: &Inner, id: u64, stream: TcpStream) -> Result<Io, Clos
 }
 
 /// The HTTP upgrade, the dialect's way. Failures are logged as [`LogEntry::UpgradeRejected`]
-/// and end the connection with a bare TCP close.
-async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Ws, CloseReason> {
+/// and end the connection (0.2 answers some with an HTTP status first).
+async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Transport, CloseReason> {
     let res = match inner.dialect {
-        Dialect::V01 => upgrade_v01(inner, id, stream).await,
-        Dialect::V02 => upgrade_v02(inner, id, stream).await,
+        Dialect::V01 => upgrade_v01(inner, id, stream)
+            .await
+            .map(|ws| Transport::Lib(Box::new(ws))),
+        Dialect::V02 => upgrade_v02(inner, id, stream).await.map(Transport::Raw),
     };
     res.map_err(|(request, reason)| {
         inner.push_log(LogEntry::UpgradeRejected {
@@ -128,51 +138,56 @@ async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Ws, CloseReason> 
     })
 }
 
-/// 0.2: tungstenite's server handshake; echoes the subprotocol when the client requests it.
-/// The socket is tapped to log the raw request head.
-async fn upgrade_v02(inner: &Inner, id: u64, stream: Io) -> Result<Ws, (String, String)> {
-    let subprotocol = inner.dialect.subprotocol();
-    let mut seen: Option<(String, bool)> = None;
-    // The callback's signature (and its large error type) is tungstenite's, not ours.
-    #[allow(clippy::result_large_err)]
-    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        let requested = subprotocol.is_some_and(|want| {
-            req.headers()
-                .get_all(SEC_WEBSOCKET_PROTOCOL)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|p| p.trim() == want)
-        });
-        if let (true, Some(want)) = (requested, subprotocol) {
-            resp.headers_mut()
-                .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(want));
-        }
-        seen = Some((req.uri().to_string(), requested));
-        Ok(resp)
-    };
-    let (tap, recording) = Tap::recording(stream);
-    let res = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        tokio_tungstenite::accept_hdr_async_with_config(tap, callback, ws_config(inner)),
-    )
-    .await;
-    let request = handshake::head_text(&recording.lock().unwrap_or_else(|e| e.into_inner()));
-    match res {
-        Err(_) => Err((request, "timed out".into())),
-        Ok(Err(e)) => Err((request, e.to_string())),
-        Ok(Ok(mut ws)) => {
-            ws.get_mut().stop_recording();
-            let (uri, subprotocol_requested) = seen.unwrap_or_default();
-            inner.push_log(LogEntry::Upgraded {
-                conn: id,
-                uri,
-                subprotocol_requested,
-                request,
-            });
-            Ok(ws)
-        }
+/// 0.2: the upgrade by hand, checked as the real server checks it ([`handshake::check_v02`]):
+/// the `quickio` subprotocol is required, refusals are answered `HTTP/1.0 400` or `426`
+/// (then the socket is closed), and the 101 carries the real server's headers. Bytes the
+/// client sent after the head are kept for the frames.
+async fn upgrade_v02(inner: &Inner, id: u64, mut stream: Io) -> Result<RawWs, (String, String)> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream, &mut buf)).await;
+    let end = match read {
+        Err(_) => Err("timed out".to_owned()),
+        Ok(res) => res,
     }
+    .map_err(|reason| (handshake::head_text(&buf), reason))?;
+    let request = handshake::head_text(&buf[..end]);
+    let req = match handshake::check_v02(&request) {
+        Ok(req) => req,
+        Err(V02Refusal::Drop(reason)) => return Err((request, reason)),
+        Err(V02Refusal::Status(status, reason)) => {
+            let answer = handshake::refusal_v02(status);
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                stream.write_all(answer.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+            return Err((request, format!("answered {status}: {reason}")));
+        }
+    };
+    let answer = handshake::response_101_v02(&req.key);
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.write_all(answer.as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err((request, format!("writing the 101: {e}"))),
+        Err(_) => return Err((request, "timed out writing the 101".into())),
+    }
+    inner.push_log(LogEntry::Upgraded {
+        conn: id,
+        uri: req.uri,
+        subprotocol_requested: true,
+        request,
+    });
+    let max = inner
+        .cfg
+        .effective_max_frame_bytes()
+        .unwrap_or(DEFAULT_MAX_FRAME_V02);
+    Ok(RawWs {
+        io: stream,
+        buf: BytesMut::from(&buf[end..]),
+        out: BytesMut::new(),
+        max,
+        client_timeout: inner.cfg.client_timeout,
+        partial_since: None,
+    })
 }
 
 /// 0.1: the upgrade by hand, because the real 0.1 server matches header names
@@ -180,7 +195,11 @@ async fn upgrade_v02(inner: &Inner, id: u64, stream: Io) -> Result<Ws, (String, 
 /// [`MAX_HEAD`] bytes, within [`HANDSHAKE_TIMEOUT`]), checks it ([`handshake::check_v01`]) and
 /// answers 101 without any subprotocol. Bytes the client sent after the head are kept for the
 /// WebSocket.
-async fn upgrade_v01(inner: &Inner, id: u64, mut stream: Io) -> Result<Ws, (String, String)> {
+async fn upgrade_v01(
+    inner: &Inner,
+    id: u64,
+    mut stream: Io,
+) -> Result<WebSocketStream<Io>, (String, String)> {
     let mut buf = Vec::with_capacity(1024);
     let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream, &mut buf)).await;
     let end = match read {
@@ -191,27 +210,22 @@ async fn upgrade_v01(inner: &Inner, id: u64, mut stream: Io) -> Result<Ws, (Stri
     let request = handshake::head_text(&buf[..end]);
     let req = handshake::check_v01(&request).map_err(|reason| (request.clone(), reason))?;
     let answer = handshake::response_101(&req.key);
+    // 0.1 is open with the 101: counted open before the client can see it, so a client
+    // that got the 101 can rely on the server counting it.
+    inner.push_log(LogEntry::Upgraded {
+        conn: id,
+        uri: req.uri,
+        subprotocol_requested: req.subprotocol_requested,
+        request: request.clone(),
+    });
+    inner.mark_opened(id);
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.write_all(answer.as_bytes())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err((request, format!("writing the 101: {e}"))),
         Err(_) => return Err((request, "timed out writing the 101".into())),
     }
-    inner.push_log(LogEntry::Upgraded {
-        conn: id,
-        uri: req.uri,
-        subprotocol_requested: req.subprotocol_requested,
-        request,
-    });
     let rest = buf.split_off(end);
-    Ok(
-        WebSocketStream::from_partially_read(
-            Tap::new(stream),
-            rest,
-            Role::Server,
-            ws_config(inner),
-        )
-        .await,
-    )
+    Ok(WebSocketStream::from_partially_read(stream, rest, Role::Server, ws_config(inner)).await)
 }
 
 /// Reads into `buf` until it holds a complete request head; returns where the head ends.
@@ -262,38 +276,240 @@ fn after(base: Instant, d: Duration) -> Instant {
     base.checked_add(d).unwrap_or_else(far_future)
 }
 
+/// What arrived from the client, whatever the transport.
+enum In {
+    /// A text frame (0.2: also the first fragment of a fragmented one, FIN being ignored).
+    Text(String),
+    /// 0.2: a text frame that is not UTF-8.
+    BadUtf8,
+    /// 0.2: a frame the client did not mask.
+    Unmasked,
+    Binary,
+    Ping,
+    Pong,
+    /// 0.2: a continuation frame.
+    Continuation,
+    /// 0.2: an opcode RFC 6455 reserves.
+    Reserved(u8),
+    /// A close frame and its status code.
+    Close(Option<u16>),
+}
+
+/// A 0.2 connection's socket with its own framing: what was read and not yet taken as
+/// frames, what is to be written.
+struct RawWs {
+    io: Io,
+    buf: BytesMut,
+    out: BytesMut,
+    max: usize,
+    /// How long a frame may stay half sent.
+    client_timeout: Duration,
+    /// Since when `buf` has held part of a frame (the real server drops a client that does
+    /// not finish a frame in time).
+    partial_since: Option<Instant>,
+}
+
+impl RawWs {
+    /// The next frame. Cancel-safe: decoding is synchronous and `read_buf` loses nothing
+    /// when cancelled.
+    async fn next(&mut self) -> Result<In, CloseReason> {
+        loop {
+            match ws::decode(&mut self.buf, self.max) {
+                Ok(Some(f)) => {
+                    self.partial_since = None;
+                    return Ok(classify_raw(f));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(CloseReason::FrameTooLarge {
+                        size: e.size,
+                        max: e.max,
+                    })
+                }
+            }
+            if self.buf.is_empty() {
+                self.partial_since = None;
+            } else if self.partial_since.is_none() {
+                self.partial_since = Some(Instant::now());
+            }
+            self.buf.reserve(READ_CHUNK);
+            let read = self.io.read_buf(&mut self.buf);
+            let res = match self.partial_since {
+                Some(since) => {
+                    match tokio::time::timeout_at(after(since, self.client_timeout), read).await {
+                        Ok(res) => res,
+                        Err(_) => return Err(CloseReason::ClientTimeout),
+                    }
+                }
+                None => read.await,
+            };
+            match res {
+                Ok(0) => return Err(CloseReason::ClientGone),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Err(CloseReason::ClientGone)
+                }
+                Err(e) => return Err(CloseReason::Transport(e.to_string())),
+            }
+        }
+    }
+
+    fn feed(&mut self, opcode: u8, payload: &[u8]) {
+        ws::encode(&mut self.out, opcode, payload);
+    }
+
+    async fn flush(&mut self) -> Step {
+        let res = async {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await
+        }
+        .await;
+        self.out.clear();
+        res.map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                CloseReason::ClientGone
+            }
+            _ => CloseReason::Transport(e.to_string()),
+        })
+    }
+}
+
+fn classify_raw(f: ws::RawFrame) -> In {
+    if !f.masked {
+        return In::Unmasked;
+    }
+    match f.opcode {
+        ws::OP_TEXT => match String::from_utf8(f.payload.to_vec()) {
+            Ok(s) => In::Text(s),
+            Err(_) => In::BadUtf8,
+        },
+        ws::OP_CONTINUATION => In::Continuation,
+        ws::OP_BINARY => In::Binary,
+        ws::OP_PING => In::Ping,
+        ws::OP_PONG => In::Pong,
+        ws::OP_CLOSE => In::Close(ws::close_code(&f.payload)),
+        other => In::Reserved(other),
+    }
+}
+
+/// The connection's socket: tungstenite for 0.1, hand framing for 0.2.
+enum Transport {
+    Lib(Box<WebSocketStream<Io>>),
+    Raw(RawWs),
+}
+
+impl Transport {
+    async fn next(&mut self) -> Result<In, CloseReason> {
+        match self {
+            Transport::Raw(raw) => raw.next().await,
+            Transport::Lib(ws) => loop {
+                return match ws.next().await {
+                    None => Err(CloseReason::ClientGone),
+                    Some(Err(e)) => Err(classify(e)),
+                    Some(Ok(Message::Text(t))) => Ok(In::Text(t.as_str().to_owned())),
+                    Some(Ok(Message::Binary(_))) => Ok(In::Binary),
+                    Some(Ok(Message::Ping(_))) => Ok(In::Ping),
+                    Some(Ok(Message::Pong(_))) => Ok(In::Pong),
+                    Some(Ok(Message::Close(f))) => Ok(In::Close(f.map(|f| u16::from(f.code)))),
+                    Some(Ok(Message::Frame(_))) => continue,
+                };
+            },
+        }
+    }
+
+    async fn feed(&mut self, text: Utf8Bytes) -> Step {
+        match self {
+            Transport::Raw(raw) => {
+                raw.feed(ws::OP_TEXT, text.as_bytes());
+                Ok(())
+            }
+            Transport::Lib(ws) => ws.feed(Message::Text(text)).await.map_err(classify),
+        }
+    }
+
+    async fn flush(&mut self) -> Step {
+        match self {
+            Transport::Raw(raw) => raw.flush().await,
+            Transport::Lib(ws) => ws.flush().await.map_err(classify),
+        }
+    }
+
+    /// 0.2: drops whatever was read with the greeting and not yet handled; returns how many
+    /// bytes that was.
+    fn discard_buffered(&mut self) -> usize {
+        match self {
+            Transport::Raw(raw) => {
+                let n = raw.buf.len();
+                raw.buf.clear();
+                raw.partial_since = None;
+                n
+            }
+            Transport::Lib(_) => 0,
+        }
+    }
+}
+
+/// A server-requested callback waiting for the client's answer, in one of the
+/// [`CALLBACK_SLOTS`].
+#[derive(Debug, Clone)]
+struct ServerCb {
+    /// 0.2: `(slot << 16) | counter`.
+    id: u64,
+    kind: CallbackKind,
+    /// After this the id is gone (answers get 404); challenges never expire this way (they
+    /// have their own drop deadline).
+    expires: Instant,
+    /// For order: the oldest is evicted when all slots are taken.
+    seq: u64,
+    /// A client callback to answer once this is answered (`/clienttest/heartbeat-challenge`
+    /// answers its caller only when the challenge is answered); 0 for none.
+    then_reply: u64,
+}
+
 struct Conn {
     inner: Arc<Inner>,
     id: u64,
     dialect: Dialect,
-    ws: Ws,
+    t: Transport,
     /// The Quick.IO handshake (greeting) is done.
     opened: bool,
+    /// When the upgrade finished: 0.2 drops a client whose greeting does not come in time.
+    started: Instant,
     last_sent: Instant,
     last_recv: Instant,
-    /// Next server-requested callback id; ids count up from 1 per connection.
-    next_cb: u64,
-    /// Echo/request callbacks waiting for the client's answer.
-    pending: HashMap<u64, CallbackKind>,
-    /// Unanswered heartbeat challenges -> drop deadline.
+    /// The per-connection counter in server callback ids.
+    cb_counter: u16,
+    cb_seq: u64,
+    /// The server callback slots.
+    slots: Vec<Option<ServerCb>>,
+    /// Unanswered heartbeat challenges -> drop deadline (kept even if the challenge's slot is
+    /// evicted: the client can then no longer answer it, and is dropped).
     challenges: HashMap<u64, Instant>,
     app: AppState,
 }
 
 impl Conn {
-    fn new(inner: Arc<Inner>, id: u64, ws: Ws) -> Conn {
+    fn new(inner: Arc<Inner>, id: u64, t: Transport) -> Conn {
         let now = Instant::now();
         let dialect = inner.dialect;
         Conn {
             inner,
             id,
             dialect,
-            ws,
+            t,
             opened: dialect.greeting().is_none(),
+            started: now,
             last_sent: now,
             last_recv: now,
-            next_cb: 1,
-            pending: HashMap::new(),
+            cb_counter: 0,
+            cb_seq: 0,
+            slots: vec![
+                None;
+                match dialect {
+                    Dialect::V01 => CALLBACK_SLOTS_V01,
+                    Dialect::V02 => CALLBACK_SLOTS,
+                }
+            ],
             challenges: HashMap::new(),
             app: AppState::default(),
         }
@@ -307,6 +523,7 @@ impl Conn {
     ) -> CloseReason {
         let sleep = tokio::time::sleep_until(self.next_deadline());
         tokio::pin!(sleep);
+        let mut closing = self.inner.closing_rx();
         loop {
             let stalled = *stall.borrow_and_update();
             if stalled {
@@ -324,7 +541,13 @@ impl Conn {
             let step = tokio::select! {
                 biased;
                 res = stall.changed() => res.map_err(|_| CloseReason::Shutdown),
-                msg = self.ws.next() => self.on_message(msg).await,
+                _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
+                    Err(CloseReason::Shutdown)
+                }
+                msg = self.t.next() => match msg {
+                    Ok(msg) => self.on_message(msg).await,
+                    Err(reason) => Err(reason),
+                },
                 out = rx.recv(), if self.opened => self.on_out(out, rx).await,
                 () = &mut sleep => self.on_timer().await,
             };
@@ -335,18 +558,27 @@ impl Conn {
     }
 
     fn shift_timers(&mut self, d: Duration) {
+        self.started = after(self.started, d);
         self.last_sent = after(self.last_sent, d);
         self.last_recv = after(self.last_recv, d);
         for deadline in self.challenges.values_mut() {
             *deadline = after(*deadline, d);
         }
+        for cb in self.slots.iter_mut().flatten() {
+            cb.expires = after(cb.expires, d);
+        }
+        if let Transport::Raw(raw) = &mut self.t {
+            if let Some(since) = &mut raw.partial_since {
+                *since = after(*since, d);
+            }
+        }
     }
 
     fn next_deadline(&self) -> Instant {
-        if !self.opened {
-            return far_future();
-        }
         let cfg = &self.inner.cfg;
+        if !self.opened {
+            return after(self.started, cfg.client_timeout);
+        }
         let heartbeat = if self.dialect.global_heartbeat() {
             far_future()
         } else {
@@ -359,28 +591,49 @@ impl Conn {
             }
             None => far_future(),
         };
-        heartbeat.min(challenge)
+        let expiry = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|cb| cb.expires)
+            .min()
+            .unwrap_or_else(far_future);
+        heartbeat.min(challenge).min(expiry)
+    }
+
+    /// Frees the slots of server callbacks that expired unanswered.
+    fn expire_callbacks(&mut self, now: Instant) {
+        for slot in self.slots.iter_mut() {
+            if let Some(cb) = slot.as_ref().filter(|cb| cb.expires <= now) {
+                self.inner.push_log(LogEntry::CallbackExpired {
+                    conn: self.id,
+                    cb: cb.id,
+                });
+                *slot = None;
+            }
+        }
     }
 
     async fn on_timer(&mut self) -> Step {
+        let now = Instant::now();
+        let inner = self.inner.clone();
+        let cfg = &inner.cfg;
         if !self.opened {
+            if self.dialect.greeting().is_some() && after(self.started, cfg.client_timeout) <= now {
+                return Err(CloseReason::ClientTimeout);
+            }
             return Ok(());
         }
-        let now = Instant::now();
         if self.challenges.values().any(|d| *d <= now) {
             return Err(CloseReason::ChallengeTimeout);
         }
-        let cfg = &self.inner.cfg;
+        self.expire_callbacks(now);
         if self.dialect.heartbeat_challenges()
             && self.challenges.is_empty()
             && after(self.last_recv, cfg.challenge_after) <= now
         {
-            self.perform(vec![Action::Send {
-                path: "/qio/heartbeat".into(),
-                data: Value::Null,
-                request: Some(CallbackKind::Challenge),
-            }])
-            .await?;
+            self.perform(vec![Action::Challenge { then_reply: 0 }])
+                .await?;
         }
         if !self.dialect.global_heartbeat()
             && after(self.last_sent, self.inner.cfg.heartbeat_interval) <= now
@@ -391,23 +644,23 @@ impl Conn {
         Ok(())
     }
 
-    async fn on_message(&mut self, msg: Option<Result<Message, WsError>>) -> Step {
+    async fn on_message(&mut self, msg: In) -> Step {
         match msg {
-            None => Err(CloseReason::ClientGone),
-            Some(Err(e)) => Err(classify(e)),
-            Some(Ok(Message::Text(text))) => {
+            In::Text(text) => {
                 self.last_recv = Instant::now();
-                self.on_text(text.as_str()).await
+                self.on_text(&text).await
             }
-            // The real servers close on these opcodes; tungstenite has already queued a pong
-            // for a ping, but it is never flushed: the connection ends before the next read.
-            Some(Ok(Message::Binary(_))) => Err(CloseReason::BinaryFrame),
-            Some(Ok(Message::Ping(_))) => Err(CloseReason::PingFrame),
-            Some(Ok(Message::Pong(_))) => Err(CloseReason::PongFrame),
-            Some(Ok(Message::Close(frame))) => Err(CloseReason::ClientClose {
-                code: frame.map(|f| u16::from(f.code)),
-            }),
-            Some(Ok(Message::Frame(_))) => Ok(()),
+            // The real servers close on these opcodes; for 0.1, tungstenite has already
+            // queued a pong for a ping, but it is never flushed: the connection ends before
+            // the next read.
+            In::Binary => Err(CloseReason::BinaryFrame),
+            In::Ping => Err(CloseReason::PingFrame),
+            In::Pong => Err(CloseReason::PongFrame),
+            In::Continuation => Err(CloseReason::ContinuationFrame),
+            In::Reserved(op) => Err(CloseReason::ReservedOpcode(op)),
+            In::Unmasked => Err(CloseReason::UnmaskedFrame),
+            In::BadUtf8 => Err(CloseReason::InvalidUtf8),
+            In::Close(code) => Err(CloseReason::ClientClose { code }),
         }
     }
 
@@ -425,6 +678,14 @@ impl Conn {
                     cb: 0,
                     data: Value::Null,
                 });
+                // Like the real server: whatever came in the same read is thrown away.
+                let bytes = self.t.discard_buffered();
+                if bytes > 0 {
+                    self.inner.push_log(LogEntry::DiscardedWithGreeting {
+                        conn: self.id,
+                        bytes,
+                    });
+                }
                 // Open before answering, so a client that got the answer can rely on the
                 // server counting it as open.
                 self.opened = true;
@@ -464,13 +725,13 @@ impl Conn {
                     &sub,
                     data.as_ref(),
                 ),
-                None => vec![reply(f.cb, Reply::error(400, "invalid subscription"))],
+                None => vec![reply(f.cb, Reply::error(400, "invalid json ev_path"))],
             };
         }
         if path == d.unsubscribe_event() {
             return match d.parse_unsubscription(&f.data) {
                 Some(sub) => app::unsubscribe(&self.inner, self.id, f.cb, &sub),
-                None => vec![reply(f.cb, Reply::error(400, "invalid subscription"))],
+                None => vec![reply(f.cb, Reply::error(400, "invalid json ev_path"))],
             };
         }
         match path {
@@ -497,49 +758,103 @@ impl Conn {
         }
     }
 
+    /// Takes server callback `id` out of its slot if it is there and not expired.
+    fn take_cb(&mut self, id: u64, now: Instant) -> Option<ServerCb> {
+        let slot = self
+            .slots
+            .iter_mut()
+            .find(|s| s.as_ref().is_some_and(|cb| cb.id == id))?;
+        let cb = slot.take()?;
+        if cb.expires <= now {
+            self.inner.push_log(LogEntry::CallbackExpired {
+                conn: self.id,
+                cb: id,
+            });
+            return None;
+        }
+        Some(cb)
+    }
+
     /// The client answered server callback `id` with frame `f`.
     fn resolve(&mut self, id: u64, f: &Frame) -> Vec<Action> {
-        let kind = match self.challenges.remove(&id) {
-            Some(_) => Some(CallbackKind::Challenge),
-            None => self.pending.remove(&id),
-        };
-        let Some(kind) = kind else {
+        let Some(cb) = self.take_cb(id, Instant::now()) else {
             self.inner.push_log(LogEntry::UnknownCallback {
                 conn: self.id,
                 cb: id,
             });
-            return vec![reply(f.cb, Reply::error(404, "unknown callback"))];
+            return vec![reply(f.cb, Reply::error(404, "callback doesn't exist"))];
         };
+        let kind = cb.kind;
+        if kind == CallbackKind::Challenge {
+            self.challenges.remove(&id);
+        }
         self.inner.push_log(LogEntry::CallbackAnswered {
             conn: self.id,
             cb: id,
             kind,
             data: f.data.clone(),
         });
+        let mut actions = vec![reply(cb.then_reply, Reply::ok(Value::Null))];
         // If the answer itself wants an answer: echo the data; echo answers continue the chain.
-        vec![Action::Reply {
+        actions.push(Action::Reply {
             cb: f.cb,
             reply: Reply::ok(f.data.clone()),
             chain: (kind == CallbackKind::Echo).then_some(CallbackKind::Echo),
-        }]
+        });
+        actions
     }
 
-    /// Allocates a server callback id for `kind`; 0 (no callback) if the table is full.
-    fn request_cb(&mut self, kind: CallbackKind) -> u64 {
-        if kind != CallbackKind::Challenge && self.pending.len() >= MAX_PENDING_CALLBACKS {
-            return 0;
-        }
-        let cb = self.next_cb;
-        self.next_cb += 1;
-        if kind == CallbackKind::Challenge {
-            let deadline = after(Instant::now(), self.inner.cfg.challenge_timeout);
-            self.challenges.insert(cb, deadline);
-            self.inner
-                .push_log(LogEntry::ChallengeSent { conn: self.id, cb });
+    /// Allocates a server callback id for `kind` the real 0.2 server's way: the first free
+    /// slot (expired ones are free), else the oldest callback is evicted; the id is
+    /// `(slot << 16) | counter`, the counter counting up from 1 per connection (never 0).
+    /// 0.1 ids simply count up.
+    fn request_cb(&mut self, kind: CallbackKind, then_reply: u64) -> u64 {
+        let now = Instant::now();
+        self.expire_callbacks(now);
+        let index = match self.slots.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                let (i, old) = self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| s.as_ref().map(|cb| (i, cb)))
+                    .min_by_key(|(_, cb)| cb.seq)
+                    .expect("all slots are taken");
+                self.inner.push_log(LogEntry::CallbackEvicted {
+                    conn: self.id,
+                    cb: old.id,
+                });
+                i
+            }
+        };
+        self.cb_seq += 1;
+        self.cb_counter = self.cb_counter.wrapping_add(1).max(1);
+        let id = match self.dialect {
+            Dialect::V02 => ((index as u64) << 16) | u64::from(self.cb_counter),
+            Dialect::V01 => self.cb_seq,
+        };
+        let expires = if kind == CallbackKind::Challenge {
+            let deadline = after(now, self.inner.cfg.challenge_timeout);
+            self.challenges.insert(id, deadline);
+            self.inner.push_log(LogEntry::ChallengeSent {
+                conn: self.id,
+                cb: id,
+            });
+            far_future()
+        } else if self.dialect == Dialect::V02 {
+            after(now, self.inner.cfg.callback_timeout)
         } else {
-            self.pending.insert(cb, kind);
-        }
-        cb
+            far_future()
+        };
+        self.slots[index] = Some(ServerCb {
+            id,
+            kind,
+            expires,
+            seq: self.cb_seq,
+            then_reply,
+        });
+        id
     }
 
     async fn perform(&mut self, actions: Vec<Action>) -> Step {
@@ -549,17 +864,17 @@ impl Conn {
                     if cb == 0 {
                         continue;
                     }
-                    let server_cb = chain.map_or(0, |k| self.request_cb(k));
+                    let server_cb = chain.map_or(0, |k| self.request_cb(k, 0));
                     let text = self.dialect.encode_reply(cb, server_cb, &reply);
                     self.send(text.into()).await?;
                 }
-                Action::Send {
-                    path,
-                    data,
-                    request,
-                } => {
-                    let server_cb = request.map_or(0, |k| self.request_cb(k));
-                    let text = self.dialect.encode(&path, server_cb, &data);
+                Action::Send { path, data } => {
+                    let text = self.dialect.encode(&path, 0, &data);
+                    self.send(text.into()).await?;
+                }
+                Action::Challenge { then_reply } => {
+                    let cb = self.request_cb(CallbackKind::Challenge, then_reply);
+                    let text = self.dialect.encode("/qio/heartbeat", cb, &Value::Null);
                     self.send(text.into()).await?;
                 }
                 Action::Raw(text) => self.send(text.into()).await?,
@@ -571,7 +886,8 @@ impl Conn {
 
     async fn send(&mut self, text: Utf8Bytes) -> Step {
         let n = text.len();
-        self.ws.send(Message::Text(text)).await.map_err(classify)?;
+        self.t.feed(text).await?;
+        self.t.flush().await?;
         self.inner.add_bytes_sent(n);
         self.last_sent = Instant::now();
         Ok(())
@@ -579,9 +895,10 @@ impl Conn {
 
     /// Writes queued frames, batching whatever else is already queued into one flush.
     async fn on_out(&mut self, first: Option<Out>, rx: &mut mpsc::Receiver<Out>) -> Step {
-        // No senders left: the server forgot this connection (shutdown).
+        // No senders left: the server forgot this connection (it was killed or dropped, and
+        // its close is logged already): end without a close frame.
         let Some(first) = first else {
-            return Err(CloseReason::Shutdown);
+            return Err(CloseReason::Killed);
         };
         let mut next = Some(first);
         let mut bytes = 0;
@@ -590,12 +907,12 @@ impl Conn {
             let text = match out {
                 Out::Text(text) => text,
                 Out::Request { path, data } => {
-                    let cb = self.request_cb(CallbackKind::Request);
+                    let cb = self.request_cb(CallbackKind::Request, 0);
                     Utf8Bytes::from(self.dialect.encode(&path, cb, &data))
                 }
             };
             bytes += text.len();
-            self.ws.feed(Message::Text(text)).await.map_err(classify)?;
+            self.t.feed(text).await?;
             count += 1;
             next = if count < BATCH {
                 rx.try_recv().ok()
@@ -603,44 +920,51 @@ impl Conn {
                 None
             };
         }
-        self.ws.flush().await.map_err(classify)?;
+        self.t.flush().await?;
         self.inner.add_bytes_sent(bytes);
         self.last_sent = Instant::now();
         Ok(())
     }
 
-    /// Ends the connection the way the reason calls for. 0.2: a close frame for
-    /// server-initiated and protocol closes, the close reply for a client close, a bare TCP
-    /// drop otherwise. 0.1 never sends close frames (not even the reply to the client's close,
-    /// which tungstenite queued but is never flushed): always a bare TCP drop.
-    async fn finish(mut self, reason: &CloseReason) {
-        if !self.dialect.close_frames() {
+    /// Ends the connection the way the reason calls for. 0.2, as the real server: a close
+    /// frame with an empty payload (no status) for `/clienttest/close`, a move and the answer
+    /// to a client's close; a coded close frame for protocol errors and shutdown; then the
+    /// TCP close (after reading for a moment, so nothing the client still sends turns the
+    /// close into a reset). Crashes, vanished clients, oversized frames and challenge or
+    /// slow-consumer drops: a bare TCP drop. 0.1 never sends close frames (not even the
+    /// reply to the client's close, which tungstenite queued but is never flushed): always a
+    /// bare TCP drop.
+    async fn finish(self, reason: &CloseReason) {
+        let Transport::Raw(mut raw) = self.t else {
             return;
-        }
-        let frame = match reason {
-            CloseReason::ClientClose { .. } => None,
-            CloseReason::ServerClose | CloseReason::Moved => Some((CloseCode::Normal, "bye")),
-            CloseReason::Malformed { .. } | CloseReason::NotGreeting(_) => {
-                Some((CloseCode::Protocol, "invalid frame"))
-            }
-            CloseReason::PingFrame | CloseReason::PongFrame | CloseReason::BinaryFrame => {
-                Some((CloseCode::Unsupported, "unsupported opcode"))
-            }
+        };
+        let code: Option<(u16, &str)> = match reason {
+            CloseReason::ClientClose { .. } | CloseReason::ServerClose | CloseReason::Moved => None,
+            CloseReason::Malformed { .. } => Some((1002, "invalid event format")),
+            CloseReason::NotGreeting(_) => Some((1002, "invalid handshake")),
+            CloseReason::UnmaskedFrame => Some((1002, "client must mask data")),
+            CloseReason::PingFrame
+            | CloseReason::PongFrame
+            | CloseReason::BinaryFrame
+            | CloseReason::ContinuationFrame
+            | CloseReason::ReservedOpcode(_) => Some((1003, "")),
+            CloseReason::InvalidUtf8 => Some((1007, "")),
+            CloseReason::ClientTimeout => Some((1008, "client timeout")),
+            CloseReason::Shutdown => Some((1001, "")),
             _ => return,
         };
-        let ws = &mut self.ws;
         let _ = tokio::time::timeout(CLOSE_GRACE, async move {
-            if let Some((code, why)) = frame {
-                let frame = CloseFrame {
-                    code,
-                    reason: Utf8Bytes::from_static(why),
-                };
-                if ws.close(Some(frame)).await.is_err() {
-                    return;
+            raw.feed(ws::OP_CLOSE, &ws::close_payload(code));
+            if raw.flush().await.is_err() || raw.io.shutdown().await.is_err() {
+                return;
+            }
+            // Read until the client closes its side too.
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = raw.io.read(&mut sink).await {
+                if n == 0 {
+                    break;
                 }
             }
-            // Reading flushes our close (or the reply to theirs) and waits for the peer's.
-            while let Some(Ok(_)) = ws.next().await {}
         })
         .await;
     }

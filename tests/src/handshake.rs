@@ -1,16 +1,14 @@
-//! The HTTP side of the WebSocket upgrade: the 0.1 server's hand-made upgrade (pure checks and
-//! the 101 answer, unit tested here), [`Io`] (a plain or TLS socket) and [`Tap`], the socket
-//! wrapper that records the raw request head so tests can assert the exact bytes a client
-//! sent.
+//! The HTTP side of the WebSocket upgrade: both dialects' hand-made upgrades (pure checks and
+//! answers, unit tested here) and [`Io`] (a plain or TLS socket).
 //!
-//! 0.1 cannot use tungstenite's server handshake: it parses headers into an `http::HeaderMap`,
-//! which lower-cases names, while the real 0.1 server matches header names case-sensitively and
-//! drops clients that spell them differently.
+//! Neither dialect can use tungstenite's server handshake: it lower-cases header names, while
+//! the real 0.1 server matches them case-sensitively and drops clients that spell them
+//! differently; and it cannot answer as the real 0.2 server does (HTTP/1.0 400 and 426
+//! refusals, its own 101 headers). Both record the raw request head for the log.
 
 use crate::codec::snippet;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -140,6 +138,118 @@ pub(crate) fn response_101(key: &str) -> String {
     )
 }
 
+/// What the server needs from an accepted 0.2 upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct V02Request {
+    /// The request target (any path works).
+    pub(crate) uri: String,
+    /// The `Sec-WebSocket-Key` value.
+    pub(crate) key: String,
+}
+
+/// Why a 0.2 upgrade request is not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum V02Refusal {
+    /// Answer with this HTTP/1.0 status (`"400 Bad Request"`, `"426 Upgrade Required"`) and
+    /// an empty body, as the real server does; the reason is for the log.
+    Status(&'static str, String),
+    /// Not something the test server answers at all (not an HTTP request, or a long-poll
+    /// request, which the test server does not serve): drop the connection.
+    Drop(String),
+}
+
+/// The value of header `name` (matched case-insensitively, as the real 0.2 server's event
+/// library does), the first one if repeated.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// Checks a 0.2 upgrade request head the way the real 0.2 server does: a request with a
+/// `Sec-WebSocket-Key` is an upgrade (without one it would be long polling); missing
+/// `Upgrade` or `Connection` headers, or a `Connection` without `Upgrade`, answer 426; a
+/// `Sec-WebSocket-Protocol` other than exactly `quickio` (absent included) or a
+/// `Sec-WebSocket-Version` other than exactly `13` answer 400. Any URL path works.
+pub(crate) fn check_v02(head: &str) -> Result<V02Request, V02Refusal> {
+    let request_line = head.split("\r\n").next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(t), Some(v), None) if t.starts_with('/') && v.starts_with("HTTP/") => (t, v),
+        _ => {
+            return Err(V02Refusal::Drop(format!(
+                "bad request line: {:?}",
+                snippet(request_line, 64)
+            )))
+        }
+    };
+    let _ = version;
+    let Some(key) = header(head, "Sec-WebSocket-Key").filter(|k| !k.is_empty()) else {
+        return Err(V02Refusal::Drop(
+            "no Sec-WebSocket-Key: a long-poll request, which the test server does not serve"
+                .into(),
+        ));
+    };
+    let upgrade_required = |why: String| V02Refusal::Status("426 Upgrade Required", why);
+    if header(head, "Upgrade").is_none() {
+        return Err(upgrade_required("missing header: Upgrade".into()));
+    }
+    let connection = header(head, "Connection")
+        .ok_or_else(|| upgrade_required("missing header: Connection".into()))?;
+    if !connection.to_ascii_lowercase().contains("upgrade") {
+        return Err(upgrade_required(format!(
+            "Connection does not include Upgrade: {:?}",
+            snippet(connection, 32)
+        )));
+    }
+    let bad_request = |why: String| V02Refusal::Status("400 Bad Request", why);
+    match header(head, "Sec-WebSocket-Protocol") {
+        Some("quickio") => {}
+        Some(other) => {
+            return Err(bad_request(format!(
+                "Sec-WebSocket-Protocol is not quickio: {:?}",
+                snippet(other, 32)
+            )))
+        }
+        None => return Err(bad_request("missing header: Sec-WebSocket-Protocol".into())),
+    }
+    match header(head, "Sec-WebSocket-Version") {
+        Some("13") => {}
+        other => {
+            return Err(bad_request(format!(
+                "unsupported Sec-WebSocket-Version: {:?}",
+                other.map(|v| snippet(v, 16)).unwrap_or_default()
+            )))
+        }
+    }
+    Ok(V02Request {
+        uri: target.to_owned(),
+        key: key.to_owned(),
+    })
+}
+
+/// The real 0.2 server's 101, headers in its order.
+pub(crate) fn response_101_v02(key: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Access-Control-Allow-Origin: *\r\nSec-WebSocket-Protocol: quickio\r\n\
+         Cache-Control: private, max-age=0\r\nExpires: -1\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    )
+}
+
+/// The real 0.2 server's refusal of an upgrade: an HTTP/1.0 status line, its common head
+/// and an empty body.
+pub(crate) fn refusal_v02(status: &str) -> String {
+    format!(
+        "HTTP/1.0 {status}\r\nCache-Control: private, max-age=0\r\nExpires: -1\r\n\
+         Connection: Keep-Alive\r\nKeep-Alive: timeout=60\r\nContent-Length: 0\r\n\
+         Content-Type: text/plain\r\n\r\n"
+    )
+}
+
 /// An accepted connection: plain TCP, or TLS over it once the TLS handshake is done. Both
 /// dialects' upgrades run on top of either.
 pub(crate) enum Io {
@@ -202,88 +312,6 @@ impl AsyncWrite for Io {
             Io::Plain(s) => s.is_write_vectored(),
             Io::Tls(s) => s.is_write_vectored(),
         }
-    }
-}
-
-/// A stream that can record the first bytes read from it (at most [`MAX_HEAD`]): during
-/// tungstenite's 0.2 handshake that is the raw request head (and maybe the start of the first
-/// frame). After the handshake it is a plain pass-through.
-pub(crate) struct Tap {
-    io: Io,
-    rec: Option<Arc<Mutex<Vec<u8>>>>,
-}
-
-impl Tap {
-    /// A pass-through wrapper that records nothing.
-    pub(crate) fn new(io: Io) -> Tap {
-        Tap { io, rec: None }
-    }
-
-    /// A recording wrapper, and the recording (shared, so it survives a failed handshake that
-    /// consumed the stream).
-    pub(crate) fn recording(io: Io) -> (Tap, Arc<Mutex<Vec<u8>>>) {
-        let rec = Arc::new(Mutex::new(Vec::new()));
-        (
-            Tap {
-                io,
-                rec: Some(rec.clone()),
-            },
-            rec,
-        )
-    }
-
-    /// Stops recording.
-    pub(crate) fn stop_recording(&mut self) {
-        self.rec = None;
-    }
-}
-
-impl AsyncRead for Tap {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let res = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let (Poll::Ready(Ok(())), Some(rec)) = (&res, &this.rec) {
-            let new = &buf.filled()[before..];
-            let mut rec = rec.lock().unwrap_or_else(|e| e.into_inner());
-            let room = MAX_HEAD.saturating_sub(rec.len());
-            rec.extend_from_slice(&new[..new.len().min(room)]);
-        }
-        res
-    }
-}
-
-impl AsyncWrite for Tap {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
     }
 }
 
@@ -440,6 +468,87 @@ mod tests {
         for (head, want) in cases {
             assert_eq!(check_v01(&head), Err(want.to_owned()), "{head:?}");
         }
+    }
+
+    /// A request like qiod's (tokio-tungstenite 0.30 with the subprotocol added).
+    const GOOD_V02: &str = "GET /any/path?x=1 HTTP/1.1\r\nHost: h:1\r\nconnection: Upgrade\r\n\
+                            upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+                            sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                            sec-websocket-protocol: quickio\r\n\r\n";
+
+    #[test]
+    fn v02_upgrade_checks() {
+        let req = check_v02(GOOD_V02).unwrap();
+        assert_eq!(req.uri, "/any/path?x=1");
+        assert_eq!(req.key, "dGhlIHNhbXBsZSBub25jZQ==");
+        let with = |from: &str, to: &str| {
+            assert!(GOOD_V02.contains(from), "{from:?}");
+            GOOD_V02.replacen(from, to, 1)
+        };
+        let status = |head: String| match check_v02(&head) {
+            Err(V02Refusal::Status(s, _)) => s,
+            other => panic!("{head:?}: {other:?}"),
+        };
+        assert_eq!(
+            status(with("upgrade: websocket\r\n", "")),
+            "426 Upgrade Required"
+        );
+        assert_eq!(
+            status(with("connection: Upgrade\r\n", "")),
+            "426 Upgrade Required"
+        );
+        assert_eq!(
+            status(with("connection: Upgrade", "Connection: keep-alive")),
+            "426 Upgrade Required"
+        );
+        assert_eq!(
+            status(with("sec-websocket-protocol: quickio\r\n", "")),
+            "400 Bad Request"
+        );
+        assert_eq!(
+            status(with(
+                "sec-websocket-protocol: quickio",
+                "Sec-WebSocket-Protocol: chat, quickio"
+            )),
+            "400 Bad Request"
+        );
+        assert_eq!(
+            status(with(
+                "sec-websocket-protocol: quickio",
+                "Sec-WebSocket-Protocol: "
+            )),
+            "400 Bad Request"
+        );
+        assert_eq!(
+            status(with(
+                "sec-websocket-version: 13",
+                "Sec-WebSocket-Version: 9"
+            )),
+            "400 Bad Request"
+        );
+        // Upgrade checks come first: a request wrong in both ways gets 426.
+        assert_eq!(
+            status(with("connection: Upgrade\r\n", "").replace("quickio", "x")),
+            "426 Upgrade Required"
+        );
+        for head in [
+            with("sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""),
+            "\r\n\r\n".to_owned(),
+            with("GET /any/path?x=1 HTTP/1.1", "hello"),
+        ] {
+            assert!(
+                matches!(check_v02(&head), Err(V02Refusal::Drop(_))),
+                "{head:?}"
+            );
+        }
+        assert_eq!(
+            response_101_v02("dGhlIHNhbXBsZSBub25jZQ=="),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Access-Control-Allow-Origin: *\r\nSec-WebSocket-Protocol: quickio\r\n\
+             Cache-Control: private, max-age=0\r\nExpires: -1\r\n\
+             Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        );
+        assert!(refusal_v02("400 Bad Request").starts_with("HTTP/1.0 400 Bad Request\r\n"));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! `qio_testserver`: a Quick.IO WebSocket server for testing clients (qiod in particular).
 //!
 //! It speaks the 0.2 wire dialect (`<path>:<cb>=<json>`, `quickio` subprotocol, `/qio/ohai`
-//! greeting) by default, or the 2012 dialect 0.1 (`<path>:<cb>:<plain|json>=<data>`, no
+//! greeting) by default, as the real 0.2.1 server was observed to speak it (HTTP/1.0 400
+//! and 426 refusals, whatever arrives with `/qio/ohai` thrown away, server callback ids
+//! `(slot << 16) | counter` over four slots with a 15 s expiry, close frames with the real
+//! codes or none, FIN ignored, 200 for a repeated `on`), or the 2012 dialect 0.1 (`<path>:<cb>:<plain|json>=<data>`, no
 //! greeting, case-sensitive HTTP header check, bare TCP drops) with
 //! `ServerConfig { dialect: Dialect::V01, .. }`. It runs the server-side conformance app
 //! (`/clienttest/*`), and exposes a control API
@@ -26,7 +29,8 @@
 //! ```
 //!
 //! Layout: [`codec`] is the pure wire codec (everything dialect-specific is behind
-//! [`Dialect`]); `handshake` holds the 0.1 HTTP upgrade checks and the request recorder; `conn`
+//! [`Dialect`]); `ws` is the 0.2 server's own WebSocket framing; `handshake` holds both
+//! dialects' HTTP upgrade checks and answers; `conn`
 //! runs one connection; `app` is the conformance app; `server` holds the shared state and the
 //! control API.
 
@@ -37,6 +41,7 @@ pub mod codec;
 mod conn;
 mod handshake;
 mod server;
+mod ws;
 
 pub use codec::{clean_path, Dialect, Frame, ParseError, Reply};
 pub use server::{

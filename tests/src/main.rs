@@ -41,6 +41,14 @@ struct Args {
     /// Period of /clienttest/broadcast events (default 10).
     #[arg(long)]
     broadcast_ms: Option<u64>,
+    /// How long a callback the server requests stays answerable; later answers get 404
+    /// (default 15000, as on the real 0.2 server).
+    #[arg(long)]
+    callback_timeout_ms: Option<u64>,
+    /// 0.2: close a client that sends no /qio/ohai, or leaves a frame half sent, this long
+    /// with 1008 (default 10000).
+    #[arg(long)]
+    client_timeout_ms: Option<u64>,
 }
 
 #[tokio::main]
@@ -70,6 +78,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.broadcast_ms {
         cfg.broadcast_interval = ms(v);
+    }
+    if let Some(v) = args.callback_timeout_ms {
+        cfg.callback_timeout = ms(v);
+    }
+    if let Some(v) = args.client_timeout_ms {
+        cfg.client_timeout = ms(v);
     }
     let addr = SocketAddr::new(args.bind, args.port);
     let server = TestServer::bind(cfg, addr)

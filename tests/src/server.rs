@@ -37,8 +37,11 @@ pub struct ServerConfig {
     pub challenge_timeout: Duration,
     /// Period of the `/clienttest/broadcast` events while anyone is subscribed (10 ms).
     pub broadcast_interval: Duration,
-    /// Whether every path outside `/qio/` can be subscribed to (true). When false only the
-    /// conformance app's subscribable paths can, and everything else answers 404.
+    /// Whether every path outside `/qio/` and `/clienttest/` can be subscribed to (true), as
+    /// if an app had registered a handler taking subscriptions for each. The real server
+    /// answers 404 for a path no handler registered: with false, so does the test server
+    /// for everything but the conformance app's subscribable paths. (The conformance app's
+    /// other events answer 401 either way, unknown `/clienttest/` paths 404.)
     pub open_subscriptions: bool,
     /// Bound of each connection's outbound queue (8192 frames). Bounded so a client that stops
     /// reading cannot make the server eat all memory.
@@ -50,8 +53,16 @@ pub struct ServerConfig {
     /// The largest WebSocket payload (per frame, and per message) a client may send; a larger
     /// one drops the connection without a close frame ([`CloseReason::FrameTooLarge`]).
     /// `None` (the default) takes the dialect's: 1024 bytes for 0.1 (the real server's
-    /// default), tungstenite's own limits (16 MiB frames, 64 MiB messages) for 0.2.
+    /// default), 16 MiB for 0.2 (each frame on its own: the 0.2 server does not join
+    /// fragments).
     pub max_frame_bytes: Option<usize>,
+    /// How long a server-requested callback stays answerable (15 s, as on the real 0.2
+    /// server); a later answer gets `404 callback doesn't exist`. Heartbeat challenges do
+    /// not expire this way (see `challenge_timeout`).
+    pub callback_timeout: Duration,
+    /// 0.2: a client that has not sent `/qio/ohai` this long after the upgrade, or that
+    /// leaves a frame half sent this long, is closed with 1008 `client timeout` (10 s).
+    pub client_timeout: Duration,
     /// Serve `wss://` with this identity (both dialects): every accepted connection does a
     /// TLS handshake first, and [`TestServer::url`] names `localhost`, so issue the
     /// certificate for that name. `None` (the default): plain `ws://`.
@@ -117,6 +128,8 @@ impl Default for ServerConfig {
             max_queued_frames: 8192,
             slow_client_timeout: Duration::from_secs(5),
             max_frame_bytes: None,
+            callback_timeout: Duration::from_secs(15),
+            client_timeout: Duration::from_secs(10),
             tls: None,
         }
     }
@@ -132,6 +145,8 @@ impl ServerConfig {
             &mut self.challenge_after,
             &mut self.challenge_timeout,
             &mut self.broadcast_interval,
+            &mut self.callback_timeout,
+            &mut self.client_timeout,
         ] {
             *d = (*d).max(min);
         }
@@ -209,6 +224,18 @@ pub enum CloseReason {
     PongFrame,
     /// The client sent a binary frame.
     BinaryFrame,
+    /// 0.2: the client sent a continuation frame (the server ignores FIN, so the first
+    /// fragment was already routed as a whole event); closed with 1003.
+    ContinuationFrame,
+    /// 0.2: the client sent a frame with an opcode RFC 6455 reserves; closed with 1003.
+    ReservedOpcode(u8),
+    /// 0.2: the client sent an unmasked frame; closed with 1002 `client must mask data`.
+    UnmaskedFrame,
+    /// 0.2: a text frame that is not UTF-8; closed with 1007.
+    InvalidUtf8,
+    /// 0.2: `/qio/ohai` did not come, or a frame was left half sent, for
+    /// [`ServerConfig::client_timeout`]; closed with 1008 `client timeout`.
+    ClientTimeout,
     /// The client sent a frame (or message) with a payload larger than the limit
     /// ([`ServerConfig::max_frame_bytes`]); dropped without a close frame in both dialects.
     FrameTooLarge {
@@ -219,11 +246,11 @@ pub enum CloseReason {
     },
     /// A heartbeat challenge was not answered within `challenge_timeout`.
     ChallengeTimeout,
-    /// The server closed it on request (`/clienttest/close`): with a close frame in 0.2, a
-    /// bare TCP drop in 0.1.
+    /// The server closed it on request (`/clienttest/close`): 0.2 with a close frame with an
+    /// empty payload (the client sees 1005, no status), 0.1 with a bare TCP drop.
     ServerClose,
-    /// The server sent `/qio/move` and closed (`/clienttest/move`): with a close frame in 0.2,
-    /// a bare TCP drop in 0.1.
+    /// The server sent `/qio/move` and closed (`/clienttest/move`): 0.2 with an empty close
+    /// frame, 0.1 with a bare TCP drop.
     Moved,
     /// The outbound queue stayed full for `slow_client_timeout`.
     SlowConsumer,
@@ -318,6 +345,29 @@ pub enum LogEntry {
         /// The callback id.
         cb: u64,
     },
+    /// 0.2: bytes that arrived in the same read as the client's `/qio/ohai` were thrown
+    /// away, as the real server does.
+    DiscardedWithGreeting {
+        /// Connection id.
+        conn: u64,
+        /// How many bytes.
+        bytes: usize,
+    },
+    /// A server-requested callback expired unanswered ([`ServerConfig::callback_timeout`]);
+    /// noticed when its slot was needed or when the late answer came.
+    CallbackExpired {
+        /// Connection id.
+        conn: u64,
+        /// The callback id.
+        cb: u64,
+    },
+    /// A fifth outstanding server callback evicted the oldest of the four slots.
+    CallbackEvicted {
+        /// Connection id.
+        conn: u64,
+        /// The evicted callback id.
+        cb: u64,
+    },
     /// A frame was discarded because the connection's queue was full while stalled.
     FrameDiscarded {
         /// Connection id.
@@ -373,6 +423,8 @@ pub(crate) struct Inner {
     received: Mutex<Vec<Received>>,
     log: Mutex<Vec<LogEntry>>,
     stalled: watch::Sender<bool>,
+    /// Set by [`TestServer::shutdown`]: connections close with 1001 (0.2).
+    closing: watch::Sender<bool>,
     drop_callbacks: AtomicBool,
     refuse: Mutex<HashMap<String, i64>>,
     bytes_sent: AtomicU64,
@@ -402,6 +454,10 @@ impl Inner {
 
     pub(crate) fn stall_rx(&self) -> watch::Receiver<bool> {
         self.stalled.subscribe()
+    }
+
+    pub(crate) fn closing_rx(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     pub(crate) fn is_stalled(&self) -> bool {
@@ -726,6 +782,7 @@ impl TestServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (stalled, _) = watch::channel(false);
+        let (closing, _) = watch::channel(false);
         let dialect = cfg.dialect;
         let inner = Arc::new(Inner {
             cfg: cfg.sanitized(),
@@ -739,6 +796,7 @@ impl TestServer {
             received: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             stalled,
+            closing,
             drop_callbacks: AtomicBool::new(false),
             refuse: Mutex::new(HashMap::new()),
             bytes_sent: AtomicU64::new(0),
@@ -969,10 +1027,32 @@ impl TestServer {
         }
     }
 
-    /// Stops the server now (listener, ticker, every connection) and waits for the tasks to
-    /// end. The handle stays usable for inspecting the log, but the server cannot be restarted.
-    /// Dropping the last handle does the same without waiting.
+    /// Stops the server (listener, ticker, every connection) and waits for the tasks to end:
+    /// open 0.2 connections get a close frame with 1001 first (given about 2 s in all). The
+    /// handle stays usable for inspecting the log, but the server cannot be restarted.
+    /// Dropping the last handle stops everything at once, without close frames.
     pub async fn shutdown(&self) {
+        let inner = self.inner();
+        let accept = lock(&inner.accept_task).take();
+        if let Some(task) = accept {
+            task.abort();
+            let _ = task.await;
+        }
+        // Like the real server going down: open 0.2 connections get a 1001 close frame.
+        // Their tasks are given a moment for it, then everything is aborted.
+        let mut tasks: Vec<JoinHandle<()>> = {
+            let mut st = lock(&inner.state);
+            st.shut = true;
+            st.conns
+                .values_mut()
+                .filter_map(|e| e.task.take())
+                .collect()
+        };
+        inner.closing.send_replace(true);
+        let _ = tokio::time::timeout(conn::CLOSE_GRACE * 2, join_all(tasks.iter_mut())).await;
+        for task in &tasks {
+            task.abort();
+        }
         for task in self.inner().shutdown_now() {
             let _ = task.await;
         }

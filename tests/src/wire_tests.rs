@@ -95,19 +95,27 @@ async fn call(ws: &mut Ws, text: &str) -> String {
     .await
 }
 
-/// Reads until the connection ends; returns the close frame if the server sent one.
-async fn expect_closed(ws: &mut Ws) -> Option<CloseFrame> {
+/// Reads until the connection ends: `None` if it ended without a close frame, else
+/// `Some` of the close frame's code and reason (`Some(None)` for an empty payload, which the
+/// client sees as 1005, no status).
+async fn expect_closed(ws: &mut Ws) -> Option<Option<CloseFrame>> {
     let mut close = None;
     loop {
         match tokio::time::timeout(T, ws.next())
             .await
             .expect("connection not closed in time")
         {
-            Some(Ok(Message::Close(f))) => close = f,
+            Some(Ok(Message::Close(f))) => close = Some(f),
             Some(Ok(_)) => {}
             Some(Err(_)) | None => return close,
         }
     }
+}
+
+/// The close frame's code and reason text, for comparing with one `assert_eq!`.
+fn code_and_reason(f: Option<Option<CloseFrame>>) -> Option<(u16, String)> {
+    f.expect("a close frame")
+        .map(|f| (u16::from(f.code), f.reason.to_string()))
 }
 
 /// Asserts nothing at all arrives for [`QUIET`].
@@ -149,14 +157,97 @@ async fn handshake_echoes_subprotocol_and_answers_ohai() {
     assert_eq!(server.received()[0].path, "/qio/ohai");
 }
 
+/// Sends `head` over raw TCP and returns everything the server answers until it closes.
+async fn raw_http(server: &TestServer, head: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(server.addr()).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, tcp.read_to_end(&mut out))
+        .await
+        .expect("the server closes after a refusal")
+        .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// An upgrade request as qiod sends it.
+const UPGRADE: &str = "GET /any/path HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+                       Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                       Sec-WebSocket-Protocol: quickio\r\n\r\n";
+
 #[tokio::test]
-async fn no_subprotocol_echo_unless_requested_and_greeting_required() {
+async fn upgrade_requires_the_subprotocol_and_answers_400_or_426_like_the_real_server() {
     let server = TestServer::start(cfg()).await.unwrap();
-    let (mut ws, resp) = connect_raw(&server, false).await;
-    assert!(resp.headers().get("sec-websocket-protocol").is_none());
+    let cases = [
+        (
+            UPGRADE.replace("Sec-WebSocket-Protocol: quickio\r\n", ""),
+            "400 Bad Request",
+        ),
+        (UPGRADE.replace("quickio", "chat"), "400 Bad Request"),
+        (
+            UPGRADE.replace("Version: 13", "Version: 8"),
+            "400 Bad Request",
+        ),
+        (
+            UPGRADE.replace("Upgrade: websocket\r\n", ""),
+            "426 Upgrade Required",
+        ),
+        (
+            UPGRADE.replace("Connection: Upgrade", "Connection: keep-alive"),
+            "426 Upgrade Required",
+        ),
+    ];
+    for (head, status) in &cases {
+        let answer = raw_http(&server, head).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.0 {status}\r\n")) && answer.ends_with("\r\n\r\n"),
+            "{head:?}: {answer:?}"
+        );
+    }
+    let rejected = server
+        .log()
+        .iter()
+        .filter(|e| matches!(e, LogEntry::UpgradeRejected { reason, .. } if reason.starts_with("answered ")))
+        .count();
+    assert_eq!(rejected, cases.len());
+    assert_eq!(server.connection_count(), 0);
+
+    // tungstenite (qiod's WebSocket library) sees the HTTP/1.0 refusal as an error.
+    let plain = tokio_tungstenite::connect_async(server.url()).await;
+    assert!(plain.is_err(), "no subprotocol must be refused: {plain:?}");
+
+    // The 101 carries the real server's headers, in its order, whatever the URL path.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(server.addr()).await.unwrap();
+    tcp.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(T, tcp.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(b[0]);
+    }
+    assert_eq!(
+        String::from_utf8(got).unwrap(),
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Access-Control-Allow-Origin: *\r\nSec-WebSocket-Protocol: quickio\r\n\
+         Cache-Control: private, max-age=0\r\nExpires: -1\r\n\
+         Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    );
+}
+
+#[tokio::test]
+async fn the_first_frame_must_be_the_greeting() {
+    let server = TestServer::start(cfg()).await.unwrap();
+    let (mut ws, _) = connect_raw(&server, true).await;
     send(&mut ws, "/qio/ping:1=null").await;
-    let close = expect_closed(&mut ws).await.expect("a close frame");
-    assert_eq!(close.code, CloseCode::Protocol);
+    assert_eq!(
+        code_and_reason(expect_closed(&mut ws).await),
+        Some((1002, "invalid handshake".into()))
+    );
     assert!(
         closed_with(
             &server,
@@ -167,6 +258,46 @@ async fn no_subprotocol_echo_unless_requested_and_greeting_required() {
     );
     assert_eq!(server.connection_count(), 0);
     assert!(server.received().is_empty());
+}
+
+#[tokio::test]
+async fn whatever_comes_in_the_same_read_as_the_greeting_is_thrown_away() {
+    let server = TestServer::start(cfg()).await.unwrap();
+    let (mut ws, _) = connect_raw(&server, true).await;
+    // One write: the greeting and a ping reach the server in one read.
+    ws.feed(Message::text("/qio/ohai")).await.unwrap();
+    ws.feed(Message::text("/qio/ping:1=null")).await.unwrap();
+    ws.flush().await.unwrap();
+    assert_eq!(recv(&mut ws).await, "/qio/ohai");
+    expect_quiet(&mut ws).await;
+    assert!(server
+        .log()
+        .iter()
+        .any(|e| matches!(e, LogEntry::DiscardedWithGreeting { bytes, .. } if *bytes > 16)));
+    // Sent after the answer, the same ping is answered.
+    assert_eq!(call(&mut ws, "/qio/ping:2=null").await, ok(2, "null"));
+    let paths: Vec<(String, u64)> = server
+        .received()
+        .into_iter()
+        .map(|r| (r.path, r.cb))
+        .collect();
+    assert_eq!(paths, [("/qio/ohai".into(), 0), ("/qio/ping".into(), 2)]);
+}
+
+#[tokio::test]
+async fn a_client_that_never_greets_is_closed_with_1008() {
+    let server = TestServer::start(ServerConfig {
+        client_timeout: Duration::from_millis(50),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let (mut ws, _) = connect_raw(&server, true).await;
+    assert_eq!(
+        code_and_reason(expect_closed(&mut ws).await),
+        Some((1008, "client timeout".into()))
+    );
+    assert!(closed_with(&server, 1, CloseReason::ClientTimeout).await);
 }
 
 #[tokio::test]
@@ -219,9 +350,10 @@ async fn on_off_and_broadcasts() {
         assert!(n > last, "counter must increase: {n} after {last}");
         last = n;
     }
+    // A repeated on is answered 200, as on the real server.
     assert_eq!(
         call(&mut ws, r#"/qio/on:2="/clienttest/broadcast""#).await,
-        r#"/qio/callback/2:0={"code":400,"data":null,"err_msg":"already subscribed"}"#
+        ok(2, "null")
     );
     assert_eq!(
         server.subscriptions(),
@@ -254,8 +386,10 @@ async fn on_off_and_broadcasts() {
     );
     assert_eq!(
         call(&mut ws, "/qio/on:6=42").await,
-        r#"/qio/callback/6:0={"code":400,"data":null,"err_msg":"invalid subscription"}"#
+        r#"/qio/callback/6:0={"code":400,"data":null,"err_msg":"invalid json ev_path"}"#
     );
+    // Off of a path never subscribed is 200 too.
+    assert_eq!(call(&mut ws, r#"/qio/off:7="/never""#).await, ok(7, "null"));
     // Closing the connection removes its subscriptions.
     ws.close(Some(CloseFrame {
         code: CloseCode::Normal,
@@ -263,10 +397,8 @@ async fn on_off_and_broadcasts() {
     }))
     .await
     .unwrap();
-    assert_eq!(
-        expect_closed(&mut ws).await.map(|f| f.code),
-        Some(CloseCode::Normal)
-    );
+    // The real server answers a client's close with an empty close frame.
+    assert_eq!(code_and_reason(expect_closed(&mut ws).await), None);
     assert!(closed_with(&server, conn, CloseReason::ClientClose { code: Some(1000) }).await);
     assert!(server.subscriptions().is_empty());
 }
@@ -276,6 +408,7 @@ async fn in_progress_sequence() {
     let server = TestServer::start(cfg()).await.unwrap();
     let (mut ws, _) = connect(&server).await;
     send(&mut ws, r#"/qio/on:1="/clienttest/in-progress""#).await;
+    expect_quiet(&mut ws).await;
     // The first on stays pending; off answers 200 but cancels nothing.
     assert_eq!(
         call(&mut ws, r#"/qio/off:2="/clienttest/in-progress""#).await,
@@ -288,7 +421,7 @@ async fn in_progress_sequence() {
     assert!(server.subscriptions().is_empty());
     // The approving event answers the FIRST on, then its own callback.
     assert_eq!(
-        call(&mut ws, r#"/clienttest/in-progress:4="go""#).await,
+        call(&mut ws, "/clienttest/in-progress:4=null").await,
         ok(1, "null")
     );
     assert_eq!(recv(&mut ws).await, ok(4, "null"));
@@ -298,7 +431,12 @@ async fn in_progress_sequence() {
     );
     assert_eq!(
         call(&mut ws, r#"/qio/on:5="/clienttest/in-progress""#).await,
-        r#"/qio/callback/5:0={"code":400,"data":null,"err_msg":"already subscribed"}"#
+        ok(5, "null")
+    );
+    // Without a pending on, the approving event answers 500.
+    assert_eq!(
+        call(&mut ws, "/clienttest/in-progress:6=null").await,
+        r#"/qio/callback/6:0={"code":500,"data":null,"err_msg":"no subscription in progress"}"#
     );
 }
 
@@ -359,8 +497,10 @@ async fn heartbeat_challenge_event() {
         call(&mut ws, "/clienttest/heartbeat-challenge:1=null").await,
         "/qio/heartbeat:1=null"
     );
-    assert_eq!(recv(&mut ws).await, ok(1, "null"));
+    // The caller's callback is answered only once the challenge is.
+    expect_quiet(&mut ws).await;
     send(&mut ws, "/qio/callback/1:0=null").await;
+    assert_eq!(recv(&mut ws).await, ok(1, "null"));
     let want = LogEntry::CallbackAnswered {
         conn,
         cb: 1,
@@ -394,21 +534,39 @@ async fn clienttest_events() {
     assert_eq!(call(&mut ws, "/qio/ping:5=null").await, ok(5, "null"));
     assert_eq!(
         call(&mut ws, "/clienttest/send-unsubscribed:6=null").await,
-        r#"/clienttest/unsubscribed-path:0="you should not see this""#
+        "/you/didnt/subscribe/to/this:0=null"
     );
-    assert_eq!(recv(&mut ws).await, ok(6, "null"));
+    assert_eq!(
+        call(&mut ws, "/clienttest/error/200:61=null").await,
+        r#"/qio/callback/61:0={"code":200,"data":"you requested an error?"}"#,
+        "no err_msg on a 200"
+    );
     assert_eq!(
         call(&mut ws, r#"/qio/on:7=["/clienttest/on-data",1]"#).await,
         r#"/qio/callback/7:0={"code":401,"data":null,"err_msg":"subscription data must be 123987"}"#
     );
     assert_eq!(
+        call(&mut ws, r#"/qio/on:71="/clienttest/on-data""#).await,
+        r#"/qio/callback/71:0={"code":401,"data":null,"err_msg":"subscription data must be 123987"}"#
+    );
+    assert_eq!(
         call(&mut ws, r#"/qio/on:8=["/clienttest/on-data",123987]"#).await,
         ok(8, "null")
+    );
+    assert_eq!(recv(&mut ws).await, "/clienttest/on-data:0=true");
+    // Handlers that take no subscriptions refuse with 401; unknown paths are 404.
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:81="/clienttest/echo""#).await,
+        r#"/qio/callback/81:0={"code":401,"data":null,"err_msg":"subscriptions not allowed"}"#
+    );
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:82="/clienttest/nothing-here""#).await,
+        r#"/qio/callback/82:0={"code":404,"data":null,"err_msg":"not subscribable"}"#
     );
     assert_eq!(call(&mut ws, "/app/thing:9=[1,2]").await, ok(9, "[1,2]"));
     assert_eq!(
         call(&mut ws, "/qio/callback/999:10=null").await,
-        r#"/qio/callback/10:0={"code":404,"data":null,"err_msg":"unknown callback"}"#
+        r#"/qio/callback/10:0={"code":404,"data":null,"err_msg":"callback doesn't exist"}"#
     );
 
     // Control API: drop callbacks, refuse subscriptions, raw frames, requests.
@@ -453,14 +611,12 @@ async fn clienttest_events() {
         .count();
     assert_eq!(echoes, 2);
 
+    // No answer to the caller: only the exact invalid frame, empty data after the '='.
     assert_eq!(
         call(&mut ws, "/clienttest/send-invalid:15=null").await,
-        ok(15, "null")
+        "unicorns, ponies, princesses, and magic!:good times:0="
     );
-    assert_eq!(
-        recv(&mut ws).await,
-        "unicorns, ponies, princesses, and magic!:good times"
-    );
+    expect_quiet(&mut ws).await;
     assert!(server.bytes_sent() > 500);
     assert!(server.closes().is_empty());
 }
@@ -470,8 +626,8 @@ async fn close_and_move() {
     let server = TestServer::start(cfg()).await.unwrap();
     let (mut ws, conn) = connect(&server).await;
     send(&mut ws, "/clienttest/close:1=null").await;
-    let close = expect_closed(&mut ws).await.expect("a close frame");
-    assert_eq!(close.code, CloseCode::Normal);
+    // An empty close frame (no status, 1005 for the client) and no answer to the callback.
+    assert_eq!(code_and_reason(expect_closed(&mut ws).await), None);
     assert!(closed_with(&server, conn, CloseReason::ServerClose).await);
 
     let (mut ws, conn) = connect(&server).await;
@@ -480,49 +636,282 @@ async fn close_and_move() {
         call(&mut ws, &format!("/clienttest/move:0={to}")).await,
         format!("/qio/move:0={to}")
     );
-    assert_eq!(
-        expect_closed(&mut ws).await.map(|f| f.code),
-        Some(CloseCode::Normal)
-    );
+    assert_eq!(code_and_reason(expect_closed(&mut ws).await), None);
     assert!(closed_with(&server, conn, CloseReason::Moved).await);
     assert!(server.wait_until(T, |s| s.connection_count() == 0).await);
 }
 
 #[tokio::test]
-async fn bad_frames_close_the_connection() {
+async fn bad_frames_close_with_the_real_servers_codes() {
     let server = TestServer::start(cfg()).await.unwrap();
-    let cases: Vec<(Message, CloseCode)> = vec![
-        (Message::text("no colon here"), CloseCode::Protocol),
-        (Message::text("/a:x=null"), CloseCode::Protocol),
-        (Message::text("/a:1={"), CloseCode::Protocol),
-        (Message::binary(vec![1u8, 2, 3]), CloseCode::Unsupported),
-        (Message::Ping(vec![1u8].into()), CloseCode::Unsupported),
-        (Message::Pong(vec![1u8].into()), CloseCode::Unsupported),
+    let cases: Vec<(Message, (u16, &str), CloseReason)> = vec![
+        (
+            Message::text("no colon here"),
+            (1002, "invalid event format"),
+            CloseReason::Malformed {
+                error: "missing ':' after the path".into(),
+                text: "no colon here".into(),
+            },
+        ),
+        (
+            Message::text("/a:x=null"),
+            (1002, "invalid event format"),
+            CloseReason::Malformed {
+                error: "bad callback id \"x\"".into(),
+                text: "/a:x=null".into(),
+            },
+        ),
+        (
+            Message::text("/a:1"),
+            (1002, "invalid event format"),
+            CloseReason::Malformed {
+                error: "missing '=' before the data".into(),
+                text: "/a:1".into(),
+            },
+        ),
+        (
+            Message::binary(vec![1u8, 2, 3]),
+            (1003, ""),
+            CloseReason::BinaryFrame,
+        ),
+        (
+            Message::Ping(vec![1u8].into()),
+            (1003, ""),
+            CloseReason::PingFrame,
+        ),
+        (
+            Message::Pong(vec![1u8].into()),
+            (1003, ""),
+            CloseReason::PongFrame,
+        ),
     ];
-    for (msg, code) in cases {
+    for (msg, (code, why), reason) in cases {
         let (mut ws, conn) = connect(&server).await;
         ws.send(msg.clone()).await.unwrap();
-        let close = expect_closed(&mut ws).await;
-        assert_eq!(close.map(|f| f.code), Some(code), "{msg:?}");
-        assert!(
-            server
-                .wait_until(T, |s| s.closes().iter().any(|(c, _)| *c == conn))
-                .await
+        assert_eq!(
+            code_and_reason(expect_closed(&mut ws).await),
+            Some((code, why.to_owned())),
+            "{msg:?}"
         );
+        assert!(closed_with(&server, conn, reason).await, "{msg:?}");
     }
-    let reasons: Vec<CloseReason> = server.closes().into_iter().map(|(_, r)| r).collect();
-    assert!(matches!(&reasons[0], CloseReason::Malformed { text, .. } if text == "no colon here"));
-    assert!(matches!(&reasons[1], CloseReason::Malformed { .. }));
-    assert!(matches!(&reasons[2], CloseReason::Malformed { .. }));
-    assert_eq!(
-        reasons[3..],
-        [
-            CloseReason::BinaryFrame,
-            CloseReason::PingFrame,
-            CloseReason::PongFrame
-        ]
-    );
     assert!(server.wait_until(T, |s| s.connection_count() == 0).await);
+}
+
+/// A raw TCP client past the upgrade and the greeting, for frames no WebSocket library sends.
+struct RawClient {
+    tcp: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawClient {
+    async fn connect(server: &TestServer) -> RawClient {
+        use tokio::io::AsyncWriteExt;
+        let tcp = TcpStream::connect(server.addr()).await.unwrap();
+        let mut c = RawClient {
+            tcp,
+            buf: bytes::BytesMut::new(),
+        };
+        c.tcp.write_all(UPGRADE.as_bytes()).await.unwrap();
+        while crate::handshake::head_end(&c.buf).is_none() {
+            c.read_more().await;
+        }
+        let end = crate::handshake::head_end(&c.buf).unwrap();
+        assert!(c.buf.starts_with(b"HTTP/1.1 101 "));
+        let _ = c.buf.split_to(end);
+        c.write(0x81, b"/qio/ohai", true).await;
+        assert_eq!(c.frame().await, (0x1, b"/qio/ohai".to_vec()));
+        c
+    }
+
+    async fn read_more(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let n = tokio::time::timeout(T, self.tcp.read_buf(&mut self.buf))
+            .await
+            .expect("read timed out")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+    }
+
+    /// Writes one frame with first byte `b0`, masked or not.
+    async fn write(&mut self, b0: u8, payload: &[u8], masked: bool) {
+        use tokio::io::AsyncWriteExt;
+        self.tcp
+            .write_all(&raw_frame(b0, payload, masked))
+            .await
+            .unwrap();
+    }
+
+    /// The next server frame: opcode and payload.
+    async fn frame(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if let Some(f) = crate::ws::decode(&mut self.buf, usize::MAX).unwrap() {
+                assert!(!f.masked, "servers never mask");
+                return (f.opcode, f.payload.to_vec());
+            }
+            self.read_more().await;
+        }
+    }
+
+    /// The close frame's code and reason.
+    async fn close(&mut self) -> (u16, String) {
+        loop {
+            let (op, payload) = self.frame().await;
+            if op == 0x8 {
+                let code = crate::ws::close_code(&payload).expect("a coded close");
+                return (code, String::from_utf8_lossy(&payload[2..]).into_owned());
+            }
+        }
+    }
+}
+
+/// A client frame: FIN/opcode byte `b0`, the payload masked (with a fixed key) or not.
+fn raw_frame(b0: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    crate::ws::encode(&mut out, 0, payload);
+    let mut v = out.to_vec();
+    v[0] = b0;
+    if masked {
+        let key = [0x12u8, 0x34, 0x56, 0x78];
+        let at = v.len() - payload.len();
+        v[1] |= 0x80;
+        v.truncate(at);
+        v.extend_from_slice(&key);
+        v.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    }
+    v
+}
+
+#[tokio::test]
+async fn frames_no_library_sends_close_with_the_real_servers_codes() {
+    let server = TestServer::start(cfg()).await.unwrap();
+    /// First byte, payload, masked, the close expected, the logged reason.
+    type Case = (u8, &'static [u8], bool, (u16, &'static str), CloseReason);
+    let cases: Vec<Case> = vec![
+        (
+            0x81,
+            b"/qio/ping:1=null",
+            false,
+            (1002, "client must mask data"),
+            CloseReason::UnmaskedFrame,
+        ),
+        (
+            0x81,
+            b"/a:0=\"\xff\"",
+            true,
+            (1007, ""),
+            CloseReason::InvalidUtf8,
+        ),
+        (0x83, b"x", true, (1003, ""), CloseReason::ReservedOpcode(3)),
+    ];
+    for (b0, payload, masked, want, reason) in cases {
+        let mut c = RawClient::connect(&server).await;
+        let conn = *opened_ids(&server).last().unwrap();
+        c.write(b0, payload, masked).await;
+        assert_eq!(c.close().await, (want.0, want.1.to_owned()), "{payload:?}");
+        assert!(closed_with(&server, conn, reason).await);
+    }
+}
+
+#[tokio::test]
+async fn a_fragmented_message_is_routed_whole_then_the_continuation_closes() {
+    let server = TestServer::start(cfg()).await.unwrap();
+    let mut c = RawClient::connect(&server).await;
+    let conn = *opened_ids(&server).last().unwrap();
+    // FIN clear: the server ignores it and answers the first fragment as a whole event.
+    c.write(0x01, b"/qio/ping:1=null", true).await;
+    assert_eq!(
+        c.frame().await,
+        (0x1, ok(1, "null").into_bytes()),
+        "the first fragment is routed as an event"
+    );
+    c.write(0x80, b"", true).await;
+    assert_eq!(c.close().await, (1003, String::new()));
+    assert!(closed_with(&server, conn, CloseReason::ContinuationFrame).await);
+}
+
+#[tokio::test]
+async fn a_half_sent_frame_is_closed_with_1008() {
+    let server = TestServer::start(ServerConfig {
+        client_timeout: Duration::from_millis(50),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let mut c = RawClient::connect(&server).await;
+    let conn = *opened_ids(&server).last().unwrap();
+    let frame = raw_frame(0x81, b"/qio/ping:1=null", true);
+    {
+        use tokio::io::AsyncWriteExt;
+        c.tcp.write_all(&frame[..5]).await.unwrap();
+    }
+    assert_eq!(c.close().await, (1008, "client timeout".into()));
+    assert!(closed_with(&server, conn, CloseReason::ClientTimeout).await);
+}
+
+#[tokio::test]
+async fn server_callback_ids_use_four_slots_and_evict_the_oldest() {
+    let server = TestServer::start(cfg()).await.unwrap();
+    let (mut ws, conn) = connect(&server).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        server.request_from_all("/app/q", json!(i)).await;
+        let t = recv(&mut ws).await;
+        let id: u64 = t
+            .strip_prefix("/app/q:")
+            .and_then(|r| r.split_once('='))
+            .map(|(id, _)| id.parse().unwrap())
+            .unwrap();
+        ids.push(id);
+    }
+    // (slot << 16) | counter; the fifth takes the oldest one's slot 0.
+    assert_eq!(ids, [1, 65538, 131075, 196612, 5]);
+    assert!(server
+        .log()
+        .contains(&LogEntry::CallbackEvicted { conn, cb: 1 }));
+    // An evicted id and an already used one get the real server's 404.
+    let gone = |cb: u64| {
+        format!(
+            r#"/qio/callback/{cb}:0={{"code":404,"data":null,"err_msg":"callback doesn't exist"}}"#
+        )
+    };
+    assert_eq!(call(&mut ws, "/qio/callback/1:7=null").await, gone(7));
+    assert_eq!(
+        call(&mut ws, "/qio/callback/65538:8=\"a\"").await,
+        ok(8, "\"a\"")
+    );
+    assert_eq!(call(&mut ws, "/qio/callback/65538:9=\"a\"").await, gone(9));
+    // The freed slot 1 is taken next.
+    server.request_from_all("/app/q", json!(5)).await;
+    assert_eq!(recv(&mut ws).await, r#"/app/q:65542=5"#);
+}
+
+#[tokio::test]
+async fn a_late_answer_to_a_server_callback_gets_404() {
+    let server = TestServer::start(ServerConfig {
+        callback_timeout: Duration::from_millis(30),
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let (mut ws, conn) = connect(&server).await;
+    server.request_from_all("/app/q", json!(1)).await;
+    assert_eq!(recv(&mut ws).await, "/app/q:1=1");
+    let expired = LogEntry::CallbackExpired { conn, cb: 1 };
+    assert!(server.wait_until(T, |s| s.log().contains(&expired)).await);
+    assert_eq!(
+        call(&mut ws, "/qio/callback/1:2=null").await,
+        r#"/qio/callback/2:0={"code":404,"data":null,"err_msg":"callback doesn't exist"}"#
+    );
+}
+
+#[tokio::test]
+async fn shutdown_closes_open_connections_with_1001() {
+    let server = TestServer::start(cfg()).await.unwrap();
+    let (mut ws, conn) = connect(&server).await;
+    let (ended, ()) = tokio::join!(expect_closed(&mut ws), server.shutdown());
+    assert_eq!(code_and_reason(ended), Some((1001, String::new())));
+    assert!(server.closes().contains(&(conn, CloseReason::Shutdown)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,7 +966,12 @@ async fn stall_freezes_everything_until_resumed() {
 
     // New TCP connections are accepted, but the upgrade is not answered.
     let url = server.url();
-    let pending = tokio::spawn(async move { tokio_tungstenite::connect_async(url).await });
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("quickio"),
+    );
+    let pending = tokio::spawn(async move { tokio_tungstenite::connect_async(req).await });
     assert!(
         server
             .wait_until(T, |s| s
@@ -665,4 +1059,27 @@ fn handle_and_futures_are_send() {
         send(server.request_from_all("/a", json!(1)));
         send(server.wait_until(T, |s| s.connection_count() == 0));
     });
+}
+
+#[tokio::test]
+async fn without_open_subscriptions_unknown_paths_are_404_as_on_the_real_server() {
+    let server = TestServer::start(ServerConfig {
+        open_subscriptions: false,
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let (mut ws, _) = connect(&server).await;
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:1="/app/x""#).await,
+        r#"/qio/callback/1:0={"code":404,"data":null,"err_msg":"not subscribable"}"#
+    );
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:2="/clienttest/broadcast""#).await,
+        ok(2, "null")
+    );
+    assert_eq!(
+        call(&mut ws, r#"/qio/on:3="/clienttest/move""#).await,
+        r#"/qio/callback/3:0={"code":401,"data":null,"err_msg":"subscriptions not allowed"}"#
+    );
 }

@@ -4,7 +4,6 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use std::time::Duration;
 
 #[tokio::test]
 async fn a_new_client_is_told_the_state_first() {
@@ -418,7 +417,7 @@ async fn a_reload_with_a_new_address_reconnects_there() {
     let b = server().await;
     let daemon = Daemon::start(&a.url()).await;
     let mut c = daemon.open_client().await;
-    c.call(json!({"op":"on","path":"/news"}), 1).await;
+    c.subscribe("/news", 1).await;
     daemon
         .reload
         .send(qiod::Reload {
@@ -430,7 +429,9 @@ async fn a_reload_with_a_new_address_reconnects_there() {
         b.subscriptions().get("/news") == Some(&1) && a.connection_count() == 0
     })
     .await;
-    let _ = Duration::ZERO;
+    // The subscription works there.
+    assert_eq!(b.broadcast("/news", json!("from b")).await, 1);
+    assert_eq!(c.event("/news").await["data"], "from b");
     daemon.stop().await;
 }
 

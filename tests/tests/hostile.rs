@@ -898,7 +898,6 @@ async fn frames_beyond_max_message_bytes_are_refused_without_allocating_them() {
         Some(MAX - 9),
         "at the limit: delivered"
     );
-    let started = Instant::now();
     for what in [
         "one byte over",
         "fragments over",
@@ -912,10 +911,6 @@ async fn frames_beyond_max_message_bytes_are_refused_without_allocating_them() {
             "{what}: {reason}"
         );
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "refused at once"
-    );
     assert_eq!(
         c.call(json!({"op":"status"}), 2).await["data"]["state"],
         "open"
@@ -925,21 +920,33 @@ async fn frames_beyond_max_message_bytes_are_refused_without_allocating_them() {
 
 #[tokio::test]
 async fn a_server_flooding_events_does_not_starve_local_clients() {
-    const N: u64 = 60_000;
-    let server = raw_server(|mut conn| async move {
-        if conn.n == 1 && conn.serve_until("/qio/on", "\"/flood\"").await {
-            // As fast as the socket takes them, reading nothing meanwhile.
-            let pad = "p".repeat(200);
-            for i in 0..N {
-                if !conn
-                    .send(&format!("/flood:0={{\"i\":{i},\"pad\":\"{pad}\"}}"))
-                    .await
-                {
-                    return;
+    // The server floods until the test has had its status answers, so each answer provably
+    // came while the flood was running (no timing involved).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let flooded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stop2, sent2, flooded2) = (stop.clone(), sent.clone(), flooded.clone());
+    let server = raw_server(move |mut conn| {
+        let (stop, sent, flooded) = (stop2.clone(), sent2.clone(), flooded2.clone());
+        async move {
+            if conn.n == 1 && conn.serve_until("/qio/on", "\"/flood\"").await {
+                // As fast as the socket takes them, reading nothing meanwhile.
+                let pad = "p".repeat(200);
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    if !conn
+                        .send(&format!("/flood:0={{\"i\":{i},\"pad\":\"{pad}\"}}"))
+                        .await
+                    {
+                        return;
+                    }
+                    i += 1;
+                    sent.store(i as usize, Ordering::SeqCst);
                 }
+                flooded.store(true, Ordering::SeqCst);
             }
+            conn.serve().await;
         }
-        conn.serve().await;
     })
     .await;
     let mut settings = raw_settings(&server.url());
@@ -954,13 +961,15 @@ async fn a_server_flooding_events_does_not_starve_local_clients() {
     );
     // The fast one subscribes too; the flood may already be running.
     fast.send(json!({"op":"on","path":"/flood","id":1})).await;
-    let flood_started = Instant::now();
     let mut last = -1i64;
     let mut got = 0u64;
     let mut lost = 0u64;
-    let mut slowest_status = Duration::ZERO;
+    let mut probes = 0u64;
     let mut next_probe = 2000;
-    while last < N as i64 - 1 {
+    // Five status requests, each answered (within the common deadline) while the server
+    // is still flooding: local requests do not wait until the server pauses.
+    let mut total = None;
+    while total.is_none_or(|n: i64| last < n - 1) {
         let v = fast.next().await;
         match v["event"].as_str() {
             Some("/flood") => {
@@ -968,31 +977,34 @@ async fn a_server_flooding_events_does_not_starve_local_clients() {
                 assert!(i > last, "in order: {last} then {i}");
                 last = i;
                 got += 1;
-                if got >= next_probe {
+                if total.is_none() && got >= next_probe {
                     next_probe += 2000;
-                    let t = Instant::now();
+                    probes += 1;
                     assert_eq!(probe.call(json!({"op":"status"}), got).await["code"], 200);
-                    slowest_status = slowest_status.max(t.elapsed());
+                    assert!(
+                        !stop.load(Ordering::SeqCst),
+                        "answered while the flood runs"
+                    );
+                    if probes == 5 {
+                        stop.store(true, Ordering::SeqCst);
+                        until("the flood stops", || async {
+                            flooded.load(Ordering::SeqCst)
+                        })
+                        .await;
+                        total = Some(sent.load(Ordering::SeqCst) as i64);
+                    }
                 }
             }
             Some("/lost") => lost += v["data"]["count"].as_u64().unwrap_or(0),
             _ => {}
         }
     }
-    let flood = flood_started.elapsed();
-    println!(
-        "fast reader: {got} events, {lost} announced lost in {flood:?}; slowest status \
-         {slowest_status:?}"
-    );
-    assert!(
-        slowest_status < Duration::from_millis(500),
-        "a status took {slowest_status:?} while the server flooded for {flood:?}: local \
-         requests wait until the server pauses"
-    );
+    let n = total.expect("the flood ran") as u64;
+    println!("fast reader: {got} of {n} events, {lost} announced lost; {probes} status answers during the flood");
     // The slow one never read: it gets its newest events and one /lost for the rest.
     let mut slow_got = 0u64;
     let mut slow_lost = 0u64;
-    while slow_got + slow_lost < N {
+    while slow_got + slow_lost < n {
         let v = slow.next().await;
         match v["event"].as_str() {
             Some("/flood") => slow_got += 1,
@@ -1033,51 +1045,33 @@ async fn a_server_that_stops_reading_does_not_hang_the_daemon() {
         }
         sender
     });
-    // Give the daemon time to fill the buffers: until the writer is stuck or done.
-    let t = Instant::now();
-    while !writer.is_finished() && t.elapsed() < Duration::from_secs(1) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let asked = Instant::now();
-    let status = tokio::time::timeout(
-        Duration::from_secs(3),
-        probe.call(json!({"op":"status"}), 1),
-    )
-    .await;
-    let status_wait = asked.elapsed();
     // The daemon gives up on the server (a write that does not complete, or no answer to
-    // its ping) and reconnects; `status` tells (its lines may have gone by already).
+    // its ping) and reconnects; until then, while the buffers fill, `status` keeps
+    // answering and tells (its lines may have gone by already). Each status must come
+    // within the common deadline, or the daemon hangs.
+    let deadline = Instant::now() + DEADLINE;
     let mut reconnect = None;
-    if status.is_ok() {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for id in 2u64.. {
-            let st = tokio::time::timeout(
-                Duration::from_secs(1),
-                probe.call(json!({"op":"status"}), id),
-            )
-            .await;
-            let Ok(st) = st else { break };
-            if st["data"]["reconnects"].as_u64().unwrap_or(0) >= 1 {
-                reconnect = Some(st["data"]["last_error"].clone());
-                break;
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    for id in 1u64.. {
+        let st = tokio::time::timeout(DEADLINE, probe.call(json!({"op":"status"}), id)).await;
+        let Ok(st) = st else { break };
+        if st["data"]["reconnects"].as_u64().unwrap_or(0) >= 1 {
+            reconnect = Some(st["data"]["last_error"].clone());
+            break;
         }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("status after {status_wait:?}; gave up on the server: {reconnect:?}");
+    println!("gave up on the server: {reconnect:?}");
     writer.abort();
-    if status.is_err() || reconnect.is_none() {
+    if reconnect.is_none() {
         // Shutting down would wait on the stuck driver as well: do not wait for it.
         daemon.cancel();
         panic!(
-            "a server that stops reading hangs the daemon: status answered: {} (after \
-             {status_wait:?}), reconnected within 5 s: {}; a driver stuck flushing to the \
-             socket gives neither requests, the heartbeat watch nor shutdown a turn",
-            status.is_ok(),
-            reconnect.is_some()
+            "a server that stops reading hangs the daemon: no status told of a reconnect \
+             within the deadline; a driver stuck flushing to the socket gives neither \
+             requests, the heartbeat watch nor shutdown a turn"
         );
     }
     daemon.stop().await;
@@ -1105,30 +1099,33 @@ async fn a_move_loop_between_two_servers_does_not_spin() {
     let daemon = Daemon::start_with(raw_settings(&a.url())).await;
     let mut probe = daemon.client().await;
     let _ = probe.next().await;
-    let window = Duration::from_secs(2);
+    // Wait for a dozen connections (answering status all along), then look at how long
+    // they took: a lower bound, which a slow machine only makes easier to meet.
+    const MOVES: usize = 12;
     let cpu0 = cpu_time();
     let t0 = Instant::now();
-    let mut status_slowest = Duration::ZERO;
     let mut id = 0u64;
-    while t0.elapsed() < window {
+    while a.handshakes() + b.handshakes() < MOVES {
         id += 1;
-        let t = Instant::now();
         assert_eq!(probe.call(json!({"op":"status"}), id).await["code"], 200);
-        status_slowest = status_slowest.max(t.elapsed());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "the move loop stopped before {MOVES} connections"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let took = t0.elapsed();
     let cpu = cpu_time().saturating_sub(cpu0);
-    let moves = a.handshakes() + b.handshakes();
-    println!(
-        "move loop: {moves} connections in {window:?}, {cpu:?} CPU, slowest status {status_slowest:?}"
-    );
+    println!("move loop: {MOVES} connections in {took:?}, {cpu:?} CPU");
     daemon.stop().await;
-    // With the reconnect backoff (10 ms doubling to 200 ms here) a loop makes about 15
-    // connections in 2 s; a daemon that follows moves at once makes hundreds.
+    // With the reconnect backoff (10 ms doubling to 200 ms, at most a quarter off for
+    // jitter) even four of the waits add up to 0.75 * (10 + 20 + 40 + 80) ms; a daemon
+    // that follows moves at once makes a dozen connections in a few milliseconds.
+    let least = Duration::from_millis(112);
     assert!(
-        moves <= 60,
-        "{moves} connections in {window:?} ({cpu:?} CPU): the daemon follows a move loop \
-         without any delay"
+        took >= least,
+        "{MOVES} connections in {took:?} ({cpu:?} CPU), less than {least:?}: the daemon \
+         follows a move loop without any delay"
     );
 }
 

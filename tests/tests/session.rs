@@ -453,13 +453,39 @@ async fn server_requests_reach_subscribers_with_a_handle_to_answer() {
 async fn several_servers_skip_the_dead_one() {
     let live = server().await;
     let dead = server().await;
-    let dead_url = dead.url();
+    let dead_url = url::Url::parse(&dead.url()).unwrap();
+    let live_url = url::Url::parse(&live.url()).unwrap();
     dead.kill().await;
-    let cfg = fast_config(&[dead_url, live.url()]);
-    let mut up = Upstream::start_with(cfg).await;
-    let _ = &mut up;
-    assert_eq!(live.connection_count(), 1);
-    up.stop().await;
+    // The seed picks the order: take the first seed whose first attempt is the dead
+    // server, so the test is about skipping it (the first attempt is checked, not assumed).
+    for seed in 0..64 {
+        let mut cfg = fast_config(&[dead.url(), live.url()]);
+        cfg.seed = seed;
+        let mut up = Upstream::spawn(cfg);
+        let first = up
+            .wait_for("the first attempt", |n| match n {
+                Notice::State(StateChange::Connecting { url }) => Some(url.clone()),
+                _ => None,
+            })
+            .await;
+        if first != dead_url {
+            up.stop().await;
+            continue;
+        }
+        let failed = up
+            .wait_for("the dead server's failure", |n| match n {
+                Notice::State(StateChange::ConnectFailed { url, .. }) => Some(url.clone()),
+                Notice::State(StateChange::Open { url }) => panic!("open on {url} first"),
+                _ => None,
+            })
+            .await;
+        assert_eq!(failed, dead_url);
+        assert_eq!(up.wait_open().await, live_url);
+        assert_eq!(live.connection_count(), 1);
+        up.stop().await;
+        return;
+    }
+    panic!("no seed in 0..64 tries the dead server first");
 }
 
 #[tokio::test]
