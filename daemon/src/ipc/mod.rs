@@ -26,6 +26,10 @@ pub struct IpcConfig {
     pub max_subscriptions_per_client: usize,
     /// Groups whose members may connect besides the daemon's own user.
     pub allowed_gids: Vec<u32>,
+    /// One log line per refused uid per this interval, with the count of the others.
+    pub refusal_log_interval: Duration,
+    /// How often the binary checks that its socket file is still the one it bound.
+    pub socket_check_interval: Duration,
 }
 
 impl Default for IpcConfig {
@@ -38,6 +42,8 @@ impl Default for IpcConfig {
             max_pending_per_client: 1024,
             max_subscriptions_per_client: 4096,
             allowed_gids: Vec::new(),
+            refusal_log_interval: Duration::from_secs(60),
+            socket_check_interval: Duration::from_secs(2),
         }
     }
 }
