@@ -332,55 +332,128 @@ fn check_listening_unix(fd: libc::c_int) -> Result<(), String> {
     Ok(())
 }
 
+/// What the peer check needs to decide on a connecting process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerVerdict {
+    /// It may use the daemon.
+    Allowed,
+    /// It may not.
+    Refused,
+    /// Its own groups are unknown (no `SO_PEERGROUPS` here): ask the group database.
+    AskDatabase,
+}
+
 /// Decides whether a connecting process may use the daemon.
 ///
 /// The daemon speaks upstream with one identity, so anyone who can connect acts as the
 /// daemon's user: by default only that user and root may; `allowed_gids` widens it to
-/// members of those groups, primary or supplementary. A failed group lookup denies.
-pub fn peer_allowed(
+/// processes holding one of those groups, as primary group or among `peer_groups`, the
+/// supplementary groups the process really has (`SO_PEERGROUPS`), whatever the group
+/// database says. Only when those are unknown is the database asked
+/// ([`PeerVerdict::AskDatabase`], then [`peer_allowed_by_database`]).
+pub fn peer_verdict(
     peer_uid: u32,
     peer_gid: u32,
-    peer_pid: Option<i32>,
+    peer_groups: Option<&[u32]>,
     own_uid: u32,
     allowed_gids: &[u32],
-) -> Result<(), String> {
-    peer_allowed_with(
-        peer_uid,
-        peer_gid,
-        peer_pid,
-        own_uid,
-        allowed_gids,
-        user_groups,
-    )
+) -> PeerVerdict {
+    if peer_uid == own_uid || peer_uid == 0 || allowed_gids.contains(&peer_gid) {
+        return PeerVerdict::Allowed;
+    }
+    if allowed_gids.is_empty() {
+        return PeerVerdict::Refused;
+    }
+    match peer_groups {
+        Some(groups) if groups.iter().any(|g| allowed_gids.contains(g)) => PeerVerdict::Allowed,
+        Some(_) => PeerVerdict::Refused,
+        None => PeerVerdict::AskDatabase,
+    }
 }
 
-fn peer_allowed_with(
-    peer_uid: u32,
-    peer_gid: u32,
-    peer_pid: Option<i32>,
-    own_uid: u32,
-    allowed_gids: &[u32],
-    groups_of: impl FnOnce(u32, u32) -> Option<Vec<u32>>,
-) -> Result<(), String> {
-    if peer_uid == own_uid || peer_uid == 0 || allowed_gids.contains(&peer_gid) {
-        return Ok(());
-    }
-    if !allowed_gids.is_empty() {
-        if let Some(groups) = groups_of(peer_uid, peer_gid) {
-            if groups.iter().any(|g| allowed_gids.contains(g)) {
-                return Ok(());
-            }
-        }
-    }
+/// The fallback of [`peer_verdict`]: whether the group database lists the user `uid`
+/// (primary group `gid`) in one of `allowed_gids`. A failed lookup denies. Blocking (NSS
+/// may ask the network): call it off the async threads.
+pub fn peer_allowed_by_database(uid: u32, gid: u32, allowed_gids: &[u32]) -> bool {
+    user_groups(uid, gid).is_some_and(|groups| groups.iter().any(|g| allowed_gids.contains(g)))
+}
+
+/// Why a refused peer was refused, for the log.
+pub fn refusal_reason(peer_uid: u32, peer_pid: Option<i32>, own_uid: u32, allowed_gids: &[u32]) -> String {
     let who = match peer_pid {
         Some(pid) => format!("uid {peer_uid} (pid {pid})"),
         None => format!("uid {peer_uid}"),
     };
-    Err(if allowed_gids.is_empty() {
+    if allowed_gids.is_empty() {
         format!("{who} is not the daemon's user (uid {own_uid}); set allowed_groups to let other users in")
     } else {
-        format!("{who} is not the daemon's user (uid {own_uid}) and is in none of allowed_groups")
-    })
+        format!("{who} is not the daemon's user (uid {own_uid}) and holds none of allowed_groups")
+    }
+}
+
+/// The supplementary groups of the process at the other end of `fd` (`SO_PEERGROUPS`,
+/// Linux 4.13+), as they were when it connected; `None` where the kernel cannot tell.
+pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u32>> {
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86",
+            target_arch = "x86_64",
+            target_arch = "arm",
+            target_arch = "aarch64",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "loongarch64",
+            target_arch = "s390x"
+        )
+    ))]
+    {
+        use std::os::fd::AsRawFd;
+        // Not in libc's exports for these targets; the asm-generic value.
+        const SO_PEERGROUPS: libc::c_int = 59;
+        let mut groups: Vec<libc::gid_t> = vec![0; 64];
+        for _ in 0..8 {
+            let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>()).ok()?;
+            // SAFETY: the buffer has room for `len` bytes; the kernel writes at most that
+            // and reports what it wrote (or needs, with ERANGE) in `len`.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_PEERGROUPS,
+                    groups.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            let n = usize::try_from(len).ok()? / std::mem::size_of::<libc::gid_t>();
+            if rc == 0 {
+                groups.truncate(n);
+                return Some(groups);
+            }
+            if io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) {
+                return None;
+            }
+            groups.resize(n.max(groups.len() * 2), 0);
+        }
+        None
+    }
+    #[cfg(not(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86",
+            target_arch = "x86_64",
+            target_arch = "arm",
+            target_arch = "aarch64",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "loongarch64",
+            target_arch = "s390x"
+        )
+    )))]
+    {
+        let _ = fd;
+        None
+    }
 }
 
 /// All groups of the user `uid` (primary `gid` included), or `None` if unknown.
@@ -614,21 +687,41 @@ mod tests {
 
     #[test]
     fn peer_rules() {
-        let never = |_: u32, _: u32| -> Option<Vec<u32>> { panic!("no lookup needed") };
-        assert!(peer_allowed_with(1000, 1000, None, 1000, &[], never).is_ok());
-        assert!(peer_allowed_with(0, 0, None, 1000, &[], never).is_ok());
-        assert!(peer_allowed_with(1001, 50, None, 1000, &[50], never).is_ok());
-        // No allowed groups: no lookup, denied, and the message names the uid.
-        let err = peer_allowed_with(1001, 1001, Some(7), 1000, &[], never).unwrap_err();
-        assert!(err.contains("uid 1001") && err.contains("pid 7"), "{err}");
-        // Supplementary groups count.
-        let member = |_: u32, _: u32| Some(vec![1001, 50, 60]);
-        assert!(peer_allowed_with(1001, 1001, None, 1000, &[60], member).is_ok());
-        let err = peer_allowed_with(1001, 1001, None, 1000, &[70], member).unwrap_err();
-        assert!(err.contains("uid 1001"), "{err}");
-        // A failed lookup denies.
-        let unknown = |_: u32, _: u32| None;
-        assert!(peer_allowed_with(1001, 1001, None, 1000, &[60], unknown).is_err());
+        use PeerVerdict::*;
+        assert_eq!(peer_verdict(1000, 1000, None, 1000, &[]), Allowed);
+        assert_eq!(peer_verdict(0, 0, None, 1000, &[]), Allowed);
+        assert_eq!(peer_verdict(1001, 50, None, 1000, &[50]), Allowed);
+        // No allowed groups: no lookup, refused.
+        assert_eq!(peer_verdict(1001, 1001, Some(&[50]), 1000, &[]), Refused);
+        assert_eq!(peer_verdict(1001, 1001, None, 1000, &[]), Refused);
+        // The process's own supplementary groups decide when known.
+        assert_eq!(peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[60]), Allowed);
+        assert_eq!(peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[70]), Refused);
+        assert_eq!(peer_verdict(1001, 1001, Some(&[]), 1000, &[70]), Refused);
+        // Else the database.
+        assert_eq!(peer_verdict(1001, 1001, None, 1000, &[70]), AskDatabase);
+        assert!(!peer_allowed_by_database(u32::MAX - 7, 0, &[0]));
+        assert!(peer_allowed_by_database(0, 0, &[0]));
+        let why = refusal_reason(1001, Some(7), 1000, &[]);
+        assert!(why.contains("uid 1001 (pid 7)") && why.contains("set allowed_groups"), "{why}");
+    }
+
+    #[test]
+    fn peer_groups_are_the_connecting_process_own() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        use std::os::fd::AsFd;
+        let groups = peer_groups(a.as_fd());
+        if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+            let mut own: Vec<u32> = rustix::process::getgroups()
+                .unwrap()
+                .into_iter()
+                .map(|g| g.as_raw())
+                .collect();
+            let mut got = groups.expect("SO_PEERGROUPS works on Linux");
+            own.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, own);
+        }
     }
 
     #[test]

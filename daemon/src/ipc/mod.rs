@@ -52,6 +52,7 @@ mod client;
 mod hub;
 mod lines;
 mod outbox;
+mod peer;
 
 pub use hub::{run_notices, Hub};
 
@@ -77,9 +78,16 @@ pub async fn serve(
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     let mut next_id = 0u64;
+    let gate = peer::Gate::new(own_uid, cfg.allowed_gids.clone(), cfg.refusal_log_interval);
+    let mut flush = tokio::time::interval(gate.flush_interval());
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
             _ = stop_accepting.cancelled() => break,
+            _ = flush.tick() => {
+                gate.flush();
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
@@ -91,28 +99,11 @@ pub async fn serve(
                 continue;
             }
         };
-        match stream.peer_cred() {
-            Ok(cred) => {
-                if let Err(why) = crate::socket::peer_allowed(
-                    cred.uid(),
-                    cred.gid(),
-                    cred.pid(),
-                    own_uid,
-                    &cfg.allowed_gids,
-                ) {
-                    tracing::warn!(
-                        uid = cred.uid(),
-                        pid = cred.pid(),
-                        "refused a local client: {why}"
-                    );
-                    continue;
-                }
-            }
-            Err(e) => {
-                tracing::warn!("refused a local client whose credentials cannot be read: {e}");
-                continue;
-            }
-        }
+        let ask = match gate.check(&stream) {
+            peer::Door::Open => None,
+            peer::Door::Shut => continue,
+            peer::Door::Ask { uid, gid, pid } => Some((uid, gid, pid)),
+        };
         if tracker.len() >= cfg.max_clients {
             tracing::warn!(
                 max_clients = cfg.max_clients,
@@ -127,14 +118,26 @@ pub async fn serve(
             continue;
         }
         next_id += 1;
-        tracker.spawn(client::serve_client(
+        let serve = client::serve_client(
             stream,
             next_id,
             hub.clone(),
             session.clone(),
             cfg.clone(),
             stop_clients.clone(),
-        ));
+        );
+        match ask {
+            None => tracker.spawn(serve),
+            // The group database may block (NSS over the network): never on this loop.
+            Some((uid, gid, pid)) => {
+                let gate = gate.clone();
+                tracker.spawn(async move {
+                    if gate.ask_database(uid, gid, pid).await {
+                        serve.await;
+                    }
+                })
+            }
+        };
     }
     tracker.close();
     tracker.wait().await;
