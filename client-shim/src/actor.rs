@@ -323,7 +323,12 @@ impl Actor {
                     self.released(l);
                     Flow::Continue
                 }
-                (Step::Retry, _) => match UnixStream::connect(&self.common.socket).await {
+                (Step::Retry, _) => match crate::connect::connect_verified(
+                    &self.common.socket,
+                    &self.common.rules,
+                )
+                .await
+                {
                     Ok(stream) => {
                         let mut l = Link::new(stream);
                         self.relink(&mut l, gone_since.elapsed());
@@ -331,7 +336,13 @@ impl Actor {
                         backoff = Backoff::new();
                         Flow::Continue
                     }
-                    Err(_) => {
+                    Err(e) => {
+                        // Never a word to a stand-in, but the program hears of it.
+                        if let Error::Untrusted { .. } = e {
+                            self.common.publish(ConnectionEvent::Untrusted {
+                                reason: e.to_string(),
+                            });
+                        }
                         retry_at = Instant::now() + backoff.next_delay();
                         Flow::Continue
                     }
