@@ -151,18 +151,21 @@ pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>
 /// planted symlink or hard link to someone's file is refused, not truncated.
 fn open_private(folder: &trust::Folder, name: &Path, shown: &Path) -> Result<File, Error> {
     let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
-    let fd = rustix::fs::openat(&folder.fd, name, flags, Mode::from_raw_mode(0o600)).map_err(
-        |e| {
+    let fd =
+        rustix::fs::openat(&folder.fd, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| {
             if e == rustix::io::Errno::LOOP {
                 fail(format!(
                     "{} is a symlink; refusing to open it: remove it",
                     shown.display()
                 ))
             } else {
-                fail(format!("cannot open {}: {}", shown.display(), io::Error::from(e)))
+                fail(format!(
+                    "cannot open {}: {}",
+                    shown.display(),
+                    io::Error::from(e)
+                ))
             }
-        },
-    )?;
+        })?;
     let st = rustix::fs::fstat(&fd)
         .map_err(|e| fail(format!("cannot inspect {}: {e}", shown.display())))?;
     let own = trust::own_uid();

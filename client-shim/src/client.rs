@@ -302,7 +302,7 @@ impl Client {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qio_client::Error> {
-    /// let client = qio_client::Client::builder().socket("/tmp/q.sock").connect().await?;
+    /// let client = qio_client::Client::builder().socket("/tmp/qiod-test/qiod.sock").connect().await?;
     /// # Ok(()) }
     /// ```
     pub fn builder() -> Builder {

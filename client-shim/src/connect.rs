@@ -80,9 +80,7 @@ pub(crate) fn check_folder(socket: &Path, rules: &Rules) -> Result<(), Error> {
 
 /// The listening process behind `stream` per `rules`.
 pub(crate) fn check_peer(socket: &Path, stream: &UnixStream, rules: &Rules) -> Result<(), Error> {
-    let cred = stream
-        .peer_cred()
-        .map_err(|e| connect_error(socket, e))?;
+    let cred = stream.peer_cred().map_err(|e| connect_error(socket, e))?;
     trust::check_peer(socket, cred.uid(), cred.pid(), rules).map_err(|e| untrusted(socket, e))
 }
 

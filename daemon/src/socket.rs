@@ -99,7 +99,11 @@ impl BindOptions {
     /// `$RUNTIME_DIRECTORY` (colon-separated, as systemd sets it).
     pub fn from_env(shared: bool) -> BindOptions {
         let service_dirs = std::env::var_os("RUNTIME_DIRECTORY")
-            .map(|v| std::env::split_paths(&v).filter(|p| p.is_absolute()).collect())
+            .map(|v| {
+                std::env::split_paths(&v)
+                    .filter(|p| p.is_absolute())
+                    .collect()
+            })
             .unwrap_or_default();
         BindOptions {
             shared,
@@ -379,7 +383,12 @@ pub fn peer_allowed_by_database(uid: u32, gid: u32, allowed_gids: &[u32]) -> boo
 }
 
 /// Why a refused peer was refused, for the log.
-pub fn refusal_reason(peer_uid: u32, peer_pid: Option<i32>, own_uid: u32, allowed_gids: &[u32]) -> String {
+pub fn refusal_reason(
+    peer_uid: u32,
+    peer_pid: Option<i32>,
+    own_uid: u32,
+    allowed_gids: &[u32],
+) -> String {
     let who = match peer_pid {
         Some(pid) => format!("uid {peer_uid} (pid {pid})"),
         None => format!("uid {peer_uid}"),
@@ -413,7 +422,9 @@ pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u32>> {
         const SO_PEERGROUPS: libc::c_int = 59;
         let mut groups: Vec<libc::gid_t> = vec![0; 64];
         for _ in 0..8 {
-            let mut len = libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>()).ok()?;
+            let mut len =
+                libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+                    .ok()?;
             // SAFETY: the buffer has room for `len` bytes; the kernel writes at most that
             // and reports what it wrote (or needs, with ERANGE) in `len`.
             let rc = unsafe {
@@ -695,15 +706,24 @@ mod tests {
         assert_eq!(peer_verdict(1001, 1001, Some(&[50]), 1000, &[]), Refused);
         assert_eq!(peer_verdict(1001, 1001, None, 1000, &[]), Refused);
         // The process's own supplementary groups decide when known.
-        assert_eq!(peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[60]), Allowed);
-        assert_eq!(peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[70]), Refused);
+        assert_eq!(
+            peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[60]),
+            Allowed
+        );
+        assert_eq!(
+            peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[70]),
+            Refused
+        );
         assert_eq!(peer_verdict(1001, 1001, Some(&[]), 1000, &[70]), Refused);
         // Else the database.
         assert_eq!(peer_verdict(1001, 1001, None, 1000, &[70]), AskDatabase);
         assert!(!peer_allowed_by_database(u32::MAX - 7, 0, &[0]));
         assert!(peer_allowed_by_database(0, 0, &[0]));
         let why = refusal_reason(1001, Some(7), 1000, &[]);
-        assert!(why.contains("uid 1001 (pid 7)") && why.contains("set allowed_groups"), "{why}");
+        assert!(
+            why.contains("uid 1001 (pid 7)") && why.contains("set allowed_groups"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -136,7 +136,11 @@ impl fmt::Display for TrustError {
                 "{} is writable by {} (mode {mode:04o}){}; use a private folder \
                  (e.g. /tmp/qiod-<uid>/, created 0700)",
                 path.display(),
-                if mode & 0o002 != 0 { "others" } else { "its group" },
+                if mode & 0o002 != 0 {
+                    "others"
+                } else {
+                    "its group"
+                },
                 if *last {
                     ", so another user could take the socket's path"
                 } else {
@@ -155,7 +159,11 @@ impl fmt::Display for TrustError {
                 pid,
                 expected,
             } => {
-                write!(f, "the process listening on {} runs as uid {uid}", path.display())?;
+                write!(
+                    f,
+                    "the process listening on {} runs as uid {uid}",
+                    path.display()
+                )?;
                 if let Some(pid) = pid {
                     write!(f, " (pid {pid})")?;
                 }
@@ -307,7 +315,8 @@ pub fn open_folder(dir: &Path, rules: &Rules) -> Result<Folder, TrustError> {
             source: e.into(),
         }
     };
-    let root = rustix::fs::open("/", WALK_FLAGS, Mode::empty()).map_err(io_err("open", Path::new("/")))?;
+    let root =
+        rustix::fs::open("/", WALK_FLAGS, Mode::empty()).map_err(io_err("open", Path::new("/")))?;
     // The stack of folders walked so far, for "..": (fd, path, stat).
     let root_st = rustix::fs::fstat(&root).map_err(io_err("inspect", Path::new("/")))?;
     let mut todo: Vec<OsString> = components(&full);
@@ -393,8 +402,13 @@ pub fn open_folder(dir: &Path, rules: &Rules) -> Result<Folder, TrustError> {
         // The umask may have taken bits away; make the mode exact.
         if let (Some(mode), Some((parent, _, _))) = (rules.create_mode, stack.last()) {
             let name = path.file_name().unwrap_or_default();
-            rustix::fs::chmodat(parent, name, Mode::from_raw_mode(mode as _), AtFlags::empty())
-                .map_err(io_err("set permissions of", &path))?;
+            rustix::fs::chmodat(
+                parent,
+                name,
+                Mode::from_raw_mode(mode as _),
+                AtFlags::empty(),
+            )
+            .map_err(io_err("set permissions of", &path))?;
         }
     }
     Ok(Folder {
@@ -443,7 +457,12 @@ fn components(path: &Path) -> Vec<OsString> {
 
 /// Checks the process behind the connected socket at `path`, by its `SO_PEERCRED` uid:
 /// it must be root or one of `rules.trusted`.
-pub fn check_peer(path: &Path, uid: u32, pid: Option<i32>, rules: &Rules) -> Result<(), TrustError> {
+pub fn check_peer(
+    path: &Path,
+    uid: u32,
+    pid: Option<i32>,
+    rules: &Rules,
+) -> Result<(), TrustError> {
     if rules.trusts(uid) {
         Ok(())
     } else {
@@ -461,7 +480,10 @@ pub fn check_peer(path: &Path, uid: u32, pid: Option<i32>, rules: &Rules) -> Res
 pub fn client_rules(daemon_user: Option<&str>) -> Result<Rules, TrustError> {
     let mut rules = Rules::own();
     let from_env = std::env::var(DAEMON_USER_ENV).ok();
-    let named = daemon_user.or(from_env.as_deref()).map(str::trim).filter(|s| !s.is_empty());
+    let named = daemon_user
+        .or(from_env.as_deref())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
     if let Some(name) = named {
         let uid = match name.parse::<u32>() {
             Ok(uid) => uid,
@@ -486,7 +508,13 @@ pub fn uid_of(name: &str) -> Option<u32> {
         let mut result: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: every pointer refers to a live local of the right size.
         let rc = unsafe {
-            libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result)
+            libc::getpwnam_r(
+                name.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
         };
         if rc == libc::ERANGE && buf.len() < 1 << 20 {
             buf.resize(buf.len() * 2, 0);
@@ -503,7 +531,11 @@ pub fn uid_of(name: &str) -> Option<u32> {
 pub fn entry_id(folder: &Folder, name: &OsStr) -> io::Result<(u64, u64, bool)> {
     let st = rustix::fs::statat(folder.fd.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW)?;
     let (dev, ino) = ident(&st);
-    Ok((dev, ino, FileType::from_raw_mode(st.st_mode) == FileType::Socket))
+    Ok((
+        dev,
+        ino,
+        FileType::from_raw_mode(st.st_mode) == FileType::Socket,
+    ))
 }
 
 #[cfg(test)]
@@ -560,13 +592,22 @@ mod tests {
 
         chmod(&real, 0o1777);
         let err = open_folder(&real, &own()).unwrap_err();
-        assert!(matches!(err, TrustError::Writable { last: true, .. }), "{err}");
-        assert!(err.to_string().contains("writable by others (mode 1777)"), "{err}");
+        assert!(
+            matches!(err, TrustError::Writable { last: true, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("writable by others (mode 1777)"),
+            "{err}"
+        );
         // Sticky is fine higher up, as /tmp is.
         open_folder(&real.join("in"), &own()).unwrap();
         chmod(&real, 0o777);
         let err = open_folder(&real.join("in"), &own()).unwrap_err();
-        assert!(matches!(err, TrustError::Writable { last: false, .. }), "{err}");
+        assert!(
+            matches!(err, TrustError::Writable { last: false, .. }),
+            "{err}"
+        );
         chmod(&real, 0o770);
         let err = open_folder(&real, &own()).unwrap_err();
         assert!(err.to_string().contains("writable by its group"), "{err}");
@@ -613,7 +654,12 @@ mod tests {
             pid: Some(9),
             expected: vec![1000, 0],
         };
-        assert!(e.to_string().starts_with("the process listening on /s runs as uid 7 (pid 9), expected uid 1000 or root"), "{e}");
+        assert!(
+            e.to_string().starts_with(
+                "the process listening on /s runs as uid 7 (pid 9), expected uid 1000 or root"
+            ),
+            "{e}"
+        );
         let rules = Rules::own();
         assert!(check_peer(Path::new("/s"), 0, None, &rules).is_ok());
         assert!(check_peer(Path::new("/s"), own_uid(), None, &rules).is_ok());

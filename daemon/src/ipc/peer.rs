@@ -29,7 +29,11 @@ pub(crate) enum Door {
     /// Drop it (already logged, or counted).
     Shut,
     /// Ask the group database first ([`Gate::ask_database`]), off the loop.
-    Ask { uid: u32, gid: u32, pid: Option<i32> },
+    Ask {
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+    },
 }
 
 /// The peer check and the refusal log, shared by the accept loop and its lookup tasks.
@@ -61,13 +65,17 @@ impl Gate {
         };
         let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
         // Asked only when the uid and primary group are not enough.
-        let needs_groups =
-            uid != self.own_uid && uid != 0 && !self.allowed_gids.is_empty();
+        let needs_groups = uid != self.own_uid && uid != 0 && !self.allowed_gids.is_empty();
         let groups = needs_groups
             .then(|| socket::peer_groups(stream.as_fd()))
             .flatten();
-        match socket::peer_verdict(uid, gid, groups.as_deref(), self.own_uid, &self.allowed_gids)
-        {
+        match socket::peer_verdict(
+            uid,
+            gid,
+            groups.as_deref(),
+            self.own_uid,
+            &self.allowed_gids,
+        ) {
             PeerVerdict::Allowed => Door::Open,
             PeerVerdict::Refused => {
                 self.refused(uid, pid);
@@ -89,7 +97,12 @@ impl Gate {
 
     /// The fallback where the kernel cannot tell a peer's groups: the group database, on a
     /// blocking thread, remembered for a minute.
-    pub(crate) async fn ask_database(self: Arc<Self>, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+    pub(crate) async fn ask_database(
+        self: Arc<Self>,
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+    ) -> bool {
         let allowed = self.allowed_gids.clone();
         let ok = tokio::task::spawn_blocking(move || {
             socket::peer_allowed_by_database(uid, gid, &allowed)
@@ -126,7 +139,11 @@ impl Gate {
         if let Some(earlier) = line {
             let why = socket::refusal_reason(uid, pid, self.own_uid, &self.allowed_gids);
             if earlier > 0 {
-                tracing::warn!(uid, pid, "refused a local client: {why} ({earlier} more refusals of this uid before)");
+                tracing::warn!(
+                    uid,
+                    pid,
+                    "refused a local client: {why} ({earlier} more refusals of this uid before)"
+                );
             } else {
                 tracing::warn!(uid, pid, "refused a local client: {why}");
             }
