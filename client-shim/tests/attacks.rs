@@ -313,11 +313,18 @@ impl Arena {
 
     /// qiod run as `uid` on `socket`, with `args`.
     fn qiod(&self, uid: u32, socket: &Path, args: &[&str]) -> Running {
+        self.qiod_env(uid, socket, args, &[])
+    }
+
+    /// [`Arena::qiod`] with environment variables (settings by variable, which a qiod
+    /// that predates them ignores rather than refusing to start).
+    fn qiod_env(&self, uid: u32, socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Running {
         let mut cmd = as_user(uid, &[], &qiod_binary());
         cmd.arg("--socket")
             .arg(socket)
             .args(args)
-            .env("QIOD_CONFIG", self.config());
+            .env("QIOD_CONFIG", self.config())
+            .envs(env.iter().copied());
         Running::spawn(&mut cmd)
     }
 }
@@ -660,6 +667,14 @@ async fn attack4_auto_start_in_a_planted_folder_clobbers_nothing() {
                 text(&out.stderr)
             )
         });
+    assert_eq!(
+        std::fs::read_to_string(&notes).expect("read"),
+        "precious",
+        "the victim's file was overwritten ({result})"
+    );
+    let meta = std::fs::metadata(&notes).expect("stat");
+    assert_eq!(meta.mode() & 0o777, 0o644, "the victim's file changed mode");
+    assert_eq!(meta.uid(), VICTIM);
     assert!(
         result.contains("refusing to use qiod")
             && result.contains(&format!(
@@ -667,10 +682,6 @@ async fn attack4_auto_start_in_a_planted_folder_clobbers_nothing() {
             )),
         "{result}"
     );
-    assert_eq!(std::fs::read_to_string(&notes).expect("read"), "precious");
-    let meta = std::fs::metadata(&notes).expect("stat");
-    assert_eq!(meta.mode() & 0o777, 0o644, "the victim's file changed mode");
-    assert_eq!(meta.uid(), VICTIM);
 }
 
 /// Attack 5: with `allowed_groups`, a user outside them connecting in a loop cost a WARN
@@ -684,7 +695,7 @@ async fn attack5_a_refusal_flood_is_logged_at_a_bounded_rate_and_members_get_in(
     let server = test_server().await;
     let socket = arena.victim().join("run").join("qiod.sock");
     let s = socket.to_str().expect("utf-8");
-    let qiod = arena.qiod(
+    let qiod = arena.qiod_env(
         VICTIM,
         &socket,
         &[
@@ -692,9 +703,8 @@ async fn attack5_a_refusal_flood_is_logged_at_a_bounded_rate_and_members_get_in(
             &server.url(),
             "--allowed-groups",
             &GROUP.to_string(),
-            "--refusal-log-interval-ms",
-            "400",
         ],
+        &[("QIOD_REFUSAL_LOG_INTERVAL_MS", "400")],
     );
     wait_until("qiod listens", || listening(&socket));
 
@@ -707,14 +717,9 @@ async fn attack5_a_refusal_flood_is_logged_at_a_bounded_rate_and_members_get_in(
     let daemon_user = VICTIM.to_string();
     for _ in 0..20 {
         let mut cmd = as_user(MEMBER, &[GROUP], Path::new(env!("CARGO_BIN_EXE_qio")));
-        cmd.args([
-            "--daemon-user",
-            &daemon_user,
-            "--socket",
-            s,
-            "status",
-            "--json",
-        ]);
+        // By the variable, as a client of a system daemon would be set up.
+        cmd.args(["--socket", s, "status", "--json"])
+            .env("QIOD_DAEMON_USER", &daemon_user);
         let out = finish(&mut cmd);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     }
@@ -844,9 +849,10 @@ async fn attack6_a_deleted_or_replaced_socket_stops_qiod() {
     let server = test_server().await;
     let socket = arena.victim().join("run").join("qiod.sock");
     let url = server.url();
-    let args = ["--server", url.as_str(), "--socket-check-ms", "50"];
+    let args = ["--server", url.as_str()];
+    let check = [("QIOD_SOCKET_CHECK_MS", "50")];
 
-    let mut qiod = arena.qiod(VICTIM, &socket, &args);
+    let mut qiod = arena.qiod_env(VICTIM, &socket, &args, &check);
     wait_until("qiod listens", || listening(&socket));
     std::fs::remove_file(&socket).expect("delete the socket");
     let status = qiod.wait_exit();
@@ -861,7 +867,7 @@ async fn attack6_a_deleted_or_replaced_socket_stops_qiod() {
     );
 
     // One daemon on the path at a time: a new one starts and serves.
-    let mut second = arena.qiod(VICTIM, &socket, &args);
+    let mut second = arena.qiod_env(VICTIM, &socket, &args, &check);
     wait_until("the second qiod listens", || listening(&socket));
 
     // Replaced: moved aside and another socket bound in its place.
