@@ -237,7 +237,7 @@ async fn watch_socket(guard: Option<&SocketGuard>, every: std::time::Duration) -
     let Some(check) = guard.map(SocketGuard::checker) else {
         return std::future::pending().await;
     };
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -286,6 +286,8 @@ fn ident(st: &Stat) -> (u64, u64) {
     (u64::from(st.st_dev), u64::from(st.st_ino))
 }
 
+// RawMode is u32 on Linux, u16 on some BSDs.
+#[allow(clippy::unnecessary_cast)]
 fn mode_bits(st: &Stat) -> u32 {
     Mode::from_raw_mode(st.st_mode).bits() as u32 & 0o7777
 }

@@ -79,7 +79,7 @@ pub async fn serve(
     let own_uid = unsafe { libc::geteuid() };
     let mut next_id = 0u64;
     let gate = peer::Gate::new(own_uid, cfg.allowed_gids.clone(), cfg.refusal_log_interval);
-    let mut flush = tokio::time::interval(gate.flush_interval());
+    let mut flush = tokio::time::interval(gate.flush_interval().max(Duration::from_millis(1)));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
