@@ -228,7 +228,7 @@ impl Builder {
             .socket
             .clone()
             .unwrap_or_else(qio_ipc::paths::default_socket_path);
-        let rules = connect::rules_for(&socket, self.daemon_user.as_deref())?;
+        let rules = connect::rules_for(self.daemon_user.as_deref());
         connect::connect_verified(&socket, &rules).await
     }
 
@@ -255,7 +255,7 @@ impl Builder {
             .socket
             .clone()
             .unwrap_or_else(qio_ipc::paths::default_socket_path);
-        let rules = connect::rules_for(&socket, self.daemon_user.as_deref())?;
+        let rules = connect::rules_for(self.daemon_user.as_deref());
         let (stream, started) = match connect::connect_verified(&socket, &rules).await {
             Ok(stream) => (stream, None),
             Err(Error::DaemonNotRunning { .. }) if self.auto_start => {

@@ -449,6 +449,22 @@ async fn attack1_a_fake_daemon_in_a_squatted_folder_gets_nothing() {
         fake.text()
     );
 
+    // A daemon user that names no user adds nothing, and the refusal says so.
+    let out = finish(
+        qio_as(VICTIM, &["--socket", m, "status"]).env("QIOD_DAEMON_USER", "no-such-user-qiod"),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(UNTRUSTED), "{err}");
+    assert!(
+        err.contains("QIOD_DAEMON_USER=no-such-user-qiod names no user now"),
+        "{err}"
+    );
+    assert!(
+        fake.lines_with("GOT").is_empty(),
+        "the fake daemon received: {}",
+        fake.text()
+    );
+
     // Trusting a daemon user is explicit: named, it is used.
     let out = finish(&mut qio_as(
         VICTIM,

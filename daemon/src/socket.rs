@@ -140,6 +140,7 @@ pub fn bind_with(path: &Path, opts: &BindOptions) -> Result<UnixListener, Socket
         trusted: vec![trust::own_uid()],
         create_mode: Some(dir_mode),
         service_dir: opts.service_dirs.iter().any(|d| d == dir),
+        unresolved: None,
     };
     let folder = trust::open_folder(dir, &rules)?;
     // Everything below goes through the folder's descriptor, not the path.

@@ -86,17 +86,30 @@ class QioTrustError(ConnectionError):
     it could be another user's stand-in for qiod. Nothing was sent to it."""
 
 
+class Trusted(set):
+    """The uids trusted behind a socket; `unresolved` is a daemon user name that names
+    no user now (a systemd dynamic user exists only while its service runs)."""
+
+    unresolved = None
+
+
 def _describe(uids):
     named = ["uid %d" % u for u in sorted(uids) if u != 0]
     if 0 in uids:
         named.append("root")
-    return " or ".join(named)
+    text = " or ".join(named)
+    if getattr(uids, "unresolved", None):
+        text += (
+            " (%s=%s names no user now; a systemd dynamic user exists only while its "
+            "service runs)" % (DAEMON_USER_ENV, uids.unresolved)
+        )
+    return text
 
 
 def trusted_uids(daemon_user=None):
     """You, root, and the daemon's user (`daemon_user`, else QIOD_DAEMON_USER): a
-    user name or a numeric uid."""
-    uids = {os.getuid(), 0}
+    user name or a numeric uid. A name that names no user now adds nothing."""
+    uids = Trusted({os.getuid(), 0})
     name = daemon_user if daemon_user is not None else os.environ.get(DAEMON_USER_ENV, "")
     name = str(name).strip()
     if name:
@@ -108,10 +121,7 @@ def trusted_uids(daemon_user=None):
             try:
                 uids.add(pwd.getpwnam(name).pw_uid)
             except KeyError:
-                raise QioTrustError(
-                    "%s=%s: no such user; give a user name or a numeric uid"
-                    % (DAEMON_USER_ENV, name)
-                ) from None
+                uids.unresolved = name
     return uids
 
 

@@ -51,6 +51,8 @@ pub enum TrustError {
         owner: u32,
         /// The uids that would have been trusted.
         expected: Vec<u32>,
+        /// A configured daemon user that names no user now.
+        unresolved: Option<String>,
     },
     /// A folder is writable by group or others, who could replace the socket.
     Writable {
@@ -81,11 +83,8 @@ pub enum TrustError {
         pid: Option<i32>,
         /// The uids that would have been trusted.
         expected: Vec<u32>,
-    },
-    /// The configured daemon user is not a user of this system.
-    UnknownUser {
-        /// The name given.
-        name: String,
+        /// A configured daemon user that names no user now.
+        unresolved: Option<String>,
     },
     /// A system call failed.
     Io {
@@ -99,7 +98,7 @@ pub enum TrustError {
 }
 
 /// "uid 1000 or root", for messages.
-fn describe(uids: &[u32]) -> String {
+fn describe(uids: &[u32], unresolved: &Option<String>) -> String {
     let mut named: Vec<String> = uids
         .iter()
         .filter(|&&u| u != 0)
@@ -108,7 +107,14 @@ fn describe(uids: &[u32]) -> String {
     if uids.contains(&0) {
         named.push("root".into());
     }
-    named.join(" or ")
+    let mut text = named.join(" or ");
+    if let Some(name) = unresolved {
+        text.push_str(&format!(
+            " ({DAEMON_USER_ENV}={name} names no user now; a systemd dynamic user exists \
+             only while its service runs)"
+        ));
+    }
+    text
 }
 
 impl fmt::Display for TrustError {
@@ -124,12 +130,13 @@ impl fmt::Display for TrustError {
                 path,
                 owner,
                 expected,
+                unresolved,
             } => write!(
                 f,
                 "{} belongs to uid {owner}, expected {}: another user could replace the \
                  socket; remove it or use a socket in a folder of your own",
                 path.display(),
-                describe(expected)
+                describe(expected, unresolved)
             ),
             TrustError::Writable { path, mode, last } => write!(
                 f,
@@ -158,6 +165,7 @@ impl fmt::Display for TrustError {
                 uid,
                 pid,
                 expected,
+                unresolved,
             } => {
                 write!(
                     f,
@@ -171,13 +179,9 @@ impl fmt::Display for TrustError {
                     f,
                     ", expected {}: it is not your qiod; if it is a system daemon you \
                      mean to use, set {DAEMON_USER_ENV} to its user",
-                    describe(expected)
+                    describe(expected, unresolved)
                 )
             }
-            TrustError::UnknownUser { name } => write!(
-                f,
-                "{DAEMON_USER_ENV}={name}: no such user; give a user name or a numeric uid"
-            ),
             TrustError::Io {
                 action,
                 path,
@@ -214,6 +218,9 @@ pub struct Rules {
     /// `RuntimeDirectory`): its owner and mode are not checked, only that it is a real
     /// folder.
     pub service_dir: bool,
+    /// A daemon user was named but names no user now (a systemd dynamic user exists only
+    /// while its service runs): nothing extra is trusted, and refusals say why.
+    pub unresolved: Option<String>,
 }
 
 impl Rules {
@@ -364,6 +371,7 @@ pub fn open_folder(dir: &Path, rules: &Rules) -> Result<Folder, TrustError> {
                         path,
                         owner: st.st_uid,
                         expected: rules.expected(),
+                        unresolved: rules.unresolved.clone(),
                     });
                 }
                 links += 1;
@@ -431,6 +439,7 @@ fn check_level(path: &Path, st: &Stat, last: bool, rules: &Rules) -> Result<(), 
             path: path.to_owned(),
             owner: st.st_uid,
             expected: rules.expected(),
+            unresolved: rules.unresolved.clone(),
         });
     }
     let mode = mode_bits(st);
@@ -473,13 +482,18 @@ pub fn check_peer(
             uid,
             pid,
             expected: rules.expected(),
+            unresolved: rules.unresolved.clone(),
         })
     }
 }
 
 /// The rules a client applies to its daemon: our own uid and root, plus the user named by
 /// `daemon_user` or, when that is `None`, by [`DAEMON_USER_ENV`] (a name or a uid).
-pub fn client_rules(daemon_user: Option<&str>) -> Result<Rules, TrustError> {
+///
+/// A name that names no user now adds nothing (and refusals say so) rather than failing:
+/// the system service's dynamic user `qiod` exists only while the service runs, and the
+/// first client of a socket-activated service must reach systemd's socket before it does.
+pub fn client_rules(daemon_user: Option<&str>) -> Rules {
     let mut rules = Rules::own();
     let from_env = std::env::var(DAEMON_USER_ENV).ok();
     let named = daemon_user
@@ -487,17 +501,13 @@ pub fn client_rules(daemon_user: Option<&str>) -> Result<Rules, TrustError> {
         .map(str::trim)
         .filter(|s| !s.is_empty());
     if let Some(name) = named {
-        let uid = match name.parse::<u32>() {
-            Ok(uid) => uid,
-            Err(_) => uid_of(name).ok_or_else(|| TrustError::UnknownUser {
-                name: name.to_owned(),
-            })?,
-        };
-        if !rules.trusted.contains(&uid) {
-            rules.trusted.push(uid);
+        match name.parse::<u32>().ok().or_else(|| uid_of(name)) {
+            Some(uid) if !rules.trusted.contains(&uid) => rules.trusted.push(uid),
+            Some(_) => {}
+            None => rules.unresolved = Some(name.to_owned()),
         }
     }
-    Ok(rules)
+    rules
 }
 
 /// The uid of the user `name`, from the user database.
@@ -644,6 +654,7 @@ mod tests {
             path: "/tmp/qiod-1000".into(),
             owner: 1001,
             expected: vec![1000, 0],
+            unresolved: None,
         };
         assert_eq!(
             e.to_string(),
@@ -655,6 +666,7 @@ mod tests {
             uid: 7,
             pid: Some(9),
             expected: vec![1000, 0],
+            unresolved: None,
         };
         assert!(
             e.to_string().starts_with(
@@ -669,11 +681,17 @@ mod tests {
 
     #[test]
     fn a_daemon_user_by_name_or_number() {
-        let r = client_rules(Some("4242")).unwrap();
+        let r = client_rules(Some("4242"));
         assert!(r.trusted.contains(&4242));
-        let r = client_rules(Some("root")).unwrap();
+        let r = client_rules(Some("root"));
         assert_eq!(r.expected().iter().filter(|&&u| u == 0).count(), 1);
-        let err = client_rules(Some("no-such-user-qiod")).unwrap_err();
-        assert!(err.to_string().contains("no such user"), "{err}");
+        let r = client_rules(Some("no-such-user-qiod"));
+        assert_eq!(r.trusted, [own_uid()]);
+        let err = check_peer(Path::new("/s"), 4242, None, &r).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("(QIOD_DAEMON_USER=no-such-user-qiod names no user now;"),
+            "{err}"
+        );
     }
 }
