@@ -109,6 +109,10 @@ pub async fn serve(
                 max_clients = cfg.max_clients,
                 "refused a local client: too many clients"
             );
+            if ask.is_some() {
+                // Not known to be allowed yet: it gets no line at all.
+                continue;
+            }
             let mut stream = stream;
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;

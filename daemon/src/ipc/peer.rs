@@ -257,6 +257,36 @@ impl RefusalLog {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_database_fallback_is_asked_once_then_cached() {
+        // Root's database groups include 0; a uid nobody has is in none.
+        let gate = Gate::new(4242, vec![0], Duration::from_secs(60));
+        assert!(gate.cached(0, 0, Instant::now()).is_none());
+        assert!(gate.clone().ask_database(0, 0, None).await);
+        assert_eq!(gate.cached(0, 0, Instant::now()), Some(true));
+        let stranger = u32::MAX - 7;
+        assert!(!gate.clone().ask_database(stranger, stranger, Some(1)).await);
+        assert_eq!(gate.cached(stranger, stranger, Instant::now()), Some(false));
+        // Kept for LOOKUP_TTL only.
+        let later = Instant::now() + LOOKUP_TTL;
+        assert_eq!(gate.cached(stranger, stranger, later), None);
+        // The refusal was counted in the log.
+        let log = gate.log.lock().unwrap();
+        assert!(log.by_uid.contains_key(&stranger));
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_our_own_uid_is_let_in_from_its_credentials() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let own = rustix::process::geteuid().as_raw();
+        let gate = Gate::new(own, Vec::new(), Duration::from_secs(60));
+        assert!(matches!(gate.check(&a), Door::Open));
+        let gate = Gate::new(own.wrapping_add(1), Vec::new(), Duration::from_secs(60));
+        // Root is always let in; anyone else without allowed groups is not.
+        let expect_open = own == 0;
+        assert_eq!(matches!(gate.check(&a), Door::Open), expect_open);
+    }
+
     #[test]
     fn one_line_per_uid_per_interval_and_every_refusal_counted() {
         let t0 = Instant::now();
