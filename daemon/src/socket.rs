@@ -73,7 +73,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 ///
 /// Group members cannot connect through a 0600 socket in a 0700 folder, and one file group
 /// cannot stand for several allowed groups, so the socket is made 0666 and a created
-/// folder 0711 (enterable, not listable); [`peer_allowed`] is then what keeps others out.
+/// folder 0711 (enterable, not listable); [`peer_verdict`] is then what keeps others out.
 pub fn bind_shared(path: &Path) -> Result<UnixListener, SocketError> {
     bind_with(
         path,
