@@ -3,7 +3,7 @@
 //! a handle to go on with.
 //!
 //! ```sh
-//! QIOD_SOCKET=/tmp/qiod.sock cargo run -p qio-client --example request_reply
+//! QIOD_SOCKET=/tmp/qiod-test/qiod.sock cargo run -p qio-client --example request_reply
 //! ```
 
 use qio_client::Client;

@@ -3,8 +3,8 @@
 //!
 //! ```sh
 //! cargo run -p qio-testserver                                  # prints its ws:// address
-//! cargo run -p qiod -- --server ws://127.0.0.1:PORT/ --socket /tmp/qiod.sock
-//! QIOD_SOCKET=/tmp/qiod.sock cargo run -p qio-client --example subscriber -- /clienttest/broadcast
+//! cargo run -p qiod -- --server ws://127.0.0.1:PORT/ --socket /tmp/qiod-test/qiod.sock
+//! QIOD_SOCKET=/tmp/qiod-test/qiod.sock cargo run -p qio-client --example subscriber -- /clienttest/broadcast
 //! ```
 //! Restart qiod meanwhile: the example keeps its subscription and reports the gap.
 

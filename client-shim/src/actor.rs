@@ -323,19 +323,29 @@ impl Actor {
                     self.released(l);
                     Flow::Continue
                 }
-                (Step::Retry, _) => match UnixStream::connect(&self.common.socket).await {
-                    Ok(stream) => {
-                        let mut l = Link::new(stream);
-                        self.relink(&mut l, gone_since.elapsed());
-                        link = Some(l);
-                        backoff = Backoff::new();
-                        Flow::Continue
+                (Step::Retry, _) => {
+                    match crate::connect::connect_verified(&self.common.socket, &self.common.rules)
+                        .await
+                    {
+                        Ok(stream) => {
+                            let mut l = Link::new(stream);
+                            self.relink(&mut l, gone_since.elapsed());
+                            link = Some(l);
+                            backoff = Backoff::new();
+                            Flow::Continue
+                        }
+                        Err(e) => {
+                            // Never a word to a stand-in, but the program hears of it.
+                            if let Error::Untrusted { .. } = e {
+                                self.common.publish(ConnectionEvent::Untrusted {
+                                    reason: e.to_string(),
+                                });
+                            }
+                            retry_at = Instant::now() + backoff.next_delay();
+                            Flow::Continue
+                        }
                     }
-                    Err(_) => {
-                        retry_at = Instant::now() + backoff.next_delay();
-                        Flow::Continue
-                    }
-                },
+                }
                 // Lines and writes come only from a link.
                 (Step::Line(Some(Ok(_))) | Step::Wrote(Ok(_)), None) => Flow::Continue,
             };

@@ -1,5 +1,11 @@
 //! Starting `qiod` when no daemon answers, once even when many clients race.
 //!
+//! The socket's folder is checked (and created, 0700) as the daemon would
+//! ([`qio_ipc::trust`]): another user's folder, a symlink or a folder writable by others is
+//! refused before anything is created in it. The lock and log files are opened with
+//! `O_NOFOLLOW` and used only if they are regular files of ours with a single link, so a
+//! planted symlink or hard link cannot make this client truncate someone's file.
+//!
 //! Under an exclusive `flock` on `<socket>.lock`, a client checks again whether a daemon
 //! answers (another client may have started one while it waited for the lock), and only if
 //! none does starts `qiod --socket <socket> <args>`, detached in its own process group with
@@ -8,11 +14,13 @@
 //! the next client finds the daemon running.
 
 use crate::Error;
+use qio_ipc::trust::{self, Rules, TrustError};
+use rustix::fs::{FileType, Mode, OFlags};
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -51,23 +59,28 @@ fn fail(reason: impl Into<String>) -> Error {
 ///
 /// Returns the pid of the daemon this call started, or `None` when one was already there.
 pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>, Error> {
-    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // The daemon wants its folder private; it keeps an existing folder as it is.
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
-    }
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = socket
+        .file_name()
+        .ok_or_else(|| fail(format!("{} names no socket file", socket.display())))?;
+    // The daemon wants its folder private, and would refuse another user's: check it the
+    // same way before creating anything in it.
+    let rules = Rules {
+        create_mode: Some(0o700),
+        ..Rules::own()
+    };
+    let folder = trust::open_folder(dir, &rules).map_err(|e| match e {
+        TrustError::Io { .. } => fail(e.to_string()),
+        e => Error::Untrusted {
+            socket: socket.to_owned(),
+            problem: Box::new(e),
+        },
+    })?;
     let lock_path = with_suffix(socket, ".lock");
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lock_path)
-        .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
+    let lock = open_private(&folder, &with_suffix(Path::new(name), ".lock"), &lock_path)?;
     // Whoever holds the lock may take up to WAIT to start the daemon.
     lock_exclusive(&lock, Instant::now() + 2 * WAIT)
         .map_err(|e| fail(format!("cannot lock {}: {e}", lock_path.display())))?;
@@ -76,16 +89,12 @@ pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>
     }
     let qiod = find_qiod(opts.qiod.as_deref())?;
     let log_path = with_suffix(socket, ".log");
-    let log = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&log_path)
-        .map_err(|e| fail(format!("cannot open {}: {e}", log_path.display())))?;
-    // An existing log keeps its mode through `open`; keep it private like the socket.
-    let _ = log.set_permissions(std::fs::Permissions::from_mode(0o600));
+    let log = open_private(&folder, &with_suffix(Path::new(name), ".log"), &log_path)?;
+    // Only now that it is known to be our own file: empty it, and keep it private.
+    rustix::fs::ftruncate(&log, 0)
+        .map_err(|e| fail(format!("cannot empty {}: {e}", log_path.display())))?;
+    rustix::fs::fchmod(&log, Mode::from_raw_mode(0o600))
+        .map_err(|e| fail(format!("cannot chmod {}: {e}", log_path.display())))?;
     let log_out = log
         .try_clone()
         .map_err(|e| fail(format!("cannot use {}: {e}", log_path.display())))?;
@@ -135,6 +144,43 @@ pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>
             let _ = child.wait();
         });
     result
+}
+
+/// Opens (creating, 0600) `name` in `folder` for reading and writing, never through a
+/// symlink, and only if what it opened is a regular file of ours with no other link: a
+/// planted symlink or hard link to someone's file is refused, not truncated.
+fn open_private(folder: &trust::Folder, name: &Path, shown: &Path) -> Result<File, Error> {
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let fd =
+        rustix::fs::openat(&folder.fd, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| {
+            if e == rustix::io::Errno::LOOP {
+                fail(format!(
+                    "{} is a symlink; refusing to open it: remove it",
+                    shown.display()
+                ))
+            } else {
+                fail(format!(
+                    "cannot open {}: {}",
+                    shown.display(),
+                    io::Error::from(e)
+                ))
+            }
+        })?;
+    let st = rustix::fs::fstat(&fd)
+        .map_err(|e| fail(format!("cannot inspect {}: {e}", shown.display())))?;
+    let own = trust::own_uid();
+    let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
+    if !regular || st.st_uid != own || st.st_nlink != 1 {
+        return Err(fail(format!(
+            "{} is not a plain file of ours (owner uid {}, {} links{}); refusing to use it: \
+             remove it",
+            shown.display(),
+            st.st_uid,
+            st.st_nlink,
+            if regular { "" } else { ", not a regular file" }
+        )));
+    }
+    Ok(File::from(fd))
 }
 
 fn lock_exclusive(file: &File, deadline: Instant) -> io::Result<()> {
@@ -220,6 +266,57 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    fn fake_qiod(dir: &Path) -> Options {
+        let fake = dir.join("fake-qiod");
+        std::fs::write(&fake, "#!/bin/sh\necho started >&2\nexit 2\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Options {
+            qiod: Some(fake),
+            args: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_planted_log_symlink_or_hard_link_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = fake_qiod(dir.path());
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, "precious").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let socket = run.join("qiod.sock");
+        std::os::unix::fs::symlink(&victim, run.join("qiod.sock.log")).unwrap();
+        let err = ensure_daemon(&socket, &opts).unwrap_err().to_string();
+        assert!(err.contains("qiod.sock.log is a symlink"), "{err}");
+        std::fs::remove_file(run.join("qiod.sock.log")).unwrap();
+        std::fs::hard_link(&victim, run.join("qiod.sock.log")).unwrap();
+        let err = ensure_daemon(&socket, &opts).unwrap_err().to_string();
+        assert!(err.contains("2 links"), "{err}");
+        std::fs::remove_file(run.join("qiod.sock.lock")).unwrap();
+        std::os::unix::fs::symlink(&victim, run.join("qiod.sock.lock")).unwrap();
+        let err = ensure_daemon(&socket, &opts).unwrap_err().to_string();
+        assert!(err.contains("qiod.sock.lock is a symlink"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_folder_others_can_write_is_refused_before_anything_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = fake_qiod(dir.path());
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = ensure_daemon(&run.join("qiod.sock"), &opts).unwrap_err();
+        assert!(matches!(err, Error::Untrusted { .. }), "{err}");
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        assert!(!run.join("qiod.sock.lock").exists());
+        assert!(!run.join("qiod.sock.log").exists());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use crate::actor::{Actor, Link};
 use crate::autostart;
+use crate::connect;
 use crate::shared::{Cmd, Common, Outgoing, Shared, MAILBOX};
 use crate::stream::{ConnectionEvents, Subscription};
 use crate::types::Reply;
@@ -10,11 +11,9 @@ use qio_ipc::clean_path;
 use qio_ipc::Op;
 use serde_json::Value;
 use std::ffi::OsString;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
 /// Events buffered per subscription unless the builder says otherwise.
@@ -68,11 +67,13 @@ pub struct Builder {
     auto_start: bool,
     start: autostart::Options,
     subscription_buffer: usize,
+    daemon_user: Option<String>,
 }
 
 impl Default for Builder {
     fn default() -> Self {
         Builder {
+            daemon_user: None,
             socket: None,
             request_timeout: None,
             auto_start: false,
@@ -94,6 +95,28 @@ impl Builder {
     /// ```
     pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
         self.socket = Some(path.into());
+        self
+    }
+
+    /// The user the daemon runs as, when it is not ours: a user name or a numeric uid.
+    /// Default: `QIOD_DAEMON_USER` when set, else only our own uid and root are trusted.
+    ///
+    /// Clients of the system service (which runs as the user `qiod`) set this to `qiod`:
+    /// the client then also accepts a socket folder owned by that user and a daemon
+    /// running as it. Anyone else behind the socket fails the connection with
+    /// [`Error::Untrusted`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qio_client::Error> {
+    /// let client = qio_client::Client::builder()
+    ///     .socket("/run/qiod/qiod.sock")
+    ///     .daemon_user("qiod")
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn daemon_user(mut self, user: impl Into<String>) -> Self {
+        self.daemon_user = Some(user.into());
         self
     }
 
@@ -191,13 +214,33 @@ impl Builder {
         self
     }
 
+    /// Connects and checks the daemon exactly as [`Builder::connect`] does (no auto-start),
+    /// then hands over the socket itself, for a program that speaks the line protocol
+    /// directly (`qio raw`). Nothing has been read or written on it.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), qio_client::Error> {
+    /// let stream = qio_client::Client::builder().connect_raw().await?;
+    /// # drop(stream); Ok(()) }
+    /// ```
+    pub async fn connect_raw(self) -> Result<tokio::net::UnixStream, Error> {
+        let socket = self
+            .socket
+            .clone()
+            .unwrap_or_else(qio_ipc::paths::default_socket_path);
+        let rules = connect::rules_for(self.daemon_user.as_deref());
+        connect::connect_verified(&socket, &rules).await
+    }
+
     /// Connects (starting the daemon first when auto-start is on and none answers) and
     /// waits for the daemon's first line, the upstream state.
     ///
     /// Fails with [`Error::DaemonNotRunning`] when nothing listens on the socket,
-    /// [`Error::Connect`] when connecting fails otherwise, [`Error::AutoStart`] when the
-    /// daemon could not be started, [`Error::Server`] with code -3 when the daemon has too
-    /// many clients.
+    /// [`Error::Untrusted`] when the socket's folder or the process behind it is not
+    /// trusted (see the crate docs), [`Error::Connect`] when connecting fails otherwise,
+    /// [`Error::AutoStart`] when the daemon could not be started, [`Error::Server`] with
+    /// code -3 when the daemon has too many clients. A connection refused because the
+    /// daemon's backlog is full is retried for 2 s first.
     ///
     /// ```no_run
     /// # async fn demo() {
@@ -212,9 +255,10 @@ impl Builder {
             .socket
             .clone()
             .unwrap_or_else(qio_ipc::paths::default_socket_path);
-        let (stream, started) = match UnixStream::connect(&socket).await {
+        let rules = connect::rules_for(self.daemon_user.as_deref());
+        let (stream, started) = match connect::connect_verified(&socket, &rules).await {
             Ok(stream) => (stream, None),
-            Err(e) if not_running(&e) && self.auto_start => {
+            Err(Error::DaemonNotRunning { .. }) if self.auto_start => {
                 let (path, opts) = (socket.clone(), self.start.clone());
                 let started =
                     tokio::task::spawn_blocking(move || autostart::ensure_daemon(&path, &opts))
@@ -222,16 +266,14 @@ impl Builder {
                         .map_err(|e| Error::AutoStart {
                             reason: e.to_string(),
                         })??;
-                let stream = UnixStream::connect(&socket)
-                    .await
-                    .map_err(|e| connect_error(&socket, e))?;
+                let stream = connect::connect_verified(&socket, &rules).await?;
                 (stream, started)
             }
-            Err(e) => return Err(connect_error(&socket, e)),
+            Err(e) => return Err(e),
         };
         let mut link = Link::new(stream);
         let state = link.first_state().await?;
-        let common = Arc::new(Common::new(socket, started, state));
+        let common = Arc::new(Common::new(socket, rules, started, state));
         let (tx, rx) = mpsc::channel(MAILBOX);
         tokio::spawn(Actor::new(common.clone(), rx, self.subscription_buffer).run(link));
         Ok(Client {
@@ -241,26 +283,6 @@ impl Builder {
                 request_timeout: self.request_timeout,
             }),
         })
-    }
-}
-
-fn not_running(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-    )
-}
-
-fn connect_error(socket: &Path, e: io::Error) -> Error {
-    if not_running(&e) {
-        Error::DaemonNotRunning {
-            socket: socket.to_owned(),
-        }
-    } else {
-        Error::Connect {
-            socket: socket.to_owned(),
-            source: e,
-        }
     }
 }
 
@@ -280,7 +302,7 @@ impl Client {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qio_client::Error> {
-    /// let client = qio_client::Client::builder().socket("/tmp/q.sock").connect().await?;
+    /// let client = qio_client::Client::builder().socket("/tmp/qiod-test/qiod.sock").connect().await?;
     /// # Ok(()) }
     /// ```
     pub fn builder() -> Builder {

@@ -36,6 +36,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The socket's folder, or the process listening on the socket, is not trusted: it
+    /// could be another user's stand-in for qiod. Nothing was sent to it, and no other
+    /// socket was tried instead.
+    #[error("refusing to use qiod on {}: {problem}", socket.display())]
+    Untrusted {
+        /// The socket that was tried.
+        socket: PathBuf,
+        /// What was found, and what was expected.
+        #[source]
+        problem: Box<qio_ipc::trust::TrustError>,
+    },
     /// Auto-start was on, but no daemon could be started.
     #[error("cannot start qiod: {reason}")]
     AutoStart {

@@ -47,6 +47,17 @@
 //! - with `Err(`[`Error::Timeout`]`)` after the builder's `request_timeout`, when one is set;
 //! - with another [`Error`] for other local failures.
 //!
+//! # Is it really qiod?
+//!
+//! Before anything is sent, on the first connection and on every reconnect, the client
+//! checks that the socket's folder could not have been set up by another user (no
+//! symlink, owned by us, root or the daemon's user, not writable by group or others) and
+//! that the process listening is ours: our uid, root, or the daemon user configured with
+//! [`Builder::daemon_user`] or `QIOD_DAEMON_USER` (for clients of the system service).
+//! Otherwise [`Builder::connect`] fails with [`Error::Untrusted`], naming what was found
+//! and what was expected; a reconnect that finds an untrusted daemon reports
+//! [`ConnectionEvent::Untrusted`] and keeps trying, sending it nothing.
+//!
 //! # When the daemon restarts
 //!
 //! The client notices at once (`DaemonGone` on [`Client::events`]), fails what was waiting,
@@ -78,6 +89,7 @@
 mod actor;
 mod autostart;
 mod client;
+mod connect;
 mod error;
 mod queue;
 mod shared;

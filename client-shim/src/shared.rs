@@ -120,6 +120,8 @@ struct Hub {
 #[derive(Debug)]
 pub(crate) struct Common {
     pub socket: PathBuf,
+    /// Whom to trust behind the socket, checked again on every reconnect.
+    pub rules: qio_ipc::trust::Rules,
     pub started: Option<u32>,
     hub: Mutex<Hub>,
     released: Mutex<Vec<u64>>,
@@ -133,9 +135,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Common {
-    pub(crate) fn new(socket: PathBuf, started: Option<u32>, state: LinkState) -> Self {
+    pub(crate) fn new(
+        socket: PathBuf,
+        rules: qio_ipc::trust::Rules,
+        started: Option<u32>,
+        state: LinkState,
+    ) -> Self {
         Common {
             socket,
+            rules,
             started,
             hub: Mutex::new(Hub {
                 state,
@@ -157,7 +165,9 @@ impl Common {
             ConnectionEvent::DaemonBack { .. } => {
                 hub.state = LinkState::Closed("reconnected to qiod; its state follows".into())
             }
-            ConnectionEvent::Error { .. } | ConnectionEvent::Lost { .. } => {}
+            ConnectionEvent::Error { .. }
+            | ConnectionEvent::Lost { .. }
+            | ConnectionEvent::Untrusted { .. } => {}
         }
         hub.streams.retain(|w| match w.upgrade() {
             Some(ring) => {

@@ -294,6 +294,13 @@ pub enum ConnectionEvent {
         /// Why.
         reason: String,
     },
+    /// A reconnect found a socket or a daemon that is not trusted (see
+    /// [`Error::Untrusted`](crate::Error::Untrusted)); nothing was sent to it and the
+    /// client keeps trying, with backoff.
+    Untrusted {
+        /// What was found, and what was expected.
+        reason: String,
+    },
     /// The client is connected to a daemon again, after `after`; every live subscription
     /// was asked for again (confirmations that fail are reported as `Error` events).
     DaemonBack {

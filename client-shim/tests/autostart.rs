@@ -4,32 +4,6 @@ mod common;
 
 use common::*;
 use qio_client::Client;
-use std::path::PathBuf;
-use std::process::Command;
-
-/// `target/<profile>/qiod`, beside this test's `deps` folder; built when missing
-/// (`cargo test --workspace` has built it already, for the daemon's own tests).
-fn qiod_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("qiod");
-    if !bin.exists() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "qiod", "--bin", "qiod", "--target-dir"]);
-        build.arg(profile_dir.parent().expect("target dir"));
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p qiod failed");
-    }
-    assert!(bin.exists(), "no qiod at {}", bin.display());
-    bin
-}
 
 fn terminate(pid: u32) {
     let pid = libc::pid_t::try_from(pid).expect("pid");

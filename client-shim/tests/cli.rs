@@ -301,3 +301,19 @@ async fn help_lists_the_exit_codes() {
     assert!(help.contains("Exit codes:"), "{help}");
     assert!(help.contains("4  qiod is not running"), "{help}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_user_adds_to_whom_is_trusted_even_when_it_names_no_user_yet() {
+    let s = Setup::new().await;
+    s.client().await;
+    // Our own daemon stays trusted whatever daemon user is named: a name that names no
+    // user (a dynamic user whose service is not running) adds nothing and fails nothing.
+    for user in ["no-such-user-qiod", "root", "4242"] {
+        let out = run(qio(
+            s.socket(),
+            &["--daemon-user", user, "status", "--json"],
+        ))
+        .await;
+        assert_eq!(out.status.code(), Some(0), "{user}: {}", text(&out.stderr));
+    }
+}

@@ -151,6 +151,12 @@ pub struct Args {
     /// Most paths one client may subscribe to
     #[arg(long, env = "QIOD_MAX_SUBSCRIPTIONS_PER_CLIENT", value_name = "N")]
     pub max_subscriptions_per_client: Option<String>,
+    /// Refused clients are logged once per uid per this interval, with a count, in ms
+    #[arg(long, env = "QIOD_REFUSAL_LOG_INTERVAL_MS", value_name = "MS")]
+    pub refusal_log_interval_ms: Option<String>,
+    /// How often to check that the socket file is still ours (qiod exits if not), in ms
+    #[arg(long, env = "QIOD_SOCKET_CHECK_MS", value_name = "MS")]
+    pub socket_check_ms: Option<String>,
     /// Groups (names or numeric gids) whose members may connect besides our own user
     #[arg(
         long,
@@ -244,6 +250,8 @@ struct FileConfig {
     max_pending_per_client: Option<toml::Value>,
     max_subscriptions_per_client: Option<toml::Value>,
     allowed_groups: Option<toml::Value>,
+    refusal_log_interval_ms: Option<toml::Value>,
+    socket_check_ms: Option<toml::Value>,
 }
 
 /// A numeric key: where it is read from and where it lands in [`Settings`].
@@ -303,6 +311,8 @@ const NUMS: &[Num] = &[
     count!(max_clients => ipc.max_clients),
     count!(max_pending_per_client => ipc.max_pending_per_client),
     count!(max_subscriptions_per_client => ipc.max_subscriptions_per_client),
+    millis!(refusal_log_interval_ms => ipc.refusal_log_interval),
+    millis!(socket_check_ms => ipc.socket_check_interval),
 ];
 
 /// Where a value came from, so an error points the operator at the right place.

@@ -15,7 +15,6 @@ use qiod::config::{self, Args, Config};
 use qiod::socket::{self, SocketGuard};
 use std::io::IsTerminal;
 use std::os::unix::net::UnixListener as StdUnixListener;
-use std::path::Path;
 use std::process::ExitCode;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
@@ -103,8 +102,7 @@ fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let socket = guard.as_ref().map(SocketGuard::path);
-    let result = runtime.block_on(serve(config, listener, socket, filter));
+    let result = runtime.block_on(serve(config, listener, guard.as_ref(), filter));
     drop(runtime);
     drop(guard);
     result
@@ -116,24 +114,22 @@ fn listen(config: &Config) -> anyhow::Result<(StdUnixListener, Option<SocketGuar
         return Ok((listener, None));
     }
     let path = &config.socket;
-    let listener = if config.settings.ipc.allowed_gids.is_empty() {
-        socket::bind(path)
-    } else {
-        socket::bind_shared(path)
-    }?;
+    let shared = !config.settings.ipc.allowed_gids.is_empty();
+    let listener = socket::bind_with(path, &socket::BindOptions::from_env(shared))?;
     let guard = SocketGuard::new(path);
     tracing::info!("listening on {}", path.display());
     Ok((listener, Some(guard)))
 }
 
-/// Runs the daemon on `listener`; `socket` is its path when we bound it ourselves (not
-/// when systemd passed it).
+/// Runs the daemon on `listener`; `guard` is its socket file when we bound it ourselves
+/// (not when systemd passed it).
 async fn serve(
     mut config: Config,
     listener: StdUnixListener,
-    socket: Option<&Path>,
+    guard: Option<&SocketGuard>,
     filter: FilterHandle,
 ) -> anyhow::Result<()> {
+    let socket = guard.map(SocketGuard::path);
     listener
         .set_nonblocking(true)
         .context("cannot make the socket non-blocking")?;
@@ -193,6 +189,7 @@ async fn serve(
     };
 
     let settings = config.settings.clone();
+    let check_every = settings.ipc.socket_check_interval;
     let signal_task = tokio::spawn(handle_signals(
         signals,
         Running {
@@ -203,7 +200,17 @@ async fn serve(
         shutdown.clone(),
         reload_tx,
     ));
-    let result = qiod::run_with(settings, listener, shutdown.clone(), reload_rx, observer).await;
+    let run = qiod::run_with(settings, listener, shutdown.clone(), reload_rx, observer);
+    tokio::pin!(run);
+    let result = tokio::select! {
+        result = &mut run => result,
+        why = watch_socket(guard, check_every) => {
+            tracing::error!("{why}; stopping (start qiod again to listen on it)");
+            shutdown.cancel();
+            let _ = run.await;
+            Err(anyhow::anyhow!(why))
+        }
+    };
     shutdown.cancel();
     signal_task.abort();
     if let Some(task) = notify_task {
@@ -218,6 +225,29 @@ async fn serve(
         Err(e) => tracing::error!("stopped: {e:#}"),
     }
     result
+}
+
+/// Resolves when the socket file we bound is deleted or replaced, with what happened.
+///
+/// Nobody could reach this daemon any more, and a second one could start on the path
+/// and open a second upstream connection, so the caller stops with an error: a
+/// supervisor (systemd's `Restart=on-failure`, or the next auto-starting client) starts
+/// a daemon that binds the path anew. A socket systemd passed is systemd's: never watched.
+async fn watch_socket(guard: Option<&SocketGuard>, every: std::time::Duration) -> String {
+    let Some(check) = guard.map(SocketGuard::checker) else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let check = check.clone();
+        match tokio::task::spawn_blocking(move || check()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return why,
+            Err(e) => return format!("cannot check the socket file: {e}"),
+        }
+    }
 }
 
 /// State changes the systemd status line may lag behind by; beyond, changes are skipped

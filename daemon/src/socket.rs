@@ -1,13 +1,17 @@
 //! The local socket: where it lives, binding it safely, and who may connect.
 //!
 //! Binding is careful because the socket is the daemon's only access control besides the
-//! peer check: the folder is created private, a live daemon is never displaced, a stale
-//! socket left by a crash is replaced, and nothing that is not a socket is ever deleted.
+//! peer check: the folder is created private and checked without following symlinks, a
+//! live daemon is never displaced, a stale socket left by a crash is replaced, nothing that
+//! is not a socket is ever deleted, and a socket deleted or replaced while the daemon runs
+//! is noticed ([`SocketGuard::check`]).
 
+use qio_ipc::trust::{self, Rules, TrustError};
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::FromRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -21,19 +25,16 @@ pub enum SocketError {
     /// Something other than a socket is at the path; it may be someone's data.
     #[error("{} exists and is not a socket; refusing to replace it: remove it or pass --socket", .0.display())]
     NotASocket(PathBuf),
-    /// The socket's folder is a file (or something else), so no socket can go in it.
-    #[error("{} is not a directory; pass --socket with a path in a directory", .0.display())]
-    NotADirectory(PathBuf),
-    /// The socket's folder belongs to another user, who could replace our socket.
-    #[error("{} belongs to uid {owner}, not to us (uid {own}); refusing to put the socket there: remove it or pass --socket", .path.display())]
-    ForeignDirectory {
-        /// The folder.
-        path: PathBuf,
-        /// Its owner.
-        owner: u32,
-        /// The daemon's uid.
-        own: u32,
-    },
+    /// The socket path names no file (it ends in `/` or `..`).
+    #[error("{} does not name a file for the socket; pass --socket with a path like /tmp/qiod-<uid>/qiod.sock", .0.display())]
+    NoFileName(PathBuf),
+    /// The socket's folder (or one on the way to it) could let another user replace the
+    /// socket: a symlink, another user's folder, or one writable by group or others.
+    #[error("refusing to put the socket in that folder: {0}")]
+    Folder(#[from] TrustError),
+    /// The folder was swapped while the socket was being bound.
+    #[error("{} changed while the socket was bound in it; refusing to use it (is another user interfering?)", .0.display())]
+    FolderChanged(PathBuf),
     /// A system call failed.
     #[error("cannot {action} {}: {source}", .path.display())]
     Io {
@@ -62,35 +63,100 @@ pub use qio_ipc::paths::{default_socket_path, socket_path_from};
 /// An existing socket file is probed first: if a daemon answers, this refuses rather than
 /// steal the path; if nobody does (a crash left it behind), it is replaced. A file that is
 /// not a socket is never removed. An existing folder keeps its mode. The listener is
-/// blocking; tokio callers set it non-blocking themselves.
+/// blocking; tokio callers set it non-blocking themselves. See [`bind_with`] for the
+/// folder rules.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
-    bind_mode(path, 0o700, 0o600)
+    bind_with(path, &BindOptions::default())
 }
 
 /// Like [`bind`], but reachable by other users, for when `allowed_groups` lets some in.
 ///
 /// Group members cannot connect through a 0600 socket in a 0700 folder, and one file group
 /// cannot stand for several allowed groups, so the socket is made 0666 and a created
-/// folder 0711 (enterable, not listable); [`peer_allowed`] is then what keeps others out.
+/// folder 0711 (enterable, not listable); [`peer_verdict`] is then what keeps others out.
 pub fn bind_shared(path: &Path) -> Result<UnixListener, SocketError> {
-    bind_mode(path, 0o711, 0o666)
+    bind_with(
+        path,
+        &BindOptions {
+            shared: true,
+            ..BindOptions::default()
+        },
+    )
 }
 
-fn bind_mode(path: &Path, dir_mode: u32, sock_mode: u32) -> Result<UnixListener, SocketError> {
-    prepare_dir(path, dir_mode)?;
-    match std::fs::symlink_metadata(path) {
+/// How [`bind_with`] sets up the socket.
+#[derive(Debug, Clone, Default)]
+pub struct BindOptions {
+    /// Reachable by other users (socket 0666, created folder 0711), for `allowed_groups`.
+    pub shared: bool,
+    /// Folders the service manager created for us (systemd's `$RUNTIME_DIRECTORY`): their
+    /// owner and mode are its business, so they are not checked.
+    pub service_dirs: Vec<PathBuf>,
+}
+
+impl BindOptions {
+    /// The options for this process: `shared` as given, the service folders from
+    /// `$RUNTIME_DIRECTORY` (colon-separated, as systemd sets it).
+    pub fn from_env(shared: bool) -> BindOptions {
+        let service_dirs = std::env::var_os("RUNTIME_DIRECTORY")
+            .map(|v| {
+                std::env::split_paths(&v)
+                    .filter(|p| p.is_absolute())
+                    .collect()
+            })
+            .unwrap_or_default();
+        BindOptions {
+            shared,
+            service_dirs,
+        }
+    }
+}
+
+/// Binds the socket at `path` so that no other user can stand in for it.
+///
+/// The folder is walked from `/` without following symlinks ([`qio_ipc::trust`]): every
+/// level must belong to us or root and not be writable by group or others (sticky levels
+/// above, like `/tmp`, are fine); the socket's own folder must not be a symlink and must
+/// not be writable by group or others even when sticky, unless it is one of
+/// `service_dirs`. Missing levels are created (0700, or 0711 when shared). The socket is
+/// bound inside the opened folder (through `/proc/self/fd`), so a rename or symlink swap
+/// after the check cannot move it elsewhere, and the path is walked again afterwards to
+/// make sure clients reach the same folder.
+pub fn bind_with(path: &Path, opts: &BindOptions) -> Result<UnixListener, SocketError> {
+    let (dir_mode, sock_mode) = if opts.shared {
+        (0o711, 0o666)
+    } else {
+        (0o700, 0o600)
+    };
+    let name = match path.file_name() {
+        Some(name) if !path.as_os_str().as_bytes().ends_with(b"/") => name,
+        _ => return Err(SocketError::NoFileName(path.to_owned())),
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let rules = Rules {
+        trusted: vec![trust::own_uid()],
+        create_mode: Some(dir_mode),
+        service_dir: opts.service_dirs.iter().any(|d| d == dir),
+        unresolved: None,
+    };
+    let folder = trust::open_folder(dir, &rules)?;
+    // Everything below goes through the folder's descriptor, not the path.
+    let inner = folder.inner_path(name);
+    let reach = inner.as_deref().unwrap_or(path);
+    match trust::entry_id(&folder, name) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("inspect", path)(e)),
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(SocketError::NotASocket(path.to_owned()))
-        }
-        Ok(_) => match UnixStream::connect(path) {
+        Ok((_, _, false)) => return Err(SocketError::NotASocket(path.to_owned())),
+        Ok((_, _, true)) => match UnixStream::connect(reach) {
             Ok(_) => return Err(SocketError::InUse(path.to_owned())),
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 tracing::info!(path = %path.display(), "removing stale socket");
-                match std::fs::remove_file(path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(io_err("remove stale socket", path)(e))
+                match rustix::fs::unlinkat(&folder.fd, name, rustix::fs::AtFlags::empty()) {
+                    Err(e) if e != rustix::io::Errno::NOENT => {
+                        return Err(io_err("remove stale socket", path)(e.into()))
                     }
                     _ => {}
                 }
@@ -98,7 +164,7 @@ fn bind_mode(path: &Path, dir_mode: u32, sock_mode: u32) -> Result<UnixListener,
             Err(e) => return Err(io_err("probe existing socket", path)(e)),
         },
     }
-    let listener = UnixListener::bind(path).map_err(|e| {
+    let listener = UnixListener::bind(reach).map_err(|e| {
         if e.kind() == io::ErrorKind::AddrInUse {
             // Someone bound it between our probe and our bind.
             SocketError::InUse(path.to_owned())
@@ -106,39 +172,27 @@ fn bind_mode(path: &Path, dir_mode: u32, sock_mode: u32) -> Result<UnixListener,
             io_err("bind", path)(e)
         }
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(sock_mode))
-        .map_err(io_err("set permissions of", path))?;
-    Ok(listener)
-}
-
-fn prepare_dir(path: &Path, mode: u32) -> Result<(), SocketError> {
-    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
-        return Ok(());
-    };
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let own = unsafe { libc::getuid() };
-    match std::fs::metadata(dir) {
-        Ok(meta) if !meta.is_dir() => Err(SocketError::NotADirectory(dir.to_owned())),
-        // Another user's folder (the classic /tmp/qiod-<uid> squatting) lets them swap the
-        // socket under our clients; root-owned folders (/run, /tmp) are fine.
-        Ok(meta) if meta.uid() != own && meta.uid() != 0 => Err(SocketError::ForeignDirectory {
-            path: dir.to_owned(),
-            owner: meta.uid(),
-            own,
-        }),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(mode)
-                .create(dir)
-                .map_err(io_err("create directory", dir))?;
-            // The umask can only take bits away, but make the mode exact anyway.
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(io_err("set permissions of", dir))
-        }
-        Err(e) => Err(io_err("inspect", dir)(e)),
+    rustix::fs::chmodat(
+        &folder.fd,
+        name,
+        rustix::fs::Mode::from_raw_mode(sock_mode as _),
+        rustix::fs::AtFlags::empty(),
+    )
+    .map_err(|e| io_err("set permissions of", path)(e.into()))?;
+    // The path must still lead to the folder we bound in, or clients would not find us
+    // (or would find someone else).
+    let again = trust::open_folder(
+        dir,
+        &Rules {
+            create_mode: None,
+            ..rules
+        },
+    );
+    if again.map(|f| f.id).ok() != Some(folder.id) {
+        let _ = rustix::fs::unlinkat(&folder.fd, name, rustix::fs::AtFlags::empty());
+        return Err(SocketError::FolderChanged(dir.to_owned()));
     }
+    Ok(listener)
 }
 
 /// Removes the socket file the daemon bound when dropped, so clients see "no daemon"
@@ -165,6 +219,34 @@ impl SocketGuard {
     /// The guarded path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// [`SocketGuard::check`] as a function another thread can run.
+    pub fn checker(&self) -> std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync> {
+        // Not a second guard: dropping that would remove the socket.
+        let (path, then) = (self.path.clone(), self.identity);
+        std::sync::Arc::new(move || check_identity(&path, then))
+    }
+
+    /// Whether the path still leads to the socket we bound (same device and inode); else
+    /// what happened to it. Clients can no longer reach a daemon whose socket was deleted,
+    /// and a second daemon could bind the path and open a second upstream connection.
+    pub fn check(&self) -> Result<(), String> {
+        check_identity(&self.path, self.identity)
+    }
+}
+
+fn check_identity(path: &Path, then: Option<(u64, u64)>) -> Result<(), String> {
+    match (identity(path), then) {
+        (now, then) if now == then => Ok(()),
+        (None, _) => Err(format!(
+            "the socket {} was deleted; clients can no longer reach this qiod",
+            path.display()
+        )),
+        (Some(_), _) => Err(format!(
+            "the socket {} was replaced by another file; clients now reach that one, not this qiod",
+            path.display()
+        )),
     }
 }
 
@@ -255,55 +337,135 @@ fn check_listening_unix(fd: libc::c_int) -> Result<(), String> {
     Ok(())
 }
 
+/// What the peer check needs to decide on a connecting process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerVerdict {
+    /// It may use the daemon.
+    Allowed,
+    /// It may not.
+    Refused,
+    /// Its own groups are unknown (no `SO_PEERGROUPS` here): ask the group database.
+    AskDatabase,
+}
+
 /// Decides whether a connecting process may use the daemon.
 ///
 /// The daemon speaks upstream with one identity, so anyone who can connect acts as the
 /// daemon's user: by default only that user and root may; `allowed_gids` widens it to
-/// members of those groups, primary or supplementary. A failed group lookup denies.
-pub fn peer_allowed(
+/// processes holding one of those groups, as primary group or among `peer_groups`, the
+/// supplementary groups the process really has (`SO_PEERGROUPS`), whatever the group
+/// database says. Only when those are unknown is the database asked
+/// ([`PeerVerdict::AskDatabase`], then [`peer_allowed_by_database`]).
+pub fn peer_verdict(
     peer_uid: u32,
     peer_gid: u32,
-    peer_pid: Option<i32>,
+    peer_groups: Option<&[u32]>,
     own_uid: u32,
     allowed_gids: &[u32],
-) -> Result<(), String> {
-    peer_allowed_with(
-        peer_uid,
-        peer_gid,
-        peer_pid,
-        own_uid,
-        allowed_gids,
-        user_groups,
-    )
+) -> PeerVerdict {
+    if peer_uid == own_uid || peer_uid == 0 || allowed_gids.contains(&peer_gid) {
+        return PeerVerdict::Allowed;
+    }
+    if allowed_gids.is_empty() {
+        return PeerVerdict::Refused;
+    }
+    match peer_groups {
+        Some(groups) if groups.iter().any(|g| allowed_gids.contains(g)) => PeerVerdict::Allowed,
+        Some(_) => PeerVerdict::Refused,
+        None => PeerVerdict::AskDatabase,
+    }
 }
 
-fn peer_allowed_with(
+/// The fallback of [`peer_verdict`]: whether the group database lists the user `uid`
+/// (primary group `gid`) in one of `allowed_gids`. A failed lookup denies. Blocking (NSS
+/// may ask the network): call it off the async threads.
+pub fn peer_allowed_by_database(uid: u32, gid: u32, allowed_gids: &[u32]) -> bool {
+    user_groups(uid, gid).is_some_and(|groups| groups.iter().any(|g| allowed_gids.contains(g)))
+}
+
+/// Why a refused peer was refused, for the log.
+pub fn refusal_reason(
     peer_uid: u32,
-    peer_gid: u32,
     peer_pid: Option<i32>,
     own_uid: u32,
     allowed_gids: &[u32],
-    groups_of: impl FnOnce(u32, u32) -> Option<Vec<u32>>,
-) -> Result<(), String> {
-    if peer_uid == own_uid || peer_uid == 0 || allowed_gids.contains(&peer_gid) {
-        return Ok(());
-    }
-    if !allowed_gids.is_empty() {
-        if let Some(groups) = groups_of(peer_uid, peer_gid) {
-            if groups.iter().any(|g| allowed_gids.contains(g)) {
-                return Ok(());
-            }
-        }
-    }
+) -> String {
     let who = match peer_pid {
         Some(pid) => format!("uid {peer_uid} (pid {pid})"),
         None => format!("uid {peer_uid}"),
     };
-    Err(if allowed_gids.is_empty() {
+    if allowed_gids.is_empty() {
         format!("{who} is not the daemon's user (uid {own_uid}); set allowed_groups to let other users in")
     } else {
-        format!("{who} is not the daemon's user (uid {own_uid}) and is in none of allowed_groups")
-    })
+        format!("{who} is not the daemon's user (uid {own_uid}) and holds none of allowed_groups")
+    }
+}
+
+/// The supplementary groups of the process at the other end of `fd` (`SO_PEERGROUPS`,
+/// Linux 4.13+), as they were when it connected; `None` where the kernel cannot tell.
+pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u32>> {
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86",
+            target_arch = "x86_64",
+            target_arch = "arm",
+            target_arch = "aarch64",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "loongarch64",
+            target_arch = "s390x"
+        )
+    ))]
+    {
+        use std::os::fd::AsRawFd;
+        // Not in libc's exports for these targets; the asm-generic value.
+        const SO_PEERGROUPS: libc::c_int = 59;
+        let mut groups: Vec<libc::gid_t> = vec![0; 64];
+        for _ in 0..8 {
+            let mut len =
+                libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
+                    .ok()?;
+            // SAFETY: the buffer has room for `len` bytes; the kernel writes at most that
+            // and reports what it wrote (or needs, with ERANGE) in `len`.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_PEERGROUPS,
+                    groups.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            let n = usize::try_from(len).ok()? / std::mem::size_of::<libc::gid_t>();
+            if rc == 0 {
+                groups.truncate(n);
+                return Some(groups);
+            }
+            if io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) {
+                return None;
+            }
+            groups.resize(n.max(groups.len() * 2), 0);
+        }
+        None
+    }
+    #[cfg(not(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86",
+            target_arch = "x86_64",
+            target_arch = "arm",
+            target_arch = "aarch64",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "loongarch64",
+            target_arch = "s390x"
+        )
+    )))]
+    {
+        let _ = fd;
+        None
+    }
 }
 
 /// All groups of the user `uid` (primary `gid` included), or `None` if unknown.
@@ -349,6 +511,7 @@ fn user_name(uid: u32) -> Option<std::ffi::CString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -367,6 +530,12 @@ mod tests {
             .is_socket());
         // It really listens.
         UnixStream::connect(&path).unwrap();
+        // Bound through the opened folder, not by walking the path again.
+        if cfg!(target_os = "linux") {
+            let addr = listener.local_addr().unwrap();
+            let bound = addr.as_pathname().unwrap();
+            assert!(bound.starts_with("/proc/self/fd/"), "{bound:?}");
+        }
         drop(listener);
     }
 
@@ -436,7 +605,66 @@ mod tests {
         let file = tmp.path().join("file");
         std::fs::write(&file, "x").unwrap();
         let err = bind(&file.join("qiod.sock")).unwrap_err();
-        assert!(matches!(err, SocketError::NotADirectory(_)), "{err}");
+        assert!(
+            matches!(err, SocketError::Folder(TrustError::NotADirectory { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bind_refuses_a_symlinked_folder_and_binds_nothing_behind_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("qiod-1000");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = bind(&link.join("qiod.sock")).unwrap_err();
+        assert!(
+            matches!(err, SocketError::Folder(TrustError::Symlink { .. })),
+            "{err}"
+        );
+        assert!(err.to_string().contains("is a symlink"), "{err}");
+        assert!(!real.join("qiod.sock").exists());
+    }
+
+    #[test]
+    fn bind_refuses_a_shared_folder_unless_the_service_manager_made_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        for mode in [0o1777, 0o777, 0o770] {
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = bind(&tmp.path().join("qiod.sock")).unwrap_err();
+            assert!(
+                matches!(err, SocketError::Folder(TrustError::Writable { .. })),
+                "{mode:o}: {err}"
+            );
+        }
+        let opts = BindOptions {
+            shared: false,
+            service_dirs: vec![tmp.path().to_owned()],
+        };
+        let _l = bind_with(&tmp.path().join("qiod.sock"), &opts).unwrap();
+        assert_eq!(mode(&tmp.path().join("qiod.sock")), 0o600);
+    }
+
+    #[test]
+    fn bind_refuses_a_path_without_a_file_name() {
+        let err = bind(Path::new("/tmp/")).unwrap_err();
+        assert!(matches!(err, SocketError::NoFileName(_)), "{err}");
+    }
+
+    #[test]
+    fn guard_notices_a_deleted_or_replaced_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("qiod.sock");
+        let _l = bind(&path).unwrap();
+        let guard = SocketGuard::new(&path);
+        assert_eq!(guard.check(), Ok(()));
+        std::fs::rename(&path, tmp.path().join("aside.sock")).unwrap();
+        let err = guard.check().unwrap_err();
+        assert!(err.contains("was deleted"), "{err}");
+        let _other = UnixListener::bind(&path).unwrap();
+        let err = guard.check().unwrap_err();
+        assert!(err.contains("was replaced"), "{err}");
     }
 
     #[test]
@@ -471,21 +699,50 @@ mod tests {
 
     #[test]
     fn peer_rules() {
-        let never = |_: u32, _: u32| -> Option<Vec<u32>> { panic!("no lookup needed") };
-        assert!(peer_allowed_with(1000, 1000, None, 1000, &[], never).is_ok());
-        assert!(peer_allowed_with(0, 0, None, 1000, &[], never).is_ok());
-        assert!(peer_allowed_with(1001, 50, None, 1000, &[50], never).is_ok());
-        // No allowed groups: no lookup, denied, and the message names the uid.
-        let err = peer_allowed_with(1001, 1001, Some(7), 1000, &[], never).unwrap_err();
-        assert!(err.contains("uid 1001") && err.contains("pid 7"), "{err}");
-        // Supplementary groups count.
-        let member = |_: u32, _: u32| Some(vec![1001, 50, 60]);
-        assert!(peer_allowed_with(1001, 1001, None, 1000, &[60], member).is_ok());
-        let err = peer_allowed_with(1001, 1001, None, 1000, &[70], member).unwrap_err();
-        assert!(err.contains("uid 1001"), "{err}");
-        // A failed lookup denies.
-        let unknown = |_: u32, _: u32| None;
-        assert!(peer_allowed_with(1001, 1001, None, 1000, &[60], unknown).is_err());
+        use PeerVerdict::*;
+        assert_eq!(peer_verdict(1000, 1000, None, 1000, &[]), Allowed);
+        assert_eq!(peer_verdict(0, 0, None, 1000, &[]), Allowed);
+        assert_eq!(peer_verdict(1001, 50, None, 1000, &[50]), Allowed);
+        // No allowed groups: no lookup, refused.
+        assert_eq!(peer_verdict(1001, 1001, Some(&[50]), 1000, &[]), Refused);
+        assert_eq!(peer_verdict(1001, 1001, None, 1000, &[]), Refused);
+        // The process's own supplementary groups decide when known.
+        assert_eq!(
+            peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[60]),
+            Allowed
+        );
+        assert_eq!(
+            peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[70]),
+            Refused
+        );
+        assert_eq!(peer_verdict(1001, 1001, Some(&[]), 1000, &[70]), Refused);
+        // Else the database.
+        assert_eq!(peer_verdict(1001, 1001, None, 1000, &[70]), AskDatabase);
+        assert!(!peer_allowed_by_database(u32::MAX - 7, 0, &[0]));
+        assert!(peer_allowed_by_database(0, 0, &[0]));
+        let why = refusal_reason(1001, Some(7), 1000, &[]);
+        assert!(
+            why.contains("uid 1001 (pid 7)") && why.contains("set allowed_groups"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn peer_groups_are_the_connecting_process_own() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        use std::os::fd::AsFd;
+        let groups = peer_groups(a.as_fd());
+        if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+            let mut own: Vec<u32> = rustix::process::getgroups()
+                .unwrap()
+                .into_iter()
+                .map(|g| g.as_raw())
+                .collect();
+            let mut got = groups.expect("SO_PEERGROUPS works on Linux");
+            own.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, own);
+        }
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! The private default (folder 0700, socket 0600) is checked in `binary.rs`. Here a real
 //! client runs as another user (`nobody`, uid and gid 65534) through `setpriv` (or
-//! `runuser`), which needs root: these tests run as root here and in CI, and are skipped
-//! with a printed reason where that is not possible.
+//! `runuser`), which needs root: these tests run as root here and in CI, and fail saying
+//! so where that is not possible (never a silent pass). The attacks of another user on a
+//! victim's daemon and clients are in `client-shim/tests/attacks.rs`.
 //!
 //! The async tests run multi-threaded: the in-process test server keeps serving on the
 //! workers while the test's own thread blocks on the spawned processes.
@@ -160,16 +161,13 @@ fn wait_output(mut child: Child) -> Output {
     child.wait_with_output().expect("output")
 }
 
-macro_rules! as_nobody_or_skip {
-    () => {
-        match AsNobody::find() {
-            Ok(runner) => runner,
-            Err(why) => {
-                eprintln!("SKIPPED: {why}");
-                return;
-            }
-        }
-    };
+/// The runner, or a failure saying why there is none: a test that cannot run as another
+/// user has tested nothing and must not pass.
+fn as_nobody() -> AsNobody {
+    match AsNobody::find() {
+        Ok(runner) => runner,
+        Err(why) => panic!("this test needs root, to run a client as another user: {why}"),
+    }
 }
 
 /// A running qiod whose log (stderr) is collected as it comes.
@@ -278,7 +276,7 @@ fn client_lines(out: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_default_another_user_cannot_even_reach_the_socket() {
-    let nobody = as_nobody_or_skip!();
+    let nobody = as_nobody();
     let server = TestServer::start(ServerConfig::default()).await.unwrap();
     let (_dir, socket, config) = shared_dir();
     let qiod = Qiod::spawn(&["--server", &server.url()], &socket, &config);
@@ -294,7 +292,7 @@ async fn by_default_another_user_cannot_even_reach_the_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_allowed_groups_a_user_outside_them_is_refused_and_logged() {
-    let nobody = as_nobody_or_skip!();
+    let nobody = as_nobody();
     let server = TestServer::start(ServerConfig::default()).await.unwrap();
     let (_dir, socket, config) = shared_dir();
     // Group 0: nobody is not in it, but the socket must now be reachable by others.
@@ -345,7 +343,7 @@ async fn with_allowed_groups_a_user_outside_them_is_refused_and_logged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_allowed_groups_a_member_is_served() {
-    let nobody = as_nobody_or_skip!();
+    let nobody = as_nobody();
     let server = TestServer::start(ServerConfig::default()).await.unwrap();
     let (_dir, socket, config) = shared_dir();
     let gid = NOBODY.to_string();

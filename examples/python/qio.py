@@ -15,17 +15,36 @@ either a reply (it has the "id" of a request) or an event (it has "event").
 
 Run it as a script for a quick check: `python3 qio.py [PATH [JSON]]` prints the
 daemon's status, or the reply to one request.
+
+Before sending anything, the client checks that the daemon is really qiod run by
+someone it trusts (as qio and qio-client do; see PROTOCOL.md, Transport): the
+socket's folder must not be a symlink, must belong to you, root or the daemon's
+user, and must not be writable by group or others; the process listening must run
+as you, root or the daemon's user (SO_PEERCRED, Linux). The daemon's user, for the
+system service, is `daemon_user="qiod"` or QIOD_DAEMON_USER=qiod. A failed check
+raises QioTrustError (a ConnectionError) naming what was found and expected.
 """
 
 import json
 import os
 import re
 import socket
+import stat
+import struct
 import sys
 import time
 from collections import deque
 
-__all__ = ["QioClient", "QioError", "clean_path", "compact", "default_socket_path"]
+__all__ = [
+    "QioClient",
+    "QioError",
+    "QioTrustError",
+    "clean_path",
+    "compact",
+    "default_socket_path",
+]
+
+DAEMON_USER_ENV = "QIOD_DAEMON_USER"
 
 
 def default_socket_path():
@@ -62,6 +81,133 @@ class QioError(Exception):
         super().__init__("code %s: %s" % (self.code, reply.get("err_msg", "")))
 
 
+class QioTrustError(ConnectionError):
+    """The socket's folder, or the process listening on the socket, is not trusted:
+    it could be another user's stand-in for qiod. Nothing was sent to it."""
+
+
+class Trusted(set):
+    """The uids trusted behind a socket; `unresolved` is a daemon user name that names
+    no user now (a systemd dynamic user exists only while its service runs)."""
+
+    unresolved = None
+
+
+def _describe(uids):
+    named = ["uid %d" % u for u in sorted(uids) if u != 0]
+    if 0 in uids:
+        named.append("root")
+    text = " or ".join(named)
+    if getattr(uids, "unresolved", None):
+        text += (
+            " (%s=%s names no user now; a systemd dynamic user exists only while its "
+            "service runs)" % (DAEMON_USER_ENV, uids.unresolved)
+        )
+    return text
+
+
+def trusted_uids(daemon_user=None):
+    """You, root, and the daemon's user (`daemon_user`, else QIOD_DAEMON_USER): a
+    user name or a numeric uid. A name that names no user now adds nothing."""
+    uids = Trusted({os.getuid(), 0})
+    name = daemon_user if daemon_user is not None else os.environ.get(DAEMON_USER_ENV, "")
+    name = str(name).strip()
+    if name:
+        if name.isdigit():
+            uids.add(int(name))
+        else:
+            import pwd
+
+            try:
+                uids.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                uids.unresolved = name
+    return uids
+
+
+def _parts(path):
+    return [p for p in path.split("/") if p and p != "."]
+
+
+def check_folder(socket_path, trusted):
+    """Walks the socket's folder from / as qiod does: no symlink is followed unless a
+    trusted uid owns it; every folder must belong to a trusted uid and must not be
+    writable by group or others (sticky is fine above, as /tmp is, but not for the
+    socket's own folder). Raises QioTrustError, or FileNotFoundError when missing."""
+    folder = os.path.dirname(socket_path) or "."
+    if not folder.startswith("/"):
+        folder = os.path.join(os.getcwd(), folder)
+    todo = list(reversed(_parts(folder)))
+    stack = ["/"]
+    _check_level("/", os.lstat("/"), not todo, trusted)
+    links = 0
+    while todo:
+        name = todo.pop()
+        if name == "..":
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        last = not todo
+        path = os.path.join(stack[-1], name)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            if last:
+                raise QioTrustError(
+                    "the socket's folder %s is a symlink, which could be pointed "
+                    "elsewhere; use the real folder" % path
+                )
+            _check_owner(path, st, trusted)
+            links += 1
+            if links > 40:
+                raise QioTrustError("too many symlinks on the way to %s" % folder)
+            target = os.readlink(path)
+            if target.startswith("/"):
+                stack = ["/"]
+            todo.extend(reversed(_parts(target)))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise QioTrustError("%s is not a directory" % path)
+        _check_level(path, st, last, trusted)
+        stack.append(path)
+
+
+def _check_owner(path, st, trusted):
+    if st.st_uid not in trusted:
+        raise QioTrustError(
+            "%s belongs to uid %d, expected %s: another user could replace the "
+            "socket; remove it or use a socket in a folder of your own"
+            % (path, st.st_uid, _describe(trusted))
+        )
+
+
+def _check_level(path, st, last, trusted):
+    _check_owner(path, st, trusted)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and (last or not mode & stat.S_ISVTX):
+        raise QioTrustError(
+            "%s is writable by %s (mode %04o), so another user could %s; use a "
+            "private folder (e.g. /tmp/qiod-<uid>/, created 0700)"
+            % (
+                path,
+                "others" if mode & 0o002 else "its group",
+                mode,
+                "take the socket's path" if last else "replace what is in it",
+            )
+        )
+
+
+def check_peer(sock, socket_path, trusted):
+    """The process listening on the connected `sock` must run as a trusted uid."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in trusted:
+        raise QioTrustError(
+            "the process listening on %s runs as uid %d (pid %d), expected %s: it is "
+            "not your qiod; if it is a system daemon you mean to use, set %s to its "
+            "user" % (socket_path, uid, pid, _describe(trusted), DAEMON_USER_ENV)
+        )
+
+
 class QioClient:
     """One connection to qiod.
 
@@ -70,14 +216,29 @@ class QioClient:
     "/close", "/error", "/lost") are events like the others.
     """
 
-    def __init__(self, socket_path=None, timeout=None):
-        """Connects. `timeout` (seconds) bounds each wait for a line; None: no bound."""
+    def __init__(self, socket_path=None, timeout=None, daemon_user=None):
+        """Connects, and checks the daemon (see the module's doc) before anything is
+        sent. `timeout` (seconds) bounds each wait for a line; None: no bound.
+        `daemon_user`: the user qiod runs as when it is not you (else
+        QIOD_DAEMON_USER)."""
         self.socket_path = socket_path or default_socket_path()
         self.state = None  # "open" or "closed": the daemon's /open and /close events
+        trusted = trusted_uids(daemon_user)
+        try:
+            check_folder(self.socket_path, trusted)
+        except QioTrustError as e:
+            raise QioTrustError("refusing to use qiod on %s: %s" % (self.socket_path, e)) from None
+        except OSError as e:
+            msg = "cannot connect to qiod at %s: %s (is it running? set QIOD_SOCKET)"
+            raise ConnectionError(msg % (self.socket_path, e.strerror or e)) from e
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
             self._sock.connect(self.socket_path)
+            check_peer(self._sock, self.socket_path, trusted)
+        except QioTrustError as e:
+            self._sock.close()
+            raise QioTrustError("refusing to use qiod on %s: %s" % (self.socket_path, e)) from None
         except OSError as e:
             self._sock.close()
             msg = "cannot connect to qiod at %s: %s (is it running? set QIOD_SOCKET)"

@@ -4,10 +4,13 @@
 //! a reply (it has the request's `id`) or an event (it has `event`). The full contract,
 //! with examples, is in PROTOCOL.md beside this crate. This crate is serde only, so any
 //! client (sync or async, any runtime) can use it; [`paths`] tells clients where the daemon
-//! listens, computed exactly as the daemon computes it.
+//! listens, computed exactly as the daemon computes it, and `trust` (Unix) how the daemon
+//! and its clients check the socket's folder and each other.
 #![deny(missing_docs)]
 
 pub mod paths;
+#[cfg(unix)]
+pub mod trust;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

@@ -18,6 +18,7 @@ const FAILED: u8 = 1;
 const USAGE: u8 = 2;
 const NO_ANSWER: u8 = 3;
 const NOT_RUNNING: u8 = 4;
+const UNTRUSTED: u8 = 5;
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -27,6 +28,9 @@ Exit codes:
   3  no answer: the connection was lost (code -1 or the daemon went away) or it timed out
      (code -2, or --timeout)
   4  qiod is not running, or its socket cannot be reached
+  5  the socket is not trusted: its folder could be another user's (a symlink, owned by
+     someone else, writable by group or others) or the process listening on it is not
+     your qiod; nothing was sent. For the system service, pass --daemon-user qiod
 
 The socket is --socket, else $QIOD_SOCKET, else $XDG_RUNTIME_DIR/qiod/qiod.sock, else
 /run/qiod/qiod.sock for root, else /tmp/qiod-<uid>/qiod.sock: where qiod listens by default.";
@@ -38,6 +42,10 @@ struct Cli {
     /// The daemon's socket [default: as qiod computes it, see below]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// The user qiod runs as, when it is not you (the system service's is qiod); trusted
+    /// besides you and root [default: $QIOD_DAEMON_USER]
+    #[arg(long, global = true, value_name = "USER")]
+    daemon_user: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -128,11 +136,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Outcome {
-    let socket = cli
-        .socket
-        .unwrap_or_else(qio_ipc::paths::default_socket_path);
+    let socket = Target {
+        path: cli
+            .socket
+            .unwrap_or_else(qio_ipc::paths::default_socket_path),
+        daemon_user: cli.daemon_user,
+    };
+    let socket = &socket;
     match cli.cmd {
-        Cmd::Sub { paths, count } => sub(&socket, &paths, count).await,
+        Cmd::Sub { paths, count } => sub(socket, &paths, count).await,
         Cmd::Send {
             wait,
             string,
@@ -147,10 +159,26 @@ async fn run(cli: Cli) -> Outcome {
                     failure(USAGE, format!("--timeout {s}: not a number of seconds"))
                 })?),
             };
-            send(&socket, &path, data, wait, timeout).await
+            send(socket, &path, data, wait, timeout).await
         }
-        Cmd::Status { json } => status(&socket, json).await,
-        Cmd::Raw => raw(&socket).await,
+        Cmd::Status { json } => status(socket, json).await,
+        Cmd::Raw => raw(socket).await,
+    }
+}
+
+/// The daemon to talk to: its socket and whom to trust behind it.
+struct Target {
+    path: PathBuf,
+    daemon_user: Option<String>,
+}
+
+impl Target {
+    fn builder(&self) -> qio_client::Builder {
+        let b = Client::builder().socket(&self.path);
+        match &self.daemon_user {
+            Some(user) => b.daemon_user(user),
+            None => b,
+        }
     }
 }
 
@@ -167,6 +195,7 @@ fn lib_failure(e: Error) -> Failure {
     let code = match &e {
         Error::DaemonNotRunning { socket } => return failure(NOT_RUNNING, not_running_msg(socket)),
         Error::Connect { .. } => NOT_RUNNING,
+        Error::Untrusted { .. } => UNTRUSTED,
         Error::Disconnected | Error::Timeout { .. } => NO_ANSWER,
         Error::Server { code, .. } => answer_exit_code(*code),
         _ => FAILED,
@@ -183,8 +212,8 @@ fn answer_exit_code(code: i64) -> u8 {
     }
 }
 
-async fn connect(socket: &Path, timeout: Option<Duration>) -> Result<Client, Failure> {
-    let mut b = Client::builder().socket(socket);
+async fn connect(socket: &Target, timeout: Option<Duration>) -> Result<Client, Failure> {
+    let mut b = socket.builder();
     if let Some(t) = timeout {
         b = b.request_timeout(t);
     }
@@ -225,7 +254,7 @@ struct ReplyLine<'a> {
     err_msg: Option<&'a str>,
 }
 
-async fn sub(socket: &Path, paths: &[String], count: Option<u64>) -> Outcome {
+async fn sub(socket: &Target, paths: &[String], count: Option<u64>) -> Outcome {
     let client = connect(socket, None).await?;
     let mut events = client.events();
     // The current state: only changes are worth telling.
@@ -265,6 +294,10 @@ async fn sub(socket: &Path, paths: &[String], count: Option<u64>) -> Outcome {
                 }
             }
             ev = events.recv(), if events_open => match ev {
+                // A reconnect found a stand-in: stop rather than wait beside it.
+                Some(ConnectionEvent::Untrusted { reason }) => {
+                    break Err(failure(UNTRUSTED, reason));
+                }
                 Some(ev) => tell(&ev),
                 None => events_open = false,
             },
@@ -398,7 +431,7 @@ fn read_data(arg: Option<&str>, string: bool) -> Result<Value, Failure> {
 }
 
 async fn send(
-    socket: &Path,
+    socket: &Target,
     path: &str,
     data: Value,
     wait: bool,
@@ -431,13 +464,13 @@ async fn send(
     Ok(OK)
 }
 
-async fn status(socket: &Path, json: bool) -> Outcome {
+async fn status(socket: &Target, json: bool) -> Outcome {
     let client = connect(socket, None).await?;
     let st = client.status().await.map_err(lib_failure)?;
     let text = if json {
         String::from_utf8_lossy(&to_json(&st)?).into_owned()
     } else {
-        describe_status(&st, socket)
+        describe_status(&st, &socket.path)
     };
     print_line(text.trim_end().as_bytes())?;
     Ok(OK)
@@ -535,18 +568,8 @@ fn human_duration(ms: u64) -> String {
 /// How long `raw` keeps printing after stdin ended, once the daemon is quiet.
 const RAW_QUIET: Duration = Duration::from_secs(1);
 
-async fn raw(socket: &Path) -> Outcome {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                failure(NOT_RUNNING, not_running_msg(socket))
-            }
-            _ => failure(
-                NOT_RUNNING,
-                format!("cannot connect to qiod on {}: {e}", socket.display()),
-            ),
-        })?;
+async fn raw(socket: &Target) -> Outcome {
+    let stream = socket.builder().connect_raw().await.map_err(lib_failure)?;
     let (mut rd, mut wr) = stream.into_split();
     // stdin on a thread of its own: a blocking read must not hold up the exit.
     let (tx, mut input) = tokio::sync::mpsc::channel::<Vec<u8>>(16);

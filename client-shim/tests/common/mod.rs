@@ -6,6 +6,7 @@
 use qio_testserver::{ServerConfig, TestServer};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -153,4 +154,28 @@ pub async fn until(what: &str, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < DEADLINE, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// `target/<profile>/qiod`, beside this test's `deps` folder; built when missing
+/// (`cargo test --workspace` has built it already, for the daemon's own tests).
+pub fn qiod_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("qiod");
+    if !bin.exists() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "qiod", "--bin", "qiod", "--target-dir"]);
+        build.arg(profile_dir.parent().expect("target dir"));
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p qiod failed");
+    }
+    assert!(bin.exists(), "no qiod at {}", bin.display());
+    bin
 }

@@ -33,6 +33,10 @@ pub struct IpcConfig {
     pub max_subscriptions_per_client: usize,
     /// Groups whose members may connect besides the daemon's own user.
     pub allowed_gids: Vec<u32>,
+    /// One log line per refused uid per this interval, with the count of the others.
+    pub refusal_log_interval: Duration,
+    /// How often the binary checks that its socket file is still the one it bound.
+    pub socket_check_interval: Duration,
 }
 
 impl Default for IpcConfig {
@@ -47,6 +51,8 @@ impl Default for IpcConfig {
             max_pending_per_client: 1024,
             max_subscriptions_per_client: 4096,
             allowed_gids: Vec::new(),
+            refusal_log_interval: Duration::from_secs(60),
+            socket_check_interval: Duration::from_secs(2),
         }
     }
 }
@@ -55,6 +61,7 @@ mod client;
 mod hub;
 mod lines;
 mod outbox;
+mod peer;
 
 pub use hub::{run_notices, Hub};
 
@@ -85,9 +92,16 @@ pub async fn serve(
     // SAFETY: geteuid has no preconditions and cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     let mut next_id = 0u64;
+    let gate = peer::Gate::new(own_uid, cfg.allowed_gids.clone(), cfg.refusal_log_interval);
+    let mut flush = tokio::time::interval(gate.flush_interval().max(Duration::from_millis(1)));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let accepted = tokio::select! {
             _ = stop_accepting.cancelled() => break,
+            _ = flush.tick() => {
+                gate.flush();
+                continue;
+            }
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
@@ -99,33 +113,20 @@ pub async fn serve(
                 continue;
             }
         };
-        match stream.peer_cred() {
-            Ok(cred) => {
-                if let Err(why) = crate::socket::peer_allowed(
-                    cred.uid(),
-                    cred.gid(),
-                    cred.pid(),
-                    own_uid,
-                    &cfg.allowed_gids,
-                ) {
-                    tracing::warn!(
-                        uid = cred.uid(),
-                        pid = cred.pid(),
-                        "refused a local client: {why}"
-                    );
-                    continue;
-                }
-            }
-            Err(e) => {
-                tracing::warn!("refused a local client whose credentials cannot be read: {e}");
-                continue;
-            }
-        }
+        let ask = match gate.check(&stream) {
+            peer::Door::Open => None,
+            peer::Door::Shut => continue,
+            peer::Door::Ask { uid, gid, pid } => Some((uid, gid, pid)),
+        };
         if clients.len() >= cfg.max_clients {
             tracing::warn!(
                 max_clients = cfg.max_clients,
                 "refused a local client: too many clients"
             );
+            if ask.is_some() {
+                // Not known to be allowed yet: it gets no line at all.
+                continue;
+            }
             let mut stream = stream;
             tasks.spawn(async move {
                 use tokio::io::AsyncWriteExt;
@@ -135,14 +136,26 @@ pub async fn serve(
             continue;
         }
         next_id += 1;
-        tasks.spawn(clients.track_future(client::serve_client(
+        let serve = client::serve_client(
             stream,
             next_id,
             hub.clone(),
             session.clone(),
             cfg.clone(),
             stop_clients.clone(),
-        )));
+        );
+        match ask {
+            None => tasks.spawn(clients.track_future(serve)),
+            // The group database may block (NSS over the network): never on this loop.
+            Some((uid, gid, pid)) => {
+                let gate = gate.clone();
+                tasks.spawn(clients.track_future(async move {
+                    if gate.ask_database(uid, gid, pid).await {
+                        serve.await;
+                    }
+                }))
+            }
+        };
     }
     clients.close();
     clients.wait().await;
