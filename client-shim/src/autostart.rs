@@ -1,7 +1,7 @@
 //! Starting `qiod` when no daemon answers, once even when many clients race.
 //!
 //! The socket's folder is checked (and created, 0700) as the daemon would
-//! ([`qio_ipc::trust`]): another user's folder, a symlink or a folder writable by others is
+//! ([`qio_platform::trust`]): another user's folder, a symlink or a folder writable by others is
 //! refused before anything is created in it. The lock and log files are opened with
 //! `O_NOFOLLOW` and used only if they are regular files of ours with a single link, so a
 //! planted symlink or hard link cannot make this client truncate someone's file.
@@ -14,7 +14,7 @@
 //! the next client finds the daemon running.
 
 use crate::Error;
-use qio_ipc::trust::{self, Rules, TrustError};
+use qio_platform::trust::{self, Rules, TrustError};
 use rustix::fs::{FileType, Mode, OFlags};
 use std::ffi::OsString;
 use std::fs::File;

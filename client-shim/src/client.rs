@@ -84,7 +84,7 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// The daemon's socket. Default: [`qio_ipc::paths::default_socket_path`] (`QIOD_SOCKET`,
+    /// The daemon's socket. Default: [`qio_platform::paths::default_socket_path`] (`QIOD_SOCKET`,
     /// else `$XDG_RUNTIME_DIR/qiod/qiod.sock`, ...), exactly where the daemon listens by
     /// default.
     ///
@@ -227,7 +227,7 @@ impl Builder {
         let socket = self
             .socket
             .clone()
-            .unwrap_or_else(qio_ipc::paths::default_socket_path);
+            .unwrap_or_else(qio_platform::paths::default_socket_path);
         let rules = connect::rules_for(self.daemon_user.as_deref());
         connect::connect_verified(&socket, &rules).await
     }
@@ -254,7 +254,7 @@ impl Builder {
         let socket = self
             .socket
             .clone()
-            .unwrap_or_else(qio_ipc::paths::default_socket_path);
+            .unwrap_or_else(qio_platform::paths::default_socket_path);
         let rules = connect::rules_for(self.daemon_user.as_deref());
         let (stream, started) = match connect::connect_verified(&socket, &rules).await {
             Ok(stream) => (stream, None),
@@ -287,7 +287,7 @@ impl Builder {
 }
 
 impl Client {
-    /// Connects to the daemon on the default socket ([`qio_ipc::paths::default_socket_path`]).
+    /// Connects to the daemon on the default socket ([`qio_platform::paths::default_socket_path`]).
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qio_client::Error> {

@@ -1,7 +1,7 @@
 //! Connecting to the daemon, and making sure it is ours before a byte is sent.
 //!
 //! Anyone who can create the socket's path can listen on it, so a client checks, on every
-//! connection (the first and each reconnect), what [`qio_ipc::trust`] describes: the
+//! connection (the first and each reconnect), what [`qio_platform::trust`] describes: the
 //! socket's folder (no symlink, owned by us, root or the configured daemon user, not
 //! writable by group or others) and, once connected, the listening process's uid
 //! (`SO_PEERCRED`): ours, root, or the configured daemon user ([`Builder::daemon_user`],
@@ -14,7 +14,7 @@
 //! [`Builder::daemon_user`]: crate::Builder::daemon_user
 
 use crate::Error;
-use qio_ipc::trust::{self, Rules};
+use qio_platform::trust::{self, Rules};
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};

@@ -45,7 +45,7 @@ pub enum Error {
         socket: PathBuf,
         /// What was found, and what was expected.
         #[source]
-        problem: Box<qio_ipc::trust::TrustError>,
+        problem: Box<qio_platform::trust::TrustError>,
     },
     /// Auto-start was on, but no daemon could be started.
     #[error("cannot start qiod: {reason}")]

@@ -121,7 +121,7 @@ struct Hub {
 pub(crate) struct Common {
     pub socket: PathBuf,
     /// Whom to trust behind the socket, checked again on every reconnect.
-    pub rules: qio_ipc::trust::Rules,
+    pub rules: qio_platform::trust::Rules,
     pub started: Option<u32>,
     hub: Mutex<Hub>,
     released: Mutex<Vec<u64>>,
@@ -137,7 +137,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Common {
     pub(crate) fn new(
         socket: PathBuf,
-        rules: qio_ipc::trust::Rules,
+        rules: qio_platform::trust::Rules,
         started: Option<u32>,
         state: LinkState,
     ) -> Self {

@@ -6,7 +6,7 @@
 //! is not a socket is ever deleted, and a socket deleted or replaced while the daemon runs
 //! is noticed ([`SocketGuard::check`]).
 
-use qio_ipc::trust::{self, Rules, TrustError};
+use qio_platform::trust::{self, Rules, TrustError};
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::FromRawFd;
@@ -55,7 +55,7 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-pub use qio_ipc::paths::{default_socket_path, socket_path_from};
+pub use qio_platform::paths::{default_socket_path, socket_path_from};
 
 /// Binds a listening socket at `path` that only our user (and root) can reach, creating its
 /// folder (mode 0700) when missing.
@@ -114,7 +114,7 @@ impl BindOptions {
 
 /// Binds the socket at `path` so that no other user can stand in for it.
 ///
-/// The folder is walked from `/` without following symlinks ([`qio_ipc::trust`]): every
+/// The folder is walked from `/` without following symlinks ([`qio_platform::trust`]): every
 /// level must belong to us or root and not be writable by group or others (sticky levels
 /// above, like `/tmp`, are fine); the socket's own folder must not be a symlink and must
 /// not be writable by group or others even when sticky, unless it is one of

@@ -3,14 +3,9 @@
 //! One JSON object per line. Requests carry an `op`; everything the daemon sends is either
 //! a reply (it has the request's `id`) or an event (it has `event`). The full contract,
 //! with examples, is in PROTOCOL.md beside this crate. This crate is serde only, so any
-//! client (sync or async, any runtime) can use it; [`paths`] tells clients where the daemon
-//! listens, computed exactly as the daemon computes it, and `trust` (Unix) how the daemon
-//! and its clients check the socket's folder and each other.
+//! client (sync or async, any runtime) can use it. Where the socket is and how the two sides
+//! check each other is in `qio-platform`.
 #![deny(missing_docs)]
-
-pub mod paths;
-#[cfg(unix)]
-pub mod trust;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

@@ -268,7 +268,7 @@ async fn python_module_computes_the_socket_path_like_the_daemon() {
         &[("QIOD_SOCKET", ""), ("XDG_RUNTIME_DIR", "")],
     ];
     for env in cases {
-        let expected = qio_ipc::paths::socket_path_from(
+        let expected = qio_platform::paths::socket_path_from(
             &|k| {
                 env.iter()
                     .find(|(key, _)| *key == k)

@@ -139,7 +139,7 @@ async fn run(cli: Cli) -> Outcome {
     let socket = Target {
         path: cli
             .socket
-            .unwrap_or_else(qio_ipc::paths::default_socket_path),
+            .unwrap_or_else(qio_platform::paths::default_socket_path),
         daemon_user: cli.daemon_user,
     };
     let socket = &socket;

@@ -8,8 +8,7 @@ use std::path::PathBuf;
 /// `QIOD_SOCKET` wins; then `$XDG_RUNTIME_DIR/qiod/qiod.sock` (a per-user tmpfs that
 /// systemd cleans up); then `/run/qiod/qiod.sock` for root; else `/tmp/qiod-<uid>/qiod.sock`.
 pub fn default_socket_path() -> PathBuf {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = rustix::process::getuid().as_raw();
     socket_path_from(&|key| std::env::var_os(key), uid)
 }
 
