@@ -73,6 +73,11 @@ pub async fn run_with(
     mut reload: mpsc::Receiver<Reload>,
     observer: Observer,
 ) -> anyhow::Result<()> {
+    settings
+        .ipc
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid local settings: {e}"))?;
+    let request_timeout = settings.driver.session.request_timeout;
     let upstream_stop = CancellationToken::new();
     let (session, notices, driver_task) = driver::spawn(settings.driver, upstream_stop.clone())
         .map_err(|e| anyhow::anyhow!("cannot start the upstream session: {e}"))?;
@@ -80,7 +85,7 @@ pub async fn run_with(
         Some(states) => tap_states(notices, states),
         None => notices,
     };
-    let hub = Arc::new(ipc::Hub::new(MAX_HANDLES));
+    let hub = Arc::new(ipc::Hub::new(&settings.ipc, request_timeout));
     let notice_task = tokio::spawn(ipc::run_notices(hub.clone(), session.clone(), notices));
     let clients_stop = CancellationToken::new();
     let server = tokio::spawn(ipc::serve(
@@ -140,6 +145,3 @@ fn tap_states(
 /// Notices in flight between the state tap and the hub. Small: the session's own notice
 /// channel is the real buffer, this one only decouples the two tasks.
 const TAP_CAPACITY: usize = 64;
-
-/// How many server callback requests handed to local clients are remembered.
-const MAX_HANDLES: usize = 65_536;
