@@ -347,7 +347,12 @@ impl State {
     }
 
     /// Removes one waiting request; the waiter goes with its last request.
-    fn remove_request(&mut self, client: u64, path: &str, serial: u64) -> Option<Request> {
+    fn remove_request(
+        &mut self,
+        client: u64,
+        path: &str,
+        serial: u64,
+    ) -> Option<(Request, Arc<ClientRef>)> {
         let entry = self.subs.get_mut(path)?;
         let wi = entry.waiters.iter().position(|w| w.client.id == client)?;
         let w = &mut entry.waiters[wi];
@@ -359,7 +364,7 @@ impl State {
             self.forget_path(client, path);
         }
         self.forget_request(&c, &r);
-        Some(r)
+        Some((r, c))
     }
 }
 
@@ -579,10 +584,7 @@ impl Hub {
         let msg = format!("the server did not confirm the subscription within {after:?}");
         let mut unwants = Vec::new();
         for (serial, path) in due {
-            let Some(client_ref) = st.clients.get(&client).cloned() else {
-                continue;
-            };
-            if let Some(r) = st.remove_request(client, &path, serial) {
+            if let Some((r, client_ref)) = st.remove_request(client, &path, serial) {
                 let outcome = Outcome::local(code::TIMEOUT, msg.clone());
                 client_ref.answer(r.id.as_ref(), r.op, Some(&path), &outcome);
             }
@@ -820,4 +822,219 @@ pub fn to_raw<T: serde::Serialize>(v: &T) -> Box<RawValue> {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+    use crate::session::Event;
+
+    fn client(id: u64) -> Arc<ClientRef> {
+        let outbox = Outbox::new(16, 16, super::super::SlowClientPolicy::DropOldest);
+        Arc::new(ClientRef::new(id, outbox, CancellationToken::new(), 4))
+    }
+
+    fn hub() -> Hub {
+        Hub::new(&IpcConfig::default(), Duration::from_secs(30))
+    }
+
+    fn event(path: &str, n: u32) -> Notice {
+        Notice::Event(Event {
+            path: path.into(),
+            data: RawValue::from_string(n.to_string()).unwrap(),
+            cb: None,
+        })
+    }
+
+    fn answer(path: &str, gen: u64, code: i64) -> Notice {
+        let outcome = match code {
+            200 => Outcome::ok(),
+            c => Outcome::local(c, "refused"),
+        };
+        Notice::Subscription {
+            path: path.into(),
+            gen,
+            outcome,
+        }
+    }
+
+    fn id(n: u32) -> Option<Id> {
+        let line = format!("{{\"op\":\"status\",\"id\":{n}}}");
+        qio_ipc::RawRequest::parse(line.as_bytes()).unwrap().id
+    }
+
+    /// Subscribes and returns the generation to want, if any.
+    fn on(hub: &Hub, c: &Arc<ClientRef>, path: &str, n: u32, op: Op) -> Option<u64> {
+        let cfg = IpcConfig::default();
+        match hub.subscribe(c, path, id(n), op, &cfg, ClientLoad::default()) {
+            Subscribed::Waiting { want, .. } => want,
+            Subscribed::Answered => None,
+        }
+    }
+
+    async fn lines(c: &ClientRef) -> Vec<String> {
+        c.outbox.close();
+        let mut out = Vec::new();
+        while let Some(b) = c.outbox.next_batch().await {
+            out.extend(
+                b.lines
+                    .iter()
+                    .map(|l| String::from_utf8_lossy(l).trim().to_owned()),
+            );
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn events_between_the_servers_answer_and_the_reply_are_held_not_lost() {
+        let hub = hub();
+        let a = client(1);
+        let gen = on(&hub, &a, "/p", 1, Op::On).expect("a new path is wanted");
+        hub.dispatch(event("/p", 1));
+        assert!(hub.dispatch(answer("/p", gen, 200)).is_empty());
+        hub.dispatch(event("/p", 2));
+        assert_eq!(
+            lines(&a).await,
+            [
+                r#"{"id":1,"code":200,"data":null}"#,
+                r#"{"event":"/p","data":1}"#,
+                r#"{"event":"/p","data":2}"#
+            ]
+        );
+        assert_eq!(hub.leave(1), [("/p".to_owned(), gen)]);
+    }
+
+    #[tokio::test]
+    async fn a_one_shot_subscription_takes_one_held_event_and_ends() {
+        let hub = hub();
+        let a = client(1);
+        let gen = on(&hub, &a, "/p", 1, Op::One).unwrap();
+        hub.dispatch(event("/p", 1));
+        hub.dispatch(event("/p", 2));
+        assert_eq!(
+            hub.dispatch(answer("/p", gen, 200)),
+            [("/p".to_owned(), gen)],
+            "the path is switched off at once"
+        );
+        hub.dispatch(event("/p", 3));
+        assert_eq!(lines(&a).await.len(), 2, "the reply and one event");
+        assert!(hub.leave(1).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_off_while_waiting_answers_but_does_not_subscribe() {
+        let hub = hub();
+        let a = client(1);
+        let gen = on(&hub, &a, "/p", 1, Op::On).unwrap();
+        hub.dispatch(event("/p", 1));
+        assert!(hub.unsubscribe(1, "/p").is_none(), "still waiting");
+        assert_eq!(hub.dispatch(answer("/p", gen, 200)), [("/p".to_owned(), gen)]);
+        hub.dispatch(event("/p", 2));
+        assert_eq!(lines(&a).await, [r#"{"id":1,"code":200,"data":null}"#]);
+    }
+
+    /// Bug 1a/1b: a refusal of a restored subscription that arrives after the path was
+    /// given up and wanted afresh belongs to an ended generation.
+    #[tokio::test]
+    async fn a_late_refusal_for_an_ended_generation_touches_nobody() {
+        let hub = hub();
+        let (a, b) = (client(1), client(2));
+        let g1 = on(&hub, &a, "/p", 1, Op::On).unwrap();
+        hub.dispatch(answer("/p", g1, 200));
+        // A leaves while the refusal of the restore is still on its way...
+        assert_eq!(hub.unsubscribe(1, "/p"), Some(("/p".to_owned(), g1)));
+        // ...and B subscribes afresh and is confirmed.
+        let g2 = on(&hub, &b, "/p", 1, Op::On).unwrap();
+        assert!(g2 > g1);
+        hub.dispatch(answer("/p", g2, 200));
+        // The late refusal of g1: no /error for B, B still holds it.
+        assert!(hub.dispatch(answer("/p", g1, 401)).is_empty());
+        hub.dispatch(event("/p", 7));
+        assert_eq!(hub.leave(2), [("/p".to_owned(), g2)], "B gives it back");
+        assert_eq!(
+            lines(&b).await,
+            [r#"{"id":1,"code":200,"data":null}"#, r#"{"event":"/p","data":7}"#]
+        );
+    }
+
+    /// A refusal of the current generation reaches holders as /error and waiters as
+    /// their reply, and nothing is left to give back.
+    #[tokio::test]
+    async fn a_refused_restore_tells_holders_and_waiters() {
+        let hub = hub();
+        let (a, b) = (client(1), client(2));
+        let g = on(&hub, &a, "/p", 1, Op::On).unwrap();
+        hub.dispatch(answer("/p", g, 200));
+        let url = url::Url::parse("ws://x/").unwrap();
+        hub.dispatch(Notice::State(StateChange::Closed { reason: "x".into() }));
+        hub.dispatch(Notice::State(StateChange::Open { url }));
+        assert_eq!(on(&hub, &b, "/p", 5, Op::On), None, "waits for the restore");
+        assert!(hub.dispatch(answer("/p", g, 401)).is_empty());
+        assert!(hub.leave(1).is_empty() && hub.leave(2).is_empty());
+        let a_lines = lines(&a).await;
+        assert!(a_lines.last().unwrap().contains(r#""op":"on","path":"/p","code":401"#), "{a_lines:?}");
+        assert_eq!(lines(&b).await, [r#"{"id":5,"code":401,"data":null,"err_msg":"refused"}"#]);
+    }
+
+    /// Bug 6: an `on` for a path held through `one` is decided in one step: lasting if
+    /// the event has not come yet, a new subscription if it has.
+    #[tokio::test]
+    async fn an_on_after_a_one_is_lasting_or_new_never_a_false_200() {
+        let hub = hub();
+        let a = client(1);
+        let g = on(&hub, &a, "/p", 1, Op::One).unwrap();
+        hub.dispatch(answer("/p", g, 200));
+        assert_eq!(on(&hub, &a, "/p", 2, Op::On), None, "made lasting");
+        assert!(hub.dispatch(event("/p", 1)).is_empty(), "kept");
+        hub.dispatch(event("/p", 2));
+        let b = client(2);
+        let g = on(&hub, &b, "/q", 1, Op::One).unwrap();
+        hub.dispatch(answer("/q", g, 200));
+        assert_eq!(hub.dispatch(event("/q", 1)), [("/q".to_owned(), g)]);
+        let g2 = on(&hub, &b, "/q", 2, Op::On).expect("wanted again, not a false 200");
+        assert!(g2 > g);
+        assert_eq!(lines(&a).await.len(), 4, "two replies, two events");
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_count_against_the_clients_caps_and_time_out() {
+        let hub = hub();
+        let a = client(1);
+        let cfg = IpcConfig {
+            max_pending_per_client: 2,
+            ..IpcConfig::default()
+        };
+        let load = ClientLoad::default();
+        assert!(matches!(
+            hub.subscribe(&a, "/p", id(1), Op::On, &cfg, load),
+            Subscribed::Waiting { want: Some(_), .. }
+        ));
+        assert!(matches!(
+            hub.subscribe(&a, "/p", id(2), Op::One, &cfg, load),
+            Subscribed::Waiting { want: None, .. }
+        ));
+        assert_eq!(
+            hub.subscribe(&a, "/p", id(3), Op::On, &cfg, load),
+            Subscribed::Answered
+        );
+        assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 2);
+        let (unwants, next) = hub.expire(1, Instant::now() + Duration::from_secs(31));
+        assert_eq!(unwants.len(), 1, "the last waiter gone: switched off");
+        assert_eq!(next, None);
+        assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 0);
+        let got = lines(&a).await;
+        assert!(got[0].contains(r#""id":3,"code":-3"#), "{got:?}");
+        assert!(got[1].contains(r#""id":1,"code":-2"#), "{got:?}");
+        assert!(got[2].contains(r#""id":2,"code":-2"#), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_joining_sees_each_state_change_once() {
+        let hub = hub();
+        let url = url::Url::parse("ws://x/").unwrap();
+        let a = client(1);
+        hub.join(a.clone());
+        hub.dispatch(Notice::State(StateChange::Open { url }));
+        let b = client(2);
+        hub.join(b.clone());
+        assert_eq!(lines(&a).await.len(), 2, "/close at join, then /open");
+        assert_eq!(lines(&b).await, [r#"{"event":"/open"}"#]);
+    }
+}
