@@ -12,73 +12,105 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-/// A holds `/p`; the server then refuses `/p` when the reconnect restores it, and B
-/// subscribes afresh right after (the server accepting it again). Returns the clients
-/// with B confirmed.
-async fn restored_refusal_then_fresh_subscriber(
-    server: &qio_testserver::TestServer,
-    daemon: &Daemon,
-) -> (LineClient, LineClient) {
-    let mut a = daemon.open_client().await;
-    let mut b = daemon.open_client().await;
-    a.subscribe("/p", 1).await;
-    // Events queued ahead of the refusal keep the notice stream busy: the window the old
-    // code lost the race in.
-    a.subscribe("/a/flood", 2).await;
-    server.set_refuse_subscriptions("/p", Some(401));
-    server.clear_received();
-    for i in 0..500 {
+/// Local subscribers of `/a/flood` that never read: each event the server floods costs
+/// the fan-out work for every one of them, so the notice stream falls well behind the
+/// session. That is the window in which a reply used to overtake the notices before it.
+async fn slow_fan_out(daemon: &Daemon) -> Vec<LineClient> {
+    let mut clients = Vec::new();
+    for i in 0..FAN_OUT {
+        let mut c = daemon.open_client().await;
+        c.subscribe("/a/flood", i).await;
+        clients.push(c);
+    }
+    clients
+}
+
+const FAN_OUT: u64 = 150;
+
+/// Floods `/a/flood` and waits until the server has written it all to the daemon.
+async fn flood(server: &qio_testserver::TestServer) {
+    let before = server.bytes_sent();
+    let n = 5000u64;
+    for i in 0..n {
         server.broadcast("/a/flood", json!(i)).await;
     }
-    server.restart().await.expect("restart");
-    until("the server refused the restored /p", || async {
+    // At least `/a/flood:0=N` per event.
+    let want = before + n * 12;
+    assert!(
         server
-            .received()
+            .wait_until(DEADLINE, |s| s.bytes_sent() >= want)
+            .await,
+        "the server wrote the flood"
+    );
+}
+
+/// A holds `/p`; the server then refuses `/p` when the reconnect restores it (behind a
+/// flood), and B subscribes afresh at once (the server accepting it again): B's `on` is
+/// answered 200, from the subscription as the notice stream last showed it or from a
+/// fresh one. With `a_leaves`, A gives `/p` up right after.
+///
+/// Then, once every notice has reached the clients, the server holds `/p` exactly when B
+/// does (no subscriber without events, no subscription without subscriber), and B's off
+/// gives it back.
+async fn refused_restore_with_a_fresh_subscriber(a_leaves: bool) {
+    let server = server().await;
+    let daemon = Daemon::start(&server.url()).await;
+    let mut a = daemon.open_client().await;
+    let mut b = daemon.open_client().await;
+    let mut probe = daemon.open_client().await;
+    a.subscribe("/p", 1).await;
+    probe.subscribe("/marker", 1).await;
+    let _fan_out = slow_fan_out(&daemon).await;
+    server.set_refuse_subscriptions("/p", Some(401));
+    flood(&server).await;
+    server.clear_received();
+    server.restart().await.expect("restart");
+    let restored = |s: &qio_testserver::TestServer| {
+        s.received()
             .iter()
             .any(|r| r.path == "/qio/on" && r.data == json!("/p"))
-    })
-    .await;
+    };
+    assert!(server.wait_until(DEADLINE, restored).await, "/p restored");
     server.set_refuse_subscriptions("/p", None);
-    b.send(json!({"op":"on","path":"/p","id":1})).await;
-    let r = b.reply(json!(1)).await;
-    assert_eq!(r["code"], 200, "B subscribed afresh: {r}");
-    (a, b)
-}
-
-#[tokio::test]
-async fn bug_1a_a_former_holders_off_does_not_take_a_fresh_subscribers_reference() {
-    let server = server().await;
-    let daemon = Daemon::start(&server.url()).await;
-    let (mut a, mut b) = restored_refusal_then_fresh_subscriber(&server, &daemon).await;
-    // A was told its subscription is gone; its off (or leaving) must not touch B's.
-    let ev = a.event("/error").await;
-    assert_eq!(ev["data"]["path"], "/p", "{ev}");
-    a.unsubscribe("/p", 10).await;
-    drop(a);
-    assert_eq!(b.call(json!({"op":"status"}), 2).await["code"], 200);
-    assert_eq!(server.subscriptions().get("/p"), Some(&1), "still upstream");
-    server.broadcast("/p", json!("for b")).await;
-    assert_eq!(b.event("/p").await["data"], "for b", "B's events go on");
-    daemon.stop().await;
-}
-
-#[tokio::test]
-async fn bug_1b_a_late_refusal_neither_reaches_nor_removes_a_fresh_subscriber() {
-    let server = server().await;
-    let daemon = Daemon::start(&server.url()).await;
-    let (_a, mut b) = restored_refusal_then_fresh_subscriber(&server, &daemon).await;
-    server.broadcast("/p", json!("for b")).await;
-    // Everything B gets up to its event: no /error about /p.
+    // B may be told of the refusal of the restore (when it asked while the restore was
+    // waiting); it then asks again.
+    let mut id = 1;
     loop {
-        let v = b.next().await;
-        assert_ne!(v["event"], "/error", "no false /error for B: {v}");
-        if v["event"] == "/p" {
-            assert_eq!(v["data"], "for b");
+        let r = b.call(json!({"op":"on","path":"/p"}), id).await;
+        if r["code"] == 200 {
             break;
         }
+        assert_eq!(r["code"], 401, "{r}");
+        id += 1;
     }
-    // B's leave gives the upstream subscription back (nothing leaks).
-    b.unsubscribe("/p", 3).await;
+    if a_leaves {
+        a.unsubscribe("/p", 10).await;
+    }
+    // Everything the server sent so far has reached the clients once the marker has.
+    until("/marker is held upstream again", || async {
+        server.subscriptions().contains_key("/marker")
+    })
+    .await;
+    server.broadcast("/marker", json!("m")).await;
+    probe.event("/marker").await;
+    let st = probe.call(json!({"op":"status"}), 2).await;
+    let b_holds = st["data"]["subscriptions"]
+        .as_array()
+        .is_some_and(|s| s.iter().any(|s| s["path"] == "/p" && s["local_subscribers"] == 1));
+    until("the server's /p matches the daemon's", || async {
+        server.subscriptions().contains_key("/p") == b_holds
+    })
+    .await;
+    if !b_holds {
+        // B was told (by /error) that the refusal took its subscription; it asks again.
+        b.subscribe("/p", 5000).await;
+    }
+    server.broadcast("/p", json!("for b")).await;
+    assert_eq!(b.event("/p").await["data"], "for b", "B's events go on");
+    b.unsubscribe("/p", 5001).await;
+    if !a_leaves {
+        a.unsubscribe("/p", 10).await;
+    }
     until("the server no longer holds /p", || async {
         !server.subscriptions().contains_key("/p")
     })
@@ -86,20 +118,28 @@ async fn bug_1b_a_late_refusal_neither_reaches_nor_removes_a_fresh_subscriber() 
     daemon.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bug_1a_a_former_holders_off_does_not_take_a_fresh_subscribers_reference() {
+    refused_restore_with_a_fresh_subscriber(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bug_1b_a_late_refusal_neither_removes_a_fresh_subscriber_nor_leaks() {
+    refused_restore_with_a_fresh_subscriber(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bug_1c_a_callback_handle_is_usable_as_soon_as_its_reply_arrives_after_a_reconnect() {
     let server = server().await;
     let daemon = Daemon::start(&server.url()).await;
     let mut c = daemon.open_client().await;
-    c.subscribe("/a/flood", 1).await;
-    for round in 0..5u64 {
+    let _fan_out = slow_fan_out(&daemon).await;
+    for round in 0..3u64 {
         // Events in the notice stream ahead of the new connection's /open.
-        for i in 0..300 {
-            server.broadcast("/a/flood", json!(i)).await;
-        }
+        flood(&server).await;
         server.restart().await.expect("restart");
         // The first request that gets through carries a handle of the new connection.
-        let mut id = 1000 * round;
+        let mut id = 10_000 * round;
         let reply = loop {
             id += 1;
             let r = c
@@ -112,7 +152,7 @@ async fn bug_1c_a_callback_handle_is_usable_as_soon_as_its_reply_arrives_after_a
         };
         let cb = reply["cb"].as_str().expect("a handle").to_owned();
         let answered = c
-            .call(json!({"op":"callback","cb":cb,"data":"y"}), id + 500)
+            .call(json!({"op":"callback","cb":cb,"data":"y"}), id + 5000)
             .await;
         assert_eq!(answered["code"], 200, "round {round}: {answered}");
     }
