@@ -131,7 +131,11 @@ pub struct Args {
     #[arg(long, env = "QIOD_MAX_SUBSCRIPTIONS_PER_CLIENT", value_name = "N")]
     pub max_subscriptions_per_client: Option<String>,
     /// Most bytes of request ids kept for one client's requests waiting for an answer
-    #[arg(long, env = "QIOD_MAX_PENDING_ID_BYTES_PER_CLIENT", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "QIOD_MAX_PENDING_ID_BYTES_PER_CLIENT",
+        value_name = "BYTES"
+    )]
     pub max_pending_id_bytes_per_client: Option<String>,
     /// Most server callback requests handed to local clients that are remembered
     #[arg(long, env = "QIOD_MAX_HANDLES", value_name = "N")]
@@ -1081,7 +1085,13 @@ mod tests {
         assert_eq!(cfg.settings.ipc.max_pending_id_bytes_per_client, 100);
         let err = load_env(args_with_file(&path), &[("QIOD_MAX_HANDLES", "0")]).unwrap_err();
         assert!(
-            matches!(err, ConfigError::Invalid { key: "max_handles", .. }),
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "max_handles",
+                    ..
+                }
+            ),
             "{err}"
         );
         cfg.settings.ipc.validate().unwrap();

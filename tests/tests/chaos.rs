@@ -1219,7 +1219,7 @@ impl Chaos {
     async fn probe_leave(&mut self, round: u64, cur: usize) {
         let path = format!("/chaos/probe/{round}");
         let (mut writer, mut lines, reader) = connect(&self.socket).await;
-        let on = json!({"op": if round % 2 == 0 { "on" } else { "one" }, "path": path, "id": 1});
+        let on = json!({"op": if round.is_multiple_of(2) { "on" } else { "one" }, "path": path, "id": 1});
         let _ = writer.write_all(&line_of(&on)).await;
         let deadline = Instant::now() + DEADLINE;
         let confirmed = loop {
@@ -1231,13 +1231,17 @@ impl Chaos {
         };
         bump(&mut self.counts, "checks.leave-releases");
         if !confirmed {
-            self.violation(format!("round {round}: the probe's on {path} was not confirmed"));
+            self.violation(format!(
+                "round {round}: the probe's on {path} was not confirmed"
+            ));
         }
         drop(writer);
         drop(lines);
         let _ = reader.await;
         let released = self.servers[cur]
-            .wait_until(Duration::from_secs(5), |s| !s.subscriptions().contains_key(&path))
+            .wait_until(Duration::from_secs(5), |s| {
+                !s.subscriptions().contains_key(&path)
+            })
             .await;
         if !released {
             self.violation(format!(

@@ -94,9 +94,10 @@ async fn refused_restore_with_a_fresh_subscriber(a_leaves: bool) {
     server.broadcast("/marker", json!("m")).await;
     probe.event("/marker").await;
     let st = probe.call(json!({"op":"status"}), 2).await;
-    let b_holds = st["data"]["subscriptions"]
-        .as_array()
-        .is_some_and(|s| s.iter().any(|s| s["path"] == "/p" && s["local_subscribers"] == 1));
+    let b_holds = st["data"]["subscriptions"].as_array().is_some_and(|s| {
+        s.iter()
+            .any(|s| s["path"] == "/p" && s["local_subscribers"] == 1)
+    });
     until("the server's /p matches the daemon's", || async {
         server.subscriptions().contains_key("/p") == b_holds
     })
@@ -143,7 +144,10 @@ async fn bug_1c_a_callback_handle_is_usable_as_soon_as_its_reply_arrives_after_a
         let reply = loop {
             id += 1;
             let r = c
-                .call(json!({"op":"send","path":"/clienttest/echo","data":"x"}), id)
+                .call(
+                    json!({"op":"send","path":"/clienttest/echo","data":"x"}),
+                    id,
+                )
                 .await;
             if r["code"] == 200 {
                 break r;
@@ -174,7 +178,9 @@ async fn bug_3_repeated_ons_for_a_waiting_subscription_count_against_the_caps() 
     let mut lines = Vec::new();
     for id in 0..n {
         let op = if id % 2 == 0 { "on" } else { "one" };
-        lines.extend_from_slice(format!("{{\"op\":\"{op}\",\"path\":\"/w\",\"id\":{id}}}\n").as_bytes());
+        lines.extend_from_slice(
+            format!("{{\"op\":\"{op}\",\"path\":\"/w\",\"id\":{id}}}\n").as_bytes(),
+        );
     }
     c.write_raw(&lines).await;
     let mut refused = 0;
@@ -190,7 +196,10 @@ async fn bug_3_repeated_ons_for_a_waiting_subscription_count_against_the_caps() 
     }
     // A send with an id is refused the same way: the 8 waiting `on`s use the allowance.
     let r = c
-        .call(json!({"op":"send","path":"/clienttest/echo","data":1}), 5000)
+        .call(
+            json!({"op":"send","path":"/clienttest/echo","data":1}),
+            5000,
+        )
         .await;
     assert_eq!(r["code"], -3, "{r}");
     // Another client is not held up by it.
@@ -219,13 +228,17 @@ async fn bug_3_a_parked_requests_id_counts_in_bytes() {
     server.kill().await;
     c.event("/close").await;
     let big = "x".repeat(3000);
-    c.send(json!({"op":"on","path":"/w","id":big.clone()})).await;
+    c.send(json!({"op":"on","path":"/w","id":big.clone()}))
+        .await;
     c.send(json!({"op":"on","path":"/w","id":format!("{big}2")}))
         .await;
     let r = c.reply(json!(format!("{big}2"))).await;
     assert_eq!(r["code"], -3, "{r}");
     let msg = r["err_msg"].as_str().unwrap_or_default();
-    assert!(msg.contains("max_pending_id_bytes_per_client = 4096"), "{r}");
+    assert!(
+        msg.contains("max_pending_id_bytes_per_client = 4096"),
+        "{r}"
+    );
     // Short ids still fit.
     c.send(json!({"op":"on","path":"/w","id":1})).await;
     server.restart().await.expect("restart");

@@ -453,9 +453,11 @@ impl Hub {
         };
         if holding {
             if op == Op::On {
-                if let Some(h) = st.subs.get_mut(path).and_then(|e| {
-                    e.holders.iter_mut().find(|h| h.client.id == client.id)
-                }) {
+                if let Some(h) = st
+                    .subs
+                    .get_mut(path)
+                    .and_then(|e| e.holders.iter_mut().find(|h| h.client.id == client.id))
+                {
                     h.once = false;
                 }
             }
@@ -925,7 +927,10 @@ mod tests {
         let gen = on(&hub, &a, "/p", 1, Op::On).unwrap();
         hub.dispatch(event("/p", 1));
         assert!(hub.unsubscribe(1, "/p").is_none(), "still waiting");
-        assert_eq!(hub.dispatch(answer("/p", gen, 200)), [("/p".to_owned(), gen)]);
+        assert_eq!(
+            hub.dispatch(answer("/p", gen, 200)),
+            [("/p".to_owned(), gen)]
+        );
         hub.dispatch(event("/p", 2));
         assert_eq!(lines(&a).await, [r#"{"id":1,"code":200,"data":null}"#]);
     }
@@ -950,7 +955,10 @@ mod tests {
         assert_eq!(hub.leave(2), [("/p".to_owned(), g2)], "B gives it back");
         assert_eq!(
             lines(&b).await,
-            [r#"{"id":1,"code":200,"data":null}"#, r#"{"event":"/p","data":7}"#]
+            [
+                r#"{"id":1,"code":200,"data":null}"#,
+                r#"{"event":"/p","data":7}"#
+            ]
         );
     }
 
@@ -969,8 +977,17 @@ mod tests {
         assert!(hub.dispatch(answer("/p", g, 401)).is_empty());
         assert!(hub.leave(1).is_empty() && hub.leave(2).is_empty());
         let a_lines = lines(&a).await;
-        assert!(a_lines.last().unwrap().contains(r#""op":"on","path":"/p","code":401"#), "{a_lines:?}");
-        assert_eq!(lines(&b).await, [r#"{"id":5,"code":401,"data":null,"err_msg":"refused"}"#]);
+        assert!(
+            a_lines
+                .last()
+                .unwrap()
+                .contains(r#""op":"on","path":"/p","code":401"#),
+            "{a_lines:?}"
+        );
+        assert_eq!(
+            lines(&b).await,
+            [r#"{"id":5,"code":401,"data":null,"err_msg":"refused"}"#]
+        );
     }
 
     /// Bug 6: an `on` for a path held through `one` is decided in one step: lasting if

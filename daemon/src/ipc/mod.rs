@@ -64,7 +64,10 @@ impl IpcConfig {
             ("client_queue_events", self.client_queue_events),
             ("max_clients", self.max_clients),
             ("max_pending_per_client", self.max_pending_per_client),
-            ("max_subscriptions_per_client", self.max_subscriptions_per_client),
+            (
+                "max_subscriptions_per_client",
+                self.max_subscriptions_per_client,
+            ),
             (
                 "max_pending_id_bytes_per_client",
                 self.max_pending_id_bytes_per_client,

@@ -136,12 +136,20 @@ impl<T> Session<T> {
             }
             return;
         };
-        let Upstream::Asked { cb: asked, or_earlier } = sub.upstream else {
+        let Upstream::Asked {
+            cb: asked,
+            or_earlier,
+        } = sub.upstream
+        else {
             return;
         };
         let current = cb == asked || (or_earlier && cb < asked);
         if !current {
-            tracing::debug!(path, cb, "answer to an earlier subscription request; dropped");
+            tracing::debug!(
+                path,
+                cb,
+                "answer to an earlier subscription request; dropped"
+            );
             return;
         }
         let gen = sub.gen;

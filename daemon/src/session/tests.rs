@@ -307,7 +307,11 @@ fn a_wanted_path_is_asked_once_and_each_newer_generation_is_told() {
     assert!(h.drain().is_empty());
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":\"hi\"}");
     let outs = h.drain();
-    assert_eq!(subs(&outs), [("/news", 2, 200)], "answered for the current one");
+    assert_eq!(
+        subs(&outs),
+        [("/news", 2, 200)],
+        "answered for the current one"
+    );
     // Already active: a newer want is confirmed at once, an older one is stale.
     h.s.want("/news", None, 3);
     assert_eq!(subs(&h.drain()), [("/news", 3, 200)]);
@@ -339,7 +343,10 @@ fn unwant_then_want_asks_again_and_ignores_the_old_answer() {
     assert!(h.drain().is_empty());
     h.frame("/qio/callback/2:0={\"code\":401,\"data\":null,\"err_msg\":\"no\"}");
     assert_eq!(subs(&h.drain()), [("/p", 2, 401)]);
-    assert!(h.s.status(h.now).subscriptions.is_empty(), "refused: not wanted");
+    assert!(
+        h.s.status(h.now).subscriptions.is_empty(),
+        "refused: not wanted"
+    );
 }
 
 #[test]
@@ -420,14 +427,22 @@ fn wants_are_bounded_and_refused_in_the_stream() {
     assert_eq!(sent(&outs).len(), 2);
     assert_eq!(
         subs(&outs),
-        [("/c", 3, code::OVERLOADED), ("/qio/x", 4, code::BAD_REQUEST)]
+        [
+            ("/c", 3, code::OVERLOADED),
+            ("/qio/x", 4, code::BAD_REQUEST)
+        ]
     );
     // Switched off and on while their answers are due: the asks stay bounded too.
     h.s.unwant("/a", 1);
     h.s.unwant("/b", 2);
     h.s.want("/a", None, 5);
     let outs = h.drain();
-    assert_eq!(subs(&outs), [("/a", 5, code::OVERLOADED)], "{:?}", sent(&outs));
+    assert_eq!(
+        subs(&outs),
+        [("/a", 5, code::OVERLOADED)],
+        "{:?}",
+        sent(&outs)
+    );
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
     h.drain();
     h.s.want("/a", None, 6);
