@@ -283,3 +283,20 @@ async fn bug_6_a_one_made_lasting_by_an_on_keeps_its_events() {
     }
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn closing_the_sending_side_still_gets_a_waiting_on_answered() {
+    let server = server().await;
+    let daemon = Daemon::start(&server.url()).await;
+    let mut c = daemon.open_client().await;
+    server.kill().await;
+    c.event("/close").await;
+    c.send(json!({"op":"on","path":"/w","id":1})).await;
+    use tokio::io::AsyncWriteExt;
+    c.writer.shutdown().await.unwrap();
+    server.restart().await.expect("restart");
+    assert_eq!(c.reply(json!(1)).await["code"], 200, "still answered");
+    while c.try_next().await.is_some() {}
+    until_unsubscribed(&server).await;
+    daemon.stop().await;
+}

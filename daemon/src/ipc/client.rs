@@ -85,7 +85,12 @@ pub async fn serve_client(
     loop {
         // Closing the sending side ends the session: what was asked is still answered,
         // then the client goes (a half-closed socket cannot be told from a closed one).
-        if !reading && conn.waits.is_empty() {
+        // Its `on`/`one` requests wait in the hub, which says when one is answered.
+        let subs_waiting = client
+            .sub_waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0;
+        if !reading && conn.waits.is_empty() && !subs_waiting {
             break;
         }
         // A client that does not read its replies stops being read: backpressure, not
@@ -98,6 +103,7 @@ pub async fn serve_client(
             _ = tokio::time::sleep_until(sub_deadline.unwrap_or_else(tokio::time::Instant::now)), if sub_deadline.is_some() => {
                 conn.expire().await;
             }
+            _ = client.sub_answered.notified(), if !reading => {}
             _ = client.outbox.room(), if !room => {}
             line = lines.next(), if reading && room => match line {
                 Some(Ok(line)) => conn.handle_line(line).await,

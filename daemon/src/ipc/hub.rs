@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,9 @@ pub struct ClientRef {
     pub sub_waiting: AtomicUsize,
     /// Bytes of the ids of those requests.
     pub sub_waiting_bytes: AtomicUsize,
+    /// Notified whenever one of those requests is answered (a client that closed its
+    /// sending side leaves once the last one is).
+    pub sub_answered: Notify,
 }
 
 impl ClientRef {
@@ -52,6 +55,7 @@ impl ClientRef {
             pending_events,
             sub_waiting: AtomicUsize::new(0),
             sub_waiting_bytes: AtomicUsize::new(0),
+            sub_answered: Notify::new(),
         }
     }
 
@@ -253,6 +257,7 @@ impl State {
         client
             .sub_waiting_bytes
             .fetch_sub(r.id_bytes(), Ordering::Relaxed);
+        client.sub_answered.notify_one();
         if let Some(c) = self.by_client.get_mut(&client.id) {
             c.deadlines.remove(&(r.deadline, r.serial));
         }
