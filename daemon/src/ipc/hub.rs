@@ -748,11 +748,14 @@ impl Hub {
                     // For a generation already ended: its holders and waiters are gone.
                     return Vec::new();
                 }
-                if outcome.code != code::OK {
+                let restored = st.subs.get(&path).is_some_and(|e| !e.holders.is_empty());
+                if outcome.code != code::OK && restored {
+                    // Its holders lose it: worth a line (a client's own refused `on` is
+                    // its reply's business).
                     tracing::warn!(
                         path,
                         code = outcome.code,
-                        "the subscription was refused: {}",
+                        "the server refused a restored subscription: {}",
                         outcome.err_msg.as_deref().unwrap_or("no reason given")
                     );
                 }
