@@ -4,7 +4,7 @@
 //! connection came up, a frame arrived, a deadline passed, a caller asked for something)
 //! with the current [`Instant`], and drains [`Output`]s telling it what to do (connect,
 //! send a frame, close, answer a caller). That keeps every protocol rule (handshake,
-//! callbacks, reference-counted subscriptions, heartbeats, backoff, the offline queue,
+//! callbacks, which paths are wanted upstream, heartbeats, backoff, the offline queue,
 //! moves) testable without a network and without waiting for real timers.
 //!
 //! `T` is whatever the caller wants back with an answer: the driver uses a oneshot
