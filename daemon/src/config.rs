@@ -157,6 +157,16 @@ pub struct Args {
     /// How often to check that the socket file is still ours (qiod exits if not), in ms
     #[arg(long, env = "QIOD_SOCKET_CHECK_MS", value_name = "MS")]
     pub socket_check_ms: Option<String>,
+    /// Most bytes of request ids kept for one client's requests waiting for an answer
+    #[arg(
+        long,
+        env = "QIOD_MAX_PENDING_ID_BYTES_PER_CLIENT",
+        value_name = "BYTES"
+    )]
+    pub max_pending_id_bytes_per_client: Option<String>,
+    /// Most server callback requests handed to local clients that are remembered
+    #[arg(long, env = "QIOD_MAX_HANDLES", value_name = "N")]
+    pub max_handles: Option<String>,
     /// Groups (names or numeric gids) whose members may connect besides our own user
     #[arg(
         long,
@@ -249,6 +259,8 @@ struct FileConfig {
     max_clients: Option<toml::Value>,
     max_pending_per_client: Option<toml::Value>,
     max_subscriptions_per_client: Option<toml::Value>,
+    max_pending_id_bytes_per_client: Option<toml::Value>,
+    max_handles: Option<toml::Value>,
     allowed_groups: Option<toml::Value>,
     refusal_log_interval_ms: Option<toml::Value>,
     socket_check_ms: Option<toml::Value>,
@@ -313,6 +325,8 @@ const NUMS: &[Num] = &[
     count!(max_subscriptions_per_client => ipc.max_subscriptions_per_client),
     millis!(refusal_log_interval_ms => ipc.refusal_log_interval),
     millis!(socket_check_ms => ipc.socket_check_interval),
+    count!(max_pending_id_bytes_per_client => ipc.max_pending_id_bytes_per_client),
+    count!(max_handles => ipc.max_handles),
 ];
 
 /// Where a value came from, so an error points the operator at the right place.
@@ -1154,6 +1168,38 @@ mod tests {
         let path = write(&dir, "servers = 'ws://h:1/'\nmax_clients = 7\n");
         let cfg = load_env(Args::default(), &[("QIOD_CONFIG", path.to_str().unwrap())]).unwrap();
         assert_eq!(cfg.settings.ipc.max_clients, 7);
+    }
+
+    #[test]
+    fn the_hub_bounds_are_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "servers = 'ws://h:1/'\nmax_handles = 9\nmax_pending_id_bytes_per_client = 100\n",
+        );
+        let cfg = load_env(args_with_file(&path), &[("QIOD_MAX_HANDLES", "11")]).unwrap();
+        assert_eq!(cfg.settings.ipc.max_handles, 11, "the variable wins");
+        assert_eq!(cfg.settings.ipc.max_pending_id_bytes_per_client, 100);
+        let err = load_env(args_with_file(&path), &[("QIOD_MAX_HANDLES", "0")]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "max_handles",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        cfg.settings.ipc.validate().unwrap();
+        let zero = crate::ipc::IpcConfig {
+            max_handles: 0,
+            ..crate::ipc::IpcConfig::default()
+        };
+        assert_eq!(
+            zero.validate().unwrap_err().to_string(),
+            "max_handles must be at least 1"
+        );
     }
 
     #[test]

@@ -110,25 +110,22 @@ pub enum Notice {
         /// Why, with the code.
         outcome: Outcome,
     },
-    /// A restored subscription was refused; its holders hold it no more.
-    SubscriptionLost {
+    /// The answer about a path wanted with [`SessionHandle::want`] (see
+    /// [`Output::Subscription`]): on this stream, so it keeps its place among the events.
+    Subscription {
         /// The path.
         path: String,
-        /// The refusal.
+        /// The generation of the want it answers.
+        gen: u64,
+        /// 200 (active upstream), or the refusal (no longer wanted).
         outcome: Outcome,
     },
 }
 
-/// Where an answer goes. A subscription's answer remembers its path: when its caller is
-/// gone by the time the server confirms, the reference is given back at once instead of
-/// leaking.
+/// Where an answer goes.
 #[derive(Debug)]
 enum Reply {
     Plain(oneshot::Sender<Outcome>),
-    Subscribe {
-        tx: oneshot::Sender<Outcome>,
-        path: String,
-    },
 }
 
 enum Command {
@@ -149,13 +146,14 @@ enum Command {
         reply: Option<Reply>,
         done: oneshot::Sender<Result<(), SessionError>>,
     },
-    Subscribe {
+    Want {
         path: String,
         data: Option<Box<RawValue>>,
-        reply: Reply,
+        gen: u64,
     },
-    Unsubscribe {
+    Unwant {
         path: String,
+        gen: u64,
     },
     Status {
         reply: oneshot::Sender<SessionStatus>,
@@ -270,38 +268,24 @@ impl SessionHandle {
         self.deferred(cmd, rx).await
     }
 
-    /// Takes a reference on a subscription; see [`Session::subscribe`].
-    pub async fn subscribe(&self, path: &str, data: Option<Box<RawValue>>) -> Outcome {
-        self.subscribe_deferred(path, data).await.await
-    }
-
-    /// Like [`SessionHandle::subscribe`], returning the wait for the answer. Dropping the
-    /// wait is safe: a confirmation nobody receives is given back to the session.
-    pub async fn subscribe_deferred(
-        &self,
-        path: &str,
-        data: Option<Box<RawValue>>,
-    ) -> impl Future<Output = Outcome> + Send + 'static {
-        let (tx, rx) = oneshot::channel();
-        let cmd = Command::Subscribe {
+    /// Wants a path upstream for generation `gen`; see [`Session::want`]. The answer comes
+    /// as a [`Notice::Subscription`].
+    pub async fn want(&self, path: &str, data: Option<Box<RawValue>>, gen: u64) {
+        let cmd = Command::Want {
             path: path.to_owned(),
             data,
-            reply: Reply::Subscribe {
-                tx,
-                path: path.to_owned(),
-            },
+            gen,
         };
-        self.deferred(cmd, rx).await
+        let _ = self.tx.send(cmd).await;
     }
 
-    /// Gives back a reference taken by a successful subscribe.
-    pub async fn unsubscribe(&self, path: &str) {
-        let _ = self
-            .tx
-            .send(Command::Unsubscribe {
-                path: path.to_owned(),
-            })
-            .await;
+    /// Ends generation `gen` of a wanted path; see [`Session::unwant`].
+    pub async fn unwant(&self, path: &str, gen: u64) {
+        let cmd = Command::Unwant {
+            path: path.to_owned(),
+            gen,
+        };
+        let _ = self.tx.send(cmd).await;
     }
 
     /// Replaces the configured server addresses (a reload); see [`Session::set_servers`].
@@ -737,12 +721,8 @@ impl Driver {
             } => {
                 let _ = done.send(self.session.answer(now, handle, &data, reply));
             }
-            Command::Subscribe { path, data, reply } => {
-                self.session.subscribe(now, &path, data.as_deref(), reply)
-            }
-            Command::Unsubscribe { path } => {
-                self.session.unsubscribe(&path);
-            }
+            Command::Want { path, data, gen } => self.session.want(&path, data.as_deref(), gen),
+            Command::Unwant { path, gen } => self.session.unwant(&path, gen),
             Command::Status { reply } => {
                 let _ = reply.send(self.session.status(now));
             }
@@ -770,13 +750,6 @@ impl Driver {
             Output::Reply(Reply::Plain(tx), outcome) => {
                 let _ = tx.send(outcome);
             }
-            Output::Reply(Reply::Subscribe { tx, path }, outcome) => {
-                if let Err(outcome) = tx.send(outcome) {
-                    if outcome.code == crate::session::code::OK {
-                        self.session.unsubscribe(&path);
-                    }
-                }
-            }
             Output::Event(ev) => self.notify(Notice::Event(ev)),
             Output::State(state) => {
                 log_state(&state, &mut self.repeats);
@@ -791,13 +764,8 @@ impl Driver {
                 path,
                 outcome,
             }),
-            Output::SubscriptionLost { path, outcome } => {
-                tracing::warn!(
-                    path,
-                    code = outcome.code,
-                    "the server refused a restored subscription"
-                );
-                self.notify(Notice::SubscriptionLost { path, outcome })
+            Output::Subscription { path, gen, outcome } => {
+                self.notify(Notice::Subscription { path, gen, outcome })
             }
         }
     }

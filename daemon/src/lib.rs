@@ -87,6 +87,11 @@ pub async fn run_with(
     mut reload: mpsc::Receiver<Reload>,
     observer: Observer,
 ) -> anyhow::Result<()> {
+    settings
+        .ipc
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid local settings: {e}"))?;
+    let request_timeout = settings.driver.session.request_timeout;
     let tasks = TaskTracker::new();
     let (died_tx, mut died) = mpsc::channel(ESSENTIAL_TASKS);
     #[cfg(test)]
@@ -108,7 +113,7 @@ pub async fn run_with(
         }
         None => notices,
     };
-    let hub = Arc::new(ipc::Hub::new(MAX_HANDLES));
+    let hub = Arc::new(ipc::Hub::new(&settings.ipc, request_timeout));
     let notice_task = essential(
         Task::Notices,
         Box::pin(ipc::run_notices(hub.clone(), session.clone(), notices)),
@@ -255,9 +260,6 @@ fn tap_states(
 /// Notices in flight between the state tap and the hub. Small: the session's own notice
 /// channel is the real buffer, this one only decouples the two tasks.
 const TAP_CAPACITY: usize = 64;
-
-/// How many server callback requests handed to local clients are remembered.
-const MAX_HANDLES: usize = 65_536;
 
 /// The test hook of [`run_with`]: one essential task fails when a token is cancelled.
 #[cfg(test)]

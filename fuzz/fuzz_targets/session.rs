@@ -1,12 +1,13 @@
 //! The session state machine driven by a script of hostile server frames, caller requests
-//! and clock steps. Checks: no panic; every request, answer and subscription gets exactly
-//! one reply, also through shutdown; after a timeout is handled the next deadline is in
-//! the future (no busy loop).
+//! and clock steps. Checks: no panic; every request and answer gets exactly one reply, also
+//! through shutdown; a subscription answer only ever concerns a generation still wanted,
+//! and nothing follows a refusal for it; after a timeout is handled the next deadline is
+//! in the future (no busy loop).
 //!
 //! Script: one action per line, the first character picks it, the rest is its argument:
 //! `f` frame, `c` connected, `x` closed, `X` connect failed, `w` wrong dialect, `t` advance
-//! the clock (ms) and handle timeouts, `s`/`S` subscribe (without/with data), `u`
-//! unsubscribe, `r` request, `e` emit, `a` answer a handle (arg: `<conn>.<id>`, or empty for
+//! the clock (ms) and handle timeouts, `s`/`S` want a path for a new generation
+//! (without/with data), `u` unwant its latest generation, `r` request, `e` emit, `a` answer a handle (arg: `<conn>.<id>`, or empty for
 //! one the session handed out), `A` the same asking for a callback, `m` set servers,
 //! `q` status.
 #![no_main]
@@ -15,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use qiod::codec;
 use qiod::session::{CbHandle, Output, Session, SessionConfig};
 use serde_json::value::RawValue;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use url::Url;
 
@@ -24,6 +25,10 @@ struct Harness {
     issued: u64,
     replies: HashMap<u64, u32>,
     handles: Vec<CbHandle>,
+    /// Generations wanted and not yet unwanted or refused.
+    wanted: HashSet<u64>,
+    /// The latest generation per (cleaned) path.
+    latest: HashMap<String, u64>,
 }
 
 impl Harness {
@@ -56,9 +61,18 @@ impl Harness {
                         || text == codec::OHAI;
                     assert!(ok, "the session sent an invalid frame: {text:?}");
                 }
+                Output::Subscription { gen, outcome, .. } => {
+                    assert!(
+                        self.wanted.contains(&gen),
+                        "an answer (code {}) for generation {gen}, not wanted",
+                        outcome.code
+                    );
+                    if outcome.code != 200 {
+                        self.wanted.remove(&gen);
+                    }
+                }
                 Output::Connect { .. }
                 | Output::Close
-                | Output::SubscriptionLost { .. }
                 | Output::Dropped { .. }
                 | Output::State(_) => {}
             }
@@ -105,16 +119,24 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
             }
-            's' => {
-                let t = h.issue();
-                s.subscribe(now, arg, None, t);
-            }
-            'S' => {
-                let t = h.issue();
-                s.subscribe(now, arg, Some(&sub_data), t);
+            's' | 'S' => {
+                // Generations share the counter with requests but need no reply.
+                h.issued += 1;
+                let gen = h.issued;
+                h.replies.insert(gen, 1);
+                h.wanted.insert(gen);
+                if let Some(old) = h.latest.insert(codec::clean_path(arg), gen) {
+                    // A newer want takes over the path; the older one is never answered.
+                    h.wanted.remove(&old);
+                }
+                let data = (op == 'S').then_some(&*sub_data);
+                s.want(arg, data, gen);
             }
             'u' => {
-                s.unsubscribe(arg);
+                if let Some(gen) = h.latest.remove(&codec::clean_path(arg)) {
+                    h.wanted.remove(&gen);
+                    s.unwant(arg, gen);
+                }
             }
             'r' => {
                 let t = h.issue();

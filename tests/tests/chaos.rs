@@ -1176,10 +1176,14 @@ impl Chaos {
         if !consistent {
             self.violation(format!("round {round}: subscriptions differ: {last}"));
         }
-        // 6. A broadcast on every held path reaches every holder.
-        let want = self.expected_subscriptions();
+        // 6. A broadcast on every held path reaches every holder; and on every path
+        // active upstream too: no local subscriber's events stop while its subscription
+        // is active upstream.
+        let mut paths: std::collections::BTreeSet<String> =
+            self.expected_subscriptions().into_keys().collect();
+        paths.extend(self.servers[cur].subscriptions().into_keys());
         let mut expect = Vec::new();
-        for path in want.keys() {
+        for path in &paths {
             self.marker += 1;
             let m = self.marker;
             let holders: Vec<usize> = self
@@ -1245,7 +1249,9 @@ impl Chaos {
                 "round {round}: subscribers silently stopped getting events: {missed:?}"
             ));
         }
-        // 7. Account for what reached the servers.
+        // 7. A client that subscribes and leaves takes its upstream subscription along.
+        self.probe_leave(round, cur).await;
+        // 8. Account for what reached the servers.
         self.account();
         let reconnects = status["reconnects"].as_u64().unwrap_or(0);
         if reconnects != self.reconnects || self.ctl.closes != self.ctl_closes {
@@ -1253,6 +1259,49 @@ impl Chaos {
         }
         self.reconnects = reconnects;
         self.ctl_closes = self.ctl.closes;
+    }
+
+    /// Subscribes a throwaway client to a path nobody else uses and drops its connection
+    /// at once: after all (here: the only) clients of a path leave, no upstream
+    /// subscription of it remains.
+    async fn probe_leave(&mut self, round: u64, cur: usize) {
+        let path = format!("/chaos/probe/{round}");
+        let (mut writer, mut lines, reader) = connect(&self.socket).await;
+        let on = json!({"op": if round.is_multiple_of(2) { "on" } else { "one" }, "path": path, "id": 1});
+        let _ = writer.write_all(&line_of(&on)).await;
+        let deadline = Instant::now() + DEADLINE;
+        let reply = loop {
+            match tokio::time::timeout_at(deadline, lines.recv()).await {
+                Ok(Some(Ok(v))) if v["id"] == 1 => break Some(v),
+                Ok(Some(Ok(_))) => {}
+                _ => break None,
+            }
+        };
+        // A timeout (-2) is allowed: the connection may break right after the barrier on
+        // a loaded machine (100 ms ping timeout). Either way nothing may stay upstream.
+        match reply {
+            Some(v) if v["code"] == 200 || v["code"] == -2 => {
+                bump(
+                    &mut self.counts,
+                    format!("checks.leave-releases.{}", v["code"]),
+                );
+            }
+            Some(v) => self.violation(format!("round {round}: the probe's on {path}: {v}")),
+            None => self.violation(format!("round {round}: the probe's on {path} got no reply")),
+        }
+        drop(writer);
+        drop(lines);
+        let _ = reader.await;
+        let released = self.servers[cur]
+            .wait_until(Duration::from_secs(5), |s| {
+                !s.subscriptions().contains_key(&path)
+            })
+            .await;
+        if !released {
+            self.violation(format!(
+                "round {round}: {path} is still subscribed upstream after its only client left"
+            ));
+        }
     }
 
     /// Takes what the servers received and logged since the last barrier.
@@ -1714,6 +1763,12 @@ async fn soak(seed: u64, faults: u64, delivery: FireAndForget) {
     if after["clients"] != 1 || after["subscriptions"] != json!([]) {
         c.violation(format!(
             "state left behind after every client left: {after}"
+        ));
+    }
+    let left_upstream: Vec<_> = c.servers.iter().map(|s| s.subscriptions()).collect();
+    if left_upstream.iter().any(|s| !s.is_empty()) {
+        c.violation(format!(
+            "upstream subscriptions left after every client left: {left_upstream:?}"
         ));
     }
     let fd_after = settle_count(fd_base, fd_count).await;

@@ -22,15 +22,12 @@ async fn subscribe_broadcast_and_unsubscribe_in_both_dialects() {
         let server = server_of(d).await;
         let mut up = Upstream::start(&server.url()).await;
         assert_eq!(
-            up.handle
-                .subscribe("/clienttest/broadcast", None)
-                .await
-                .code,
+            up.subscribe("/clienttest/broadcast", None).await.code,
             200,
             "{d}"
         );
         up.wait_event("/clienttest/broadcast").await;
-        up.handle.unsubscribe("/clienttest/broadcast").await;
+        up.unsubscribe("/clienttest/broadcast").await;
         until_unsubscribed(&server).await;
         let st = up.handle.status().await.unwrap();
         assert_eq!(st.dialect, d.to_string(), "detected dialect");
@@ -125,7 +122,7 @@ async fn moves_restarts_and_the_offline_queue_in_both_dialects() {
         let a = server_of(d).await;
         let b = server_of(d).await;
         let mut up = Upstream::start(&a.url()).await;
-        assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
+        assert_eq!(up.subscribe("/news", None).await.code, 200);
         let target = serde_json::to_string(&b.url()).unwrap();
         up.trigger("/clienttest/move", &target).await;
         let url = up.wait_open().await;

@@ -107,7 +107,7 @@ async fn notices_nobody_takes_pause_reading_but_not_commands() {
     let mut cfg = fast_config(&[server.url()]);
     cfg.notice_capacity = 4;
     let mut up = Upstream::start_with(cfg).await;
-    assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
+    assert_eq!(up.subscribe("/news", None).await.code, 200);
     const EVENTS: u64 = 200;
     for i in 0..EVENTS {
         assert_eq!(server.broadcast("/news", json!(i)).await, 1);

@@ -121,7 +121,7 @@ async fn server_callback_ids_that_are_not_sequential_reach_the_right_request() {
 async fn a_close_frame_without_a_status_code_is_a_normal_reconnect() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
-    assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
+    assert_eq!(up.subscribe("/news", None).await.code, 200);
     up.trigger("/clienttest/close", "null").await;
     assert_eq!(up.wait_closed().await, "server closed the connection");
     up.wait_open().await;

@@ -27,12 +27,12 @@ fn no_ping_frames(server: &TestServer) {
 async fn conformance_broadcast() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
-    let out = up.handle.subscribe("/clienttest/broadcast", None).await;
+    let out = up.subscribe("/clienttest/broadcast", None).await;
     assert_eq!(out.code, 200);
     let (first, _) = up.wait_event("/clienttest/broadcast").await;
     let (second, _) = up.wait_event("/clienttest/broadcast").await;
     assert!(second.as_u64() > first.as_u64(), "{first} then {second}");
-    up.handle.unsubscribe("/clienttest/broadcast").await;
+    up.unsubscribe("/clienttest/broadcast").await;
     until_unsubscribed(&server).await;
     up.stop().await;
 }
@@ -41,7 +41,7 @@ async fn conformance_broadcast() {
 async fn conformance_close_reconnects_and_restores_subscriptions() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
-    assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
+    assert_eq!(up.subscribe("/news", None).await.code, 200);
     up.trigger("/clienttest/close", "null").await;
     up.wait_closed().await;
     up.wait_open().await;
@@ -156,18 +156,14 @@ async fn conformance_heartbeat_challenge_is_answered() {
 #[tokio::test]
 async fn conformance_in_progress_on_off_on_then_approval() {
     let server = server().await;
-    let mut cfg = fast_config(&[server.url()]);
-    cfg.session.request_timeout = Duration::from_millis(300);
-    let up = Upstream::start_with(cfg).await;
-    // on: the server holds it pending; our caller gives up, which sends off.
-    let first = up.handle.subscribe("/clienttest/in-progress", None).await;
-    assert_eq!(first.code, code::TIMEOUT);
+    let mut up = Upstream::start(&server.url()).await;
+    // on: the server holds it pending; every waiter gives up, which sends off.
+    let first = up.want("/clienttest/in-progress", None).await;
+    until_received(&server, "/qio/on").await;
+    up.handle.unwant("/clienttest/in-progress", first).await;
     until_received(&server, "/qio/off").await;
     // on again: the server answers 202, and the final answer comes for the first on.
-    let second = up
-        .handle
-        .subscribe_deferred("/clienttest/in-progress", None)
-        .await;
+    let second = up.want("/clienttest/in-progress", None).await;
     until("the second on reached the server", || async {
         server
             .received()
@@ -181,9 +177,9 @@ async fn conformance_in_progress_on_off_on_then_approval() {
         .emit("/clienttest/in-progress", raw("null"))
         .await
         .unwrap();
-    let out = tokio::time::timeout(DEADLINE, second)
-        .await
-        .expect("answered");
+    let out = up
+        .wait_subscription("/clienttest/in-progress", second)
+        .await;
     assert_eq!(out.code, 200);
     let st = up.handle.status().await.unwrap();
     assert_eq!(st.subscriptions[0].state, "active");
@@ -199,7 +195,7 @@ async fn conformance_move_to_a_second_server() {
     let a = server().await;
     let b = server().await;
     let mut up = Upstream::start(&a.url()).await;
-    assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
+    assert_eq!(up.subscribe("/news", None).await.code, 200);
     let target = serde_json::to_string(&b.url()).unwrap();
     up.trigger("/clienttest/move", &target).await;
     let (from, to) = up
@@ -255,14 +251,10 @@ async fn conformance_send_unsubscribed_is_dropped() {
 #[tokio::test]
 async fn conformance_on_data() {
     let server = server().await;
-    let up = Upstream::start(&server.url()).await;
-    let out = up
-        .handle
-        .subscribe("/clienttest/on-data", Some(raw("1")))
-        .await;
+    let mut up = Upstream::start(&server.url()).await;
+    let out = up.subscribe("/clienttest/on-data", Some(raw("1"))).await;
     assert_eq!(out.code, 401);
     let out = up
-        .handle
         .subscribe("/clienttest/on-data", Some(raw("123987")))
         .await;
     assert_eq!(out.code, 200);
@@ -273,7 +265,7 @@ async fn conformance_on_data() {
 async fn kill_and_restart_restores_subscriptions_fails_callbacks_and_flushes_the_queue() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
-    assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
+    assert_eq!(up.subscribe("/news", None).await.code, 200);
     let waiting = up
         .handle
         .request_deferred("/clienttest/drop-callback", raw("1"))
@@ -432,7 +424,7 @@ async fn an_invalid_frame_from_the_server_closes_and_reconnects() {
 async fn server_requests_reach_subscribers_with_a_handle_to_answer() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
-    assert_eq!(up.handle.subscribe("/ask", None).await.code, 200);
+    assert_eq!(up.subscribe("/ask", None).await.code, 200);
     server.request_from_all("/ask", json!("q")).await;
     let (data, cb) = up.wait_event("/ask").await;
     assert_eq!(data, json!("q"));

@@ -1,6 +1,8 @@
 //! One local client: reads its request lines, runs one handler per op, writes its lines.
 
-use super::hub::{error_event, event_line, to_raw, ClientRef, Hub};
+use super::hub::{
+    error_event, event_line, reply_line, to_raw, ClientLoad, ClientRef, Hub, Subscribed, Unwant,
+};
 use super::lines::{Line, LineDecoder};
 use super::outbox::Outbox;
 use super::IpcConfig;
@@ -11,8 +13,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use qio_ipc::{events, Id, Op, RawRequest, ReplyOut};
-use std::collections::{HashMap, HashSet};
+use qio_ipc::{events, Id, Op, RawRequest};
 use std::io::IoSlice;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -24,20 +25,13 @@ use tokio_util::sync::CancellationToken;
 /// Paths a client may not subscribe to: their events would look like the daemon's own.
 const RESERVED: [&str; 4] = [events::OPEN, events::CLOSE, events::ERROR, events::LOST];
 
-/// An answer that arrived for one of the client's requests.
-enum Done {
-    Reply {
-        id: Option<Id>,
-        op: Op,
-        path: Option<String>,
-        outcome: Outcome,
-    },
-    Subscribed {
-        id: Option<Id>,
-        op: Op,
-        path: String,
-        outcome: Outcome,
-    },
+/// An answer that arrived for one of the client's `send`/`callback` requests.
+/// (Subscriptions wait in the hub, which owns them.)
+struct Done {
+    id: Option<Id>,
+    op: Op,
+    path: Option<String>,
+    outcome: Outcome,
 }
 
 struct Conn {
@@ -46,11 +40,12 @@ struct Conn {
     session: SessionHandle,
     cfg: Arc<IpcConfig>,
     waits: FuturesUnordered<BoxFuture<'static, Done>>,
-    /// Paths this client is subscribing to, with the further `on`s that wait for the same
-    /// answer (one session reference per client and path).
-    subscribing: HashMap<String, Vec<(Option<Id>, Op)>>,
-    /// Paths unsubscribed while their `on` was still waiting.
-    cancelled: HashSet<String>,
+    /// Bytes of the ids held by `waits`.
+    wait_bytes: usize,
+    /// When the hub may have a waiting `on`/`one` of this client to time out (possibly
+    /// earlier than the real next deadline: a confirmation removes deadlines without
+    /// telling this task, which then just asks the hub again).
+    sub_deadline: Option<tokio::time::Instant>,
 }
 
 /// Serves one client until it leaves, is kicked, or the daemon stops.
@@ -64,17 +59,17 @@ pub async fn serve_client(
 ) {
     let (rd, wr) = stream.into_split();
     let grace = cfg.client_close_grace;
-    let client = Arc::new(ClientRef {
+    let client = Arc::new(ClientRef::new(
         id,
-        outbox: Outbox::new(
+        Outbox::new(
             cfg.client_queue_events,
             cfg.max_pending_per_client,
             cfg.slow_client,
         )
         .with_max_bytes(cfg.client_queue_bytes),
-        kick: stop.child_token(),
-        pending_events: cfg.client_queue_events,
-    });
+        stop.child_token(),
+        cfg.client_queue_events,
+    ));
     hub.join(client.clone());
     let abort_writer = CancellationToken::new();
     let mut writer = tokio::spawn(write_loop(wr, client.clone(), abort_writer.clone()));
@@ -86,22 +81,32 @@ pub async fn serve_client(
         session: session.clone(),
         cfg,
         waits: FuturesUnordered::new(),
-        subscribing: HashMap::new(),
-        cancelled: HashSet::new(),
+        wait_bytes: 0,
+        sub_deadline: None,
     };
     let mut reading = true;
     loop {
         // Closing the sending side ends the session: what was asked is still answered,
         // then the client goes (a half-closed socket cannot be told from a closed one).
-        if !reading && conn.waits.is_empty() {
+        // Its `on`/`one` requests wait in the hub, which says when one is answered.
+        let subs_waiting = client
+            .sub_waiting
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0;
+        if !reading && conn.waits.is_empty() && !subs_waiting {
             break;
         }
         // A client that does not read its replies stops being read: backpressure, not
         // an ever-growing buffer.
         let room = client.outbox.has_room();
+        let sub_deadline = conn.sub_deadline;
         tokio::select! {
             _ = client.kick.cancelled() => break,
-            Some(done) = conn.waits.next(), if !conn.waits.is_empty() => conn.finish(done).await,
+            Some(done) = conn.waits.next(), if !conn.waits.is_empty() => conn.finish(done),
+            _ = tokio::time::sleep_until(sub_deadline.unwrap_or_else(tokio::time::Instant::now)), if sub_deadline.is_some() => {
+                conn.expire().await;
+            }
+            _ = client.sub_answered.notified(), if !reading => {}
             _ = client.outbox.room(), if !room => {}
             line = lines.next(), if reading && room => match line {
                 Some(Ok(line)) => conn.handle_line(line).await,
@@ -115,14 +120,12 @@ pub async fn serve_client(
     }
     // Answers that are already there (at shutdown, every one is) still reach the client.
     while let Some(Some(done)) = conn.waits.next().now_or_never() {
-        conn.finish(done).await;
+        conn.finish(done);
     }
-    // Dropping the remaining waits is safe: the driver gives back unreceived subscriptions.
-    let waiting: Vec<String> = conn.subscribing.keys().cloned().collect();
     drop(conn);
-    for path in hub.leave(id, &waiting) {
-        session.unsubscribe(&path).await;
-    }
+    // The hub forgets what the client held or waited for, and says which paths that
+    // leaves without anyone.
+    unwant(&session, hub.leave(id)).await;
     client.outbox.close();
     // What is queued gets a bounded time to go out; then the writer is stopped and the
     // socket closed, so a client that stopped reading neither holds up shutdown nor keeps
@@ -294,13 +297,13 @@ impl Conn {
                     return;
                 }
                 let wait = self.session.request_deferred(&path, data).await;
-                self.waits
-                    .push(Box::pin(wait.map(move |outcome| Done::Reply {
-                        id: Some(id),
-                        op: Op::Send,
-                        path: Some(path),
-                        outcome,
-                    })));
+                self.wait_bytes += id.as_json().len();
+                self.waits.push(Box::pin(wait.map(move |outcome| Done {
+                    id: Some(id),
+                    op: Op::Send,
+                    path: Some(path),
+                    outcome,
+                })));
             }
             None => {
                 if let Err(e) = self.session.emit_from(self.client.id, &path, data).await {
@@ -318,10 +321,8 @@ impl Conn {
             Ok(h) => h,
             Err(msg) => return self.fail(req.id, Some(Op::Callback), None, code::BAD_REQUEST, msg),
         };
-        if !self.hub.is_current(handle) {
-            let msg = format!("callback handle {raw} belongs to a connection that is gone");
-            return self.fail(req.id, Some(Op::Callback), None, code::DISCONNECTED, msg);
-        }
+        // Whether the handle's connection is still open is for the session to judge (it
+        // owns the connection generation): it answers -1 itself.
         // The cap first: a refused request must not use up the handle.
         if let Some(id) = &req.id {
             if !self.may_wait(id, Op::Callback, "") {
@@ -337,13 +338,13 @@ impl Conn {
         match req.id {
             Some(id) => {
                 let wait = self.session.answer_deferred(handle, data).await;
-                self.waits
-                    .push(Box::pin(wait.map(move |outcome| Done::Reply {
-                        id: Some(id),
-                        op: Op::Callback,
-                        path: None,
-                        outcome,
-                    })));
+                self.wait_bytes += id.as_json().len();
+                self.waits.push(Box::pin(wait.map(move |outcome| Done {
+                    id: Some(id),
+                    op: Op::Callback,
+                    path: None,
+                    outcome,
+                })));
             }
             None => {
                 if let Err(e) = self.session.answer(handle, data).await {
@@ -360,51 +361,38 @@ impl Conn {
             let msg = format!("{path} is reserved for the daemon's own connection events");
             return self.fail(req.id, Some(op), Some(&path), code::BAD_REQUEST, msg);
         }
-        self.cancelled.remove(&path);
-        if self.hub.is_subscribed(self.client.id, &path) {
-            if op == Op::On {
-                self.hub.make_lasting(self.client.id, &path);
+        let load = ClientLoad {
+            waits: self.waits.len(),
+            wait_bytes: self.wait_bytes,
+        };
+        let decided = self
+            .hub
+            .subscribe(&self.client, &path, req.id, op, &self.cfg, load);
+        if let Subscribed::Waiting { deadline, want } = decided {
+            if self.sub_deadline.is_none_or(|d| deadline < d) {
+                self.sub_deadline = Some(deadline);
             }
-            return self.answer(req.id, op, Some(&path), Outcome::ok());
-        }
-        if let Some(more) = self.subscribing.get_mut(&path) {
-            more.push((req.id, op));
-            return;
-        }
-        let max = self.cfg.max_subscriptions_per_client;
-        if self.hub.subscription_count(self.client.id) + self.subscribing.len() >= max {
-            let msg = format!(
-                "too many subscriptions for one client (max_subscriptions_per_client = {max})"
-            );
-            return self.fail(req.id, Some(op), Some(&path), code::OVERLOADED, msg);
-        }
-        if let Some(id) = &req.id {
-            if !self.may_wait(id, op, &path) {
-                return;
+            if let Some(gen) = want {
+                // The first holder or waiter of the path: switch it on upstream. Its
+                // answer comes to the hub on the notice stream.
+                self.session.want(&path, req.data, gen).await;
             }
         }
-        self.hub.expect(&self.client, &path, op == Op::One);
-        let wait = self.session.subscribe_deferred(&path, req.data).await;
-        self.subscribing.insert(path.clone(), Vec::new());
-        let id = req.id;
-        self.waits
-            .push(Box::pin(wait.map(move |outcome| Done::Subscribed {
-                id,
-                op,
-                path,
-                outcome,
-            })));
     }
 
     async fn op_off(&mut self, req: RawRequest) {
         let path = codec::clean_path(&req.path.unwrap_or_default());
-        if self.subscribing.contains_key(&path) {
-            self.cancelled.insert(path.clone());
-        }
-        if self.hub.unsubscribe(self.client.id, &path) {
-            self.session.unsubscribe(&path).await;
+        if let Some(off) = self.hub.unsubscribe(self.client.id, &path) {
+            unwant(&self.session, vec![off]).await;
         }
         self.answer(req.id, Op::Off, Some(&path), Outcome::ok());
+    }
+
+    /// Times out the client's waiting subscriptions whose deadline passed.
+    async fn expire(&mut self) {
+        let (unwants, next) = self.hub.expire(self.client.id, tokio::time::Instant::now());
+        self.sub_deadline = next;
+        unwant(&self.session, unwants).await;
     }
 
     async fn op_status(&mut self, req: RawRequest) {
@@ -417,11 +405,12 @@ impl Conn {
             .subscriptions
             .iter()
             .map(|s| {
+                let (refs, holders) = local.get(&s.path).copied().unwrap_or((0, 0));
                 serde_json::json!({
                     "path": s.path,
-                    "refs": s.refs,
+                    "refs": refs,
                     "state": s.state,
-                    "local_subscribers": local.get(&s.path).copied().unwrap_or(0),
+                    "local_subscribers": holders,
                 })
             })
             .collect();
@@ -458,68 +447,48 @@ impl Conn {
         self.answer(req.id, Op::Status, None, outcome);
     }
 
-    async fn finish(&mut self, done: Done) {
-        match done {
-            Done::Reply {
-                id,
-                op,
-                path,
-                outcome,
-            } => {
-                if let Some(h) = outcome.cb {
-                    self.hub.allow_handle(h, self.client.id);
-                }
-                self.answer(id, op, path.as_deref(), outcome);
-            }
-            Done::Subscribed {
-                id,
-                op,
-                path,
-                outcome,
-            } => {
-                let more = self.subscribing.remove(&path).unwrap_or_default();
-                if let Some(h) = outcome.cb {
-                    self.hub.allow_handle(h, self.client.id);
-                }
-                let confirmed = outcome.code == code::OK && !self.cancelled.remove(&path);
-                if !confirmed {
-                    self.hub.abandon(self.client.id, &path);
-                    if outcome.code == code::OK {
-                        self.session.unsubscribe(&path).await;
-                    }
-                }
-                // The replies go first, then what was held for the subscription.
-                self.answer(id, op, Some(&path), outcome.clone());
-                for (more_id, more_op) in &more {
-                    self.answer(more_id.clone(), *more_op, Some(&path), outcome.clone());
-                }
-                if confirmed {
-                    // A plain `on` among the waiters makes the subscription lasting.
-                    let once = op == Op::One && more.iter().all(|(_, o)| *o == Op::One);
-                    if self.hub.confirm(&self.client, &path, once) {
-                        self.session.unsubscribe(&path).await;
-                    }
-                }
-            }
+    fn finish(&mut self, done: Done) {
+        let Done {
+            id,
+            op,
+            path,
+            outcome,
+        } = done;
+        if let Some(id) = &id {
+            self.wait_bytes -= id.as_json().len();
         }
+        if let Some(h) = outcome.cb {
+            self.hub.allow_handle(h, self.client.id);
+        }
+        self.answer(id, op, path.as_deref(), outcome);
     }
 
     /// Checks the per-client cap on requests waiting for an answer.
+    /// Counts the client's subscriptions waiting in the hub too (each request, and the
+    /// bytes of their ids).
     fn may_wait(&mut self, id: &Id, op: Op, path: &str) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
         let max = self.cfg.max_pending_per_client;
-        if self.waits.len() < max {
-            return true;
-        }
-        let msg = format!("too many requests waiting for an answer (max_pending_per_client = {max}); read your replies");
         let path = (!path.is_empty()).then_some(path);
-        self.fail(Some(id.clone()), Some(op), path, code::OVERLOADED, msg);
-        false
+        if self.waits.len() + self.client.sub_waiting.load(Relaxed) >= max {
+            let msg = format!("too many requests waiting for an answer (max_pending_per_client = {max}); read your replies");
+            self.fail(Some(id.clone()), Some(op), path, code::OVERLOADED, msg);
+            return false;
+        }
+        let max = self.cfg.max_pending_id_bytes_per_client;
+        let bytes = self.wait_bytes + self.client.sub_waiting_bytes.load(Relaxed);
+        if bytes + id.as_json().len() > max {
+            let msg = format!("the ids of this client's waiting requests take too many bytes (max_pending_id_bytes_per_client = {max}); use shorter ids or read your replies");
+            self.fail(Some(id.clone()), Some(op), path, code::OVERLOADED, msg);
+            return false;
+        }
+        true
     }
 
     fn fail(&self, id: Option<Id>, op: Option<Op>, path: Option<&str>, code: i64, msg: String) {
         let outcome = Outcome::local(code, msg);
         match id {
-            Some(id) => self.push_reply(&id, &outcome),
+            Some(id) => self.client.push_notice(reply_line(&id, &outcome)),
             None => {
                 let line = error_event(op.map(Op::as_str), path, &outcome);
                 self.client.push_notice(line);
@@ -527,31 +496,17 @@ impl Conn {
         }
     }
 
-    /// Answers a request: a reply when it had an id, an `/error` event when it failed
-    /// without one, nothing when it succeeded without one.
+    /// Answers a request; see [`ClientRef::answer`].
     fn answer(&self, id: Option<Id>, op: Op, path: Option<&str>, outcome: Outcome) {
-        match id {
-            Some(id) => self.push_reply(&id, &outcome),
-            None if outcome.code == code::OK => {}
-            None => {
-                let line = error_event(Some(op.as_str()), path, &outcome);
-                self.client.push_notice(line);
-            }
-        }
+        self.client.answer(id.as_ref(), op, path, &outcome);
     }
+}
 
-    fn push_reply(&self, id: &Id, outcome: &Outcome) {
-        let cb = outcome.cb.map(|h| h.to_string());
-        let reply = ReplyOut {
-            id,
-            code: outcome.code,
-            data: &outcome.data,
-            err_msg: outcome.err_msg.as_deref(),
-            cb: cb.as_deref(),
-        };
-        let mut v = serde_json::to_vec(&reply).unwrap_or_default();
-        v.push(b'\n');
-        self.client.push_notice(Bytes::from(v));
+/// Switches paths off in the session that the hub says nobody holds or waits for any
+/// more.
+async fn unwant(session: &SessionHandle, unwants: Vec<Unwant>) {
+    for (path, gen) in unwants {
+        session.unwant(&path, gen).await;
     }
 }
 

@@ -1,14 +1,27 @@
-//! The hub: who is subscribed to what, and the fan-out of upstream notices to clients.
+//! The hub: the one owner of who holds and who waits for which subscription, and the
+//! fan-out of upstream notices to clients.
+//!
+//! Per path it knows the confirmed holders, the clients whose `on`/`one` waits (with each
+//! waiting request), the upstream state as the session last reported it, and the
+//! generation of the path's current want. It switches the path on and off in the session
+//! ([`SessionHandle::want`]/[`SessionHandle::unwant`]) when holders plus waiters go
+//! 0 <-> 1, and learns the answers from [`Notice::Subscription`], which comes on the same
+//! ordered stream as the events: a confirmation can neither overtake nor be overtaken by
+//! the events it relates to, and an answer for a generation already ended is ignored.
 
 use super::outbox::Outbox;
+use super::IpcConfig;
 use crate::driver::{Notice, SessionHandle};
-use crate::session::{CbHandle, Outcome, StateChange};
+use crate::session::{code, CbHandle, Outcome, StateChange};
 use bytes::Bytes;
-use qio_ipc::{events, ErrorData, EventOut};
+use qio_ipc::{events, ErrorData, EventOut, Id, Op, ReplyOut};
 use serde_json::value::RawValue;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// A local client as the hub knows it.
@@ -22,9 +35,30 @@ pub struct ClientRef {
     pub kick: CancellationToken,
     /// Most events held for one subscription while its `on` waits for the server.
     pub pending_events: usize,
+    /// Its `on`/`one` requests waiting in the hub for the server's answer; written by the
+    /// hub under its lock, read by the client's task for its caps.
+    pub sub_waiting: AtomicUsize,
+    /// Bytes of the ids of those requests.
+    pub sub_waiting_bytes: AtomicUsize,
+    /// Notified whenever one of those requests is answered (a client that closed its
+    /// sending side leaves once the last one is).
+    pub sub_answered: Notify,
 }
 
 impl ClientRef {
+    /// A client with nothing subscribed or waiting.
+    pub fn new(id: u64, outbox: Outbox, kick: CancellationToken, pending_events: usize) -> Self {
+        ClientRef {
+            id,
+            outbox,
+            kick,
+            pending_events,
+            sub_waiting: AtomicUsize::new(0),
+            sub_waiting_bytes: AtomicUsize::new(0),
+            sub_answered: Notify::new(),
+        }
+    }
+
     /// Queues an event, applying the slow-client policy.
     pub fn push_event(&self, line: Bytes) {
         if !self.outbox.push_event(line) {
@@ -46,57 +80,158 @@ impl ClientRef {
             self.kick.cancel();
         }
     }
+
+    /// Answers a request: a reply when it had an id, an `/error` event when it failed
+    /// without one, nothing when it succeeded without one.
+    pub fn answer(&self, id: Option<&Id>, op: Op, path: Option<&str>, outcome: &Outcome) {
+        match id {
+            Some(id) => self.push_notice(reply_line(id, outcome)),
+            None if outcome.code == code::OK => {}
+            None => self.push_notice(error_event(Some(op.as_str()), path, outcome)),
+        }
+    }
 }
 
+/// One `on`/`one` request waiting for the server's answer.
 #[derive(Debug)]
-struct Subscriber {
+struct Request {
+    /// Unique per hub; names the request in its client's deadline index.
+    serial: u64,
+    id: Option<Id>,
+    op: Op,
+    deadline: Instant,
+}
+
+impl Request {
+    fn id_bytes(&self) -> usize {
+        self.id.as_ref().map_or(0, |id| id.as_json().len())
+    }
+}
+
+/// A client holding a confirmed subscription.
+#[derive(Debug)]
+struct Holder {
     client: Arc<ClientRef>,
+    /// Held through `one` only: it ends with the next event.
     once: bool,
-    /// `Some` while the client's `on` waits for its answer: events that arrive meanwhile
-    /// are held here and delivered right after the reply, so none is missed.
-    held: Option<Vec<Bytes>>,
+}
+
+/// A client whose `on`/`one` for the path waits for the server.
+#[derive(Debug)]
+struct Waiter {
+    client: Arc<ClientRef>,
+    /// Every waiting request of this client for the path; never empty.
+    requests: Vec<Request>,
+    /// Events that arrived meanwhile, delivered right after the replies so none is
+    /// missed; bounded by the client's `pending_events`.
+    held: VecDeque<Bytes>,
+    /// An `off` came meanwhile: the requests still get their answer, but the client
+    /// will not hold the subscription.
+    cancelled: bool,
+}
+
+impl Waiter {
+    fn once(&self) -> bool {
+        self.requests.iter().all(|r| r.op == Op::One)
+    }
+}
+
+/// The upstream state of a path as the session last reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    /// Wanted, not (or no longer) confirmed: asked, or waiting for a connection.
+    Pending,
+    /// Confirmed by the server on the current connection.
+    Active,
+}
+
+/// Everything about one path; exists while it has holders or waiters.
+#[derive(Debug)]
+struct PathSubs {
+    /// The generation of the session's want for the path; answers for others are stale.
+    gen: u64,
+    upstream: Upstream,
+    holders: Vec<Holder>,
+    waiters: Vec<Waiter>,
+}
+
+impl PathSubs {
+    fn is_unused(&self) -> bool {
+        self.holders.is_empty() && self.waiters.is_empty()
+    }
+}
+
+/// What the hub knows per client: the paths it holds or waits for, and the deadlines
+/// of its waiting requests.
+#[derive(Debug, Default)]
+struct ClientSubs {
+    paths: HashSet<String>,
+    deadlines: BTreeMap<(Instant, u64), String>,
 }
 
 /// Server callback requests handed to clients, so only a client that received one can
-/// answer it. Bounded: the oldest entries go first.
+/// answer it. Bounded: the oldest entries go first. Whether a handle's connection is still
+/// open is for the session to judge, when the answer reaches it.
 #[derive(Debug, Default)]
 struct Handles {
     allowed: HashMap<CbHandle, HashSet<u64>>,
     order: VecDeque<CbHandle>,
 }
 
+impl Handles {
+    fn allow(&mut self, handle: CbHandle, client: u64, max: usize) {
+        if !self.allowed.contains_key(&handle) {
+            self.order.push_back(handle);
+            while self.order.len() > max {
+                if let Some(old) = self.order.pop_front() {
+                    self.allowed.remove(&old);
+                }
+            }
+        }
+        self.allowed.entry(handle).or_default().insert(client);
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     clients: HashMap<u64, Arc<ClientRef>>,
-    subs: HashMap<String, Vec<Subscriber>>,
-    /// Confirmed subscriptions indexed by client, so per-client questions cost O(1).
-    by_client: HashMap<u64, HashSet<String>>,
+    subs: HashMap<String, PathSubs>,
+    by_client: HashMap<u64, ClientSubs>,
     handles: Handles,
     open: bool,
-    /// Counts opened connections, as the session's handle generations do.
-    conn: u64,
+    /// The session stopped: nothing can be subscribed any more.
+    stopped: bool,
     close_reason: Option<String>,
     delivered: u64,
+    next_gen: u64,
+    next_serial: u64,
 }
 
-impl State {
-    fn remove_subscriber(&mut self, id: u64, path: &str) -> Option<Subscriber> {
-        let list = self.subs.get_mut(path)?;
-        let i = list.iter().position(|s| s.client.id == id)?;
-        let sub = list.swap_remove(i);
-        if list.is_empty() {
-            self.subs.remove(path);
-        }
-        Some(sub)
-    }
+/// A path to switch off in the session: its generation ended with no holder or waiter.
+pub type Unwant = (String, u64);
 
-    /// Sends a connection event to every client; under the same lock as the state change
-    /// and as [`Hub::join`], so no client misses a change or sees one twice.
-    fn tell_all(&self, line: &Bytes) {
-        for c in self.clients.values() {
-            c.push_notice(line.clone());
-        }
-    }
+/// What [`Hub::subscribe`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Subscribed {
+    /// The request was answered already (its reply is queued).
+    Answered,
+    /// The request waits for the server's answer until `deadline`; with `want`, the path
+    /// is new and the caller must want it in the session for that generation.
+    Waiting {
+        /// When the request times out.
+        deadline: Instant,
+        /// The generation to pass to [`SessionHandle::want`], when the path is new.
+        want: Option<u64>,
+    },
+}
+
+/// What a client has waiting outside the hub, for the per-client caps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientLoad {
+    /// `send`/`callback` requests waiting for the server.
+    pub waits: usize,
+    /// Bytes of their ids.
+    pub wait_bytes: usize,
 }
 
 /// Shared routing state; every method takes the lock briefly and never awaits under it.
@@ -104,14 +239,147 @@ impl State {
 pub struct Hub {
     state: Mutex<State>,
     max_handles: usize,
+    request_timeout: Duration,
+}
+
+impl State {
+    /// Sends a connection event to every client; under the same lock as the state change
+    /// and as [`Hub::join`], so no client misses a change or sees one twice.
+    fn tell_all(&self, line: &Bytes) {
+        for c in self.clients.values() {
+            c.push_notice(line.clone());
+        }
+    }
+
+    /// Forgets a request's deadline and its share of the client's waiting counts.
+    fn forget_request(&mut self, client: &ClientRef, r: &Request) {
+        client.sub_waiting.fetch_sub(1, Ordering::Relaxed);
+        client
+            .sub_waiting_bytes
+            .fetch_sub(r.id_bytes(), Ordering::Relaxed);
+        client.sub_answered.notify_one();
+        if let Some(c) = self.by_client.get_mut(&client.id) {
+            c.deadlines.remove(&(r.deadline, r.serial));
+        }
+    }
+
+    /// The client no longer holds nor waits for `path`.
+    fn forget_path(&mut self, client: u64, path: &str) {
+        if let Some(c) = self.by_client.get_mut(&client) {
+            c.paths.remove(path);
+        }
+    }
+
+    /// Removes the path's entry when nobody holds or waits for it; returns what the
+    /// session must then be told.
+    fn drop_if_unused(&mut self, path: &str) -> Option<Unwant> {
+        let entry = self.subs.get(path)?;
+        if !entry.is_unused() {
+            return None;
+        }
+        let gen = entry.gen;
+        self.subs.remove(path);
+        Some((path.to_owned(), gen))
+    }
+
+    /// The session's answer for the path's current generation.
+    fn answered(&mut self, path: &str, outcome: Outcome, max_handles: usize) -> Option<Unwant> {
+        let entry = self.subs.get_mut(path)?;
+        if outcome.code != code::OK {
+            // Refused (also when restored after a reconnect): the session wants the path
+            // no more, so there is nothing to give back.
+            let entry = self.subs.remove(path)?;
+            for w in entry.waiters {
+                for r in &w.requests {
+                    self.forget_request(&w.client, r);
+                    w.client.answer(r.id.as_ref(), r.op, Some(path), &outcome);
+                }
+                self.forget_path(w.client.id, path);
+            }
+            for h in entry.holders {
+                let op = if h.once { "one" } else { "on" };
+                h.client
+                    .push_notice(error_event(Some(op), Some(path), &outcome));
+                self.forget_path(h.client.id, path);
+            }
+            return None;
+        }
+        entry.upstream = Upstream::Active;
+        let waiters = std::mem::take(&mut entry.waiters);
+        let mut holders = Vec::new();
+        for w in waiters {
+            if let Some(h) = outcome.cb {
+                self.handles.allow(h, w.client.id, max_handles);
+            }
+            // The replies go first, then what was held for the subscription.
+            for r in &w.requests {
+                self.forget_request(&w.client, r);
+                w.client.answer(r.id.as_ref(), r.op, Some(path), &outcome);
+            }
+            let once = w.once();
+            let got_one = !w.held.is_empty();
+            for line in w.held {
+                w.client.push_event(line);
+            }
+            if w.cancelled || (once && got_one) {
+                self.forget_path(w.client.id, path);
+            } else {
+                holders.push(Holder {
+                    client: w.client,
+                    once,
+                });
+            }
+        }
+        let entry = self.subs.get_mut(path)?;
+        entry.holders.extend(holders);
+        self.drop_if_unused(path)
+    }
+
+    /// The session stopped: every waiting request gets -1; holders are simply let go
+    /// (the /close that follows tells them).
+    fn stop_all(&mut self) {
+        let subs = std::mem::take(&mut self.subs);
+        for (path, entry) in subs {
+            for w in entry.waiters {
+                for r in &w.requests {
+                    self.forget_request(&w.client, r);
+                    let outcome = Outcome::disconnected();
+                    w.client.answer(r.id.as_ref(), r.op, Some(&path), &outcome);
+                }
+            }
+        }
+        self.by_client.clear();
+    }
+
+    /// Removes one waiting request; the waiter goes with its last request.
+    fn remove_request(
+        &mut self,
+        client: u64,
+        path: &str,
+        serial: u64,
+    ) -> Option<(Request, Arc<ClientRef>)> {
+        let entry = self.subs.get_mut(path)?;
+        let wi = entry.waiters.iter().position(|w| w.client.id == client)?;
+        let w = &mut entry.waiters[wi];
+        let ri = w.requests.iter().position(|r| r.serial == serial)?;
+        let r = w.requests.remove(ri);
+        let c = w.client.clone();
+        if w.requests.is_empty() {
+            entry.waiters.swap_remove(wi);
+            self.forget_path(client, path);
+        }
+        self.forget_request(&c, &r);
+        Some((r, c))
+    }
 }
 
 impl Hub {
-    /// An empty hub remembering at most `max_handles` server callback requests.
-    pub fn new(max_handles: usize) -> Self {
+    /// An empty hub; `request_timeout` bounds how long an `on`/`one` waits.
+    pub fn new(cfg: &IpcConfig, request_timeout: Duration) -> Self {
         Hub {
             state: Mutex::new(State::default()),
-            max_handles,
+            max_handles: cfg.max_handles,
+            request_timeout,
         }
     }
 
@@ -133,145 +401,213 @@ impl Hub {
         st.clients.insert(client.id, client);
     }
 
-    /// Removes a client and returns the paths whose confirmed subscription it held (to
-    /// give back to the session; references still `waiting` for an answer are given back
-    /// by the driver).
+    /// Removes a client with everything it held or waited for; returns the paths to
+    /// switch off in the session.
     ///
     /// Handles the client was allowed to answer stay in the bounded table until they age
     /// out; ids are never reused, so nobody else can use them.
-    pub fn leave(&self, id: u64, waiting: &[String]) -> Vec<String> {
+    pub fn leave(&self, id: u64) -> Vec<Unwant> {
         let mut st = self.lock();
         st.clients.remove(&id);
         // Only this client's paths: all clients leaving at once must not cost
         // clients x paths under the lock.
-        let held: Vec<String> = st
-            .by_client
-            .remove(&id)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        for path in held.iter().chain(waiting) {
-            st.remove_subscriber(id, path);
+        let paths = st.by_client.remove(&id).unwrap_or_default().paths;
+        let mut unwants = Vec::new();
+        for path in paths {
+            if let Some(entry) = st.subs.get_mut(&path) {
+                entry.holders.retain(|h| h.client.id != id);
+                if let Some(i) = entry.waiters.iter().position(|w| w.client.id == id) {
+                    let w = entry.waiters.swap_remove(i);
+                    w.client.sub_waiting.store(0, Ordering::Relaxed);
+                    w.client.sub_waiting_bytes.store(0, Ordering::Relaxed);
+                }
+            }
+            unwants.extend(st.drop_if_unused(&path));
         }
-        held
+        unwants
     }
 
-    /// Whether the client holds a confirmed subscription to the path.
-    pub fn is_subscribed(&self, id: u64, path: &str) -> bool {
-        self.lock()
-            .by_client
-            .get(&id)
-            .is_some_and(|paths| paths.contains(path))
-    }
-
-    /// How many confirmed subscriptions the client holds.
-    pub fn subscription_count(&self, id: u64) -> usize {
-        self.lock().by_client.get(&id).map_or(0, HashSet::len)
-    }
-
-    /// Starts holding events of `path` for a client whose `on` is on its way.
-    pub fn expect(&self, client: &Arc<ClientRef>, path: &str, once: bool) {
+    /// An `on`/`one` for the (cleaned) `path`, decided in one step: answered at once (the
+    /// client holds it already, which an `on` makes lasting; or it is active upstream;
+    /// or a cap is reached), or waiting for the server's answer.
+    pub fn subscribe(
+        &self,
+        client: &Arc<ClientRef>,
+        path: &str,
+        id: Option<Id>,
+        op: Op,
+        cfg: &IpcConfig,
+        load: ClientLoad,
+    ) -> Subscribed {
         let mut st = self.lock();
-        let list = st.subs.entry(path.to_owned()).or_default();
-        if !list.iter().any(|s| s.client.id == client.id) {
-            list.push(Subscriber {
-                client: client.clone(),
-                once,
-                held: Some(Vec::new()),
-            });
+        let refuse = |client: &ClientRef, code: i64, msg: String| {
+            client.answer(id.as_ref(), op, Some(path), &Outcome::local(code, msg));
+            Subscribed::Answered
+        };
+        if st.stopped {
+            let msg = "the upstream session has stopped".to_owned();
+            return refuse(client, code::DISCONNECTED, msg);
         }
-    }
-
-    /// The `on` was confirmed (and its reply queued): deliver what was held and go live.
-    ///
-    /// Returns true when a one-shot subscription got its event from what was held, so the
-    /// caller gives its reference back at once.
-    pub fn confirm(&self, client: &Arc<ClientRef>, path: &str, once: bool) -> bool {
-        let mut st = self.lock();
-        let list = st.subs.entry(path.to_owned()).or_default();
-        let i = match list.iter().position(|s| s.client.id == client.id) {
-            Some(i) => i,
-            None => {
-                list.push(Subscriber {
+        let (holding, waiting, upstream) = match st.subs.get(path) {
+            Some(e) => (
+                e.holders.iter().any(|h| h.client.id == client.id),
+                e.waiters.iter().any(|w| w.client.id == client.id),
+                Some(e.upstream),
+            ),
+            None => (false, false, None),
+        };
+        if holding {
+            if op == Op::On {
+                if let Some(h) = st
+                    .subs
+                    .get_mut(path)
+                    .and_then(|e| e.holders.iter_mut().find(|h| h.client.id == client.id))
+                {
+                    h.once = false;
+                }
+            }
+            client.answer(id.as_ref(), op, Some(path), &Outcome::ok());
+            return Subscribed::Answered;
+        }
+        let max = cfg.max_subscriptions_per_client;
+        let held = st.by_client.get(&client.id).map_or(0, |c| c.paths.len());
+        if !waiting && held >= max {
+            let msg = format!(
+                "too many subscriptions for one client (max_subscriptions_per_client = {max})"
+            );
+            return refuse(client, code::OVERLOADED, msg);
+        }
+        if upstream == Some(Upstream::Active) {
+            if let Some(e) = st.subs.get_mut(path) {
+                e.holders.push(Holder {
                     client: client.clone(),
-                    once,
-                    held: None,
+                    once: op == Op::One,
                 });
-                list.len() - 1
+            }
+            let c = st.by_client.entry(client.id).or_default();
+            c.paths.insert(path.to_owned());
+            client.answer(id.as_ref(), op, Some(path), &Outcome::ok());
+            return Subscribed::Answered;
+        }
+        // It waits: that counts like any request waiting for an answer.
+        let max = cfg.max_pending_per_client;
+        if load.waits + client.sub_waiting.load(Ordering::Relaxed) >= max {
+            let msg = format!("too many requests waiting for an answer (max_pending_per_client = {max}); read your replies");
+            return refuse(client, code::OVERLOADED, msg);
+        }
+        let id_bytes = id.as_ref().map_or(0, |id| id.as_json().len());
+        let max = cfg.max_pending_id_bytes_per_client;
+        if load.wait_bytes + client.sub_waiting_bytes.load(Ordering::Relaxed) + id_bytes > max {
+            let msg = format!("the ids of this client's waiting requests take too many bytes (max_pending_id_bytes_per_client = {max}); use shorter ids or read your replies");
+            return refuse(client, code::OVERLOADED, msg);
+        }
+        let serial = st.next_serial;
+        st.next_serial += 1;
+        let deadline = Instant::now() + self.request_timeout;
+        let request = Request {
+            serial,
+            id,
+            op,
+            deadline,
+        };
+        client.sub_waiting.fetch_add(1, Ordering::Relaxed);
+        client
+            .sub_waiting_bytes
+            .fetch_add(id_bytes, Ordering::Relaxed);
+        let c = st.by_client.entry(client.id).or_default();
+        c.paths.insert(path.to_owned());
+        c.deadlines.insert((deadline, serial), path.to_owned());
+        let want = match st.subs.get_mut(path) {
+            Some(e) => {
+                match e.waiters.iter_mut().find(|w| w.client.id == client.id) {
+                    Some(w) => {
+                        w.requests.push(request);
+                        w.cancelled = false;
+                    }
+                    None => e.waiters.push(Waiter {
+                        client: client.clone(),
+                        requests: vec![request],
+                        held: VecDeque::new(),
+                        cancelled: false,
+                    }),
+                }
+                None
+            }
+            None => {
+                st.next_gen += 1;
+                let gen = st.next_gen;
+                st.subs.insert(
+                    path.to_owned(),
+                    PathSubs {
+                        gen,
+                        upstream: Upstream::Pending,
+                        holders: Vec::new(),
+                        waiters: vec![Waiter {
+                            client: client.clone(),
+                            requests: vec![request],
+                            held: VecDeque::new(),
+                            cancelled: false,
+                        }],
+                    },
+                );
+                Some(gen)
             }
         };
-        let sub = &mut list[i];
-        sub.once = once;
-        let held = sub.held.take().unwrap_or_default();
-        let got_one = !held.is_empty();
-        for line in held {
-            client.push_event(line);
-        }
-        if once && got_one {
-            st.remove_subscriber(client.id, path);
-            return true;
-        }
-        st.by_client
-            .entry(client.id)
-            .or_default()
-            .insert(path.to_owned());
-        false
+        Subscribed::Waiting { deadline, want }
     }
 
-    /// The `on` failed or was cancelled: stop holding events for it.
-    pub fn abandon(&self, id: u64, path: &str) {
+    /// An `off`: the client stops holding the path; an `on`/`one` of its still waiting
+    /// gets its answer but leaves it unsubscribed. Returns what to switch off.
+    pub fn unsubscribe(&self, client: u64, path: &str) -> Option<Unwant> {
         let mut st = self.lock();
-        let waiting = st
-            .subs
-            .get(path)
-            .is_some_and(|l| l.iter().any(|s| s.client.id == id && s.held.is_some()));
-        if waiting {
-            st.remove_subscriber(id, path);
+        let entry = st.subs.get_mut(path)?;
+        if let Some(i) = entry.holders.iter().position(|h| h.client.id == client) {
+            entry.holders.swap_remove(i);
+            st.forget_path(client, path);
+            return st.drop_if_unused(path);
         }
+        if let Some(w) = entry.waiters.iter_mut().find(|w| w.client.id == client) {
+            w.cancelled = true;
+            w.held.clear();
+        }
+        None
     }
 
-    /// A later `on` for a path held by a one-shot subscription makes it lasting.
-    pub fn make_lasting(&self, id: u64, path: &str) {
-        if let Some(list) = self.lock().subs.get_mut(path) {
-            for s in list.iter_mut().filter(|s| s.client.id == id) {
-                s.once = false;
+    /// Answers -2 to the client's waiting requests whose deadline passed; returns the
+    /// paths to switch off and the next deadline.
+    pub fn expire(&self, client: u64, now: Instant) -> (Vec<Unwant>, Option<Instant>) {
+        let mut st = self.lock();
+        let mut due = Vec::new();
+        if let Some(c) = st.by_client.get_mut(&client) {
+            while let Some(entry) = c.deadlines.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let ((_, serial), path) = entry.remove_entry();
+                due.push((serial, path));
             }
         }
-    }
-
-    /// Unregisters a confirmed subscription; returns whether there was one.
-    pub fn unsubscribe(&self, id: u64, path: &str) -> bool {
-        let mut st = self.lock();
-        let held = st
-            .by_client
-            .get_mut(&id)
-            .is_some_and(|paths| paths.remove(path));
-        if held {
-            st.remove_subscriber(id, path);
+        let after = self.request_timeout;
+        let msg = format!("the server did not confirm the subscription within {after:?}");
+        let mut unwants = Vec::new();
+        for (serial, path) in due {
+            if let Some((r, client_ref)) = st.remove_request(client, &path, serial) {
+                let outcome = Outcome::local(code::TIMEOUT, msg.clone());
+                client_ref.answer(r.id.as_ref(), r.op, Some(&path), &outcome);
+            }
+            unwants.extend(st.drop_if_unused(&path));
         }
-        held
+        let next = st
+            .by_client
+            .get(&client)
+            .and_then(|c| c.deadlines.first_key_value())
+            .map(|((at, _), _)| *at);
+        (unwants, next)
     }
 
     /// Lets `client` answer the server's callback request `handle`.
     pub fn allow_handle(&self, handle: CbHandle, client: u64) {
-        let mut st = self.lock();
-        let max = self.max_handles;
-        let h = &mut st.handles;
-        if !h.allowed.contains_key(&handle) {
-            h.order.push_back(handle);
-            while h.order.len() > max {
-                if let Some(old) = h.order.pop_front() {
-                    h.allowed.remove(&old);
-                }
-            }
-        }
-        h.allowed.entry(handle).or_default().insert(client);
-    }
-
-    /// Whether a handle belongs to the connection that is open now.
-    pub fn is_current(&self, handle: CbHandle) -> bool {
-        let st = self.lock();
-        st.open && handle.conn == st.conn
+        self.lock().handles.allow(handle, client, self.max_handles);
     }
 
     /// Takes the right to answer `handle` (first answer wins).
@@ -288,89 +624,91 @@ impl Hub {
         ok
     }
 
-    /// Local counters for `status`.
-    pub fn counts(&self) -> (usize, u64, HashMap<String, usize>) {
+    /// Local counters for `status`: clients, events delivered, and per path the clients
+    /// holding or waiting for it and the clients holding it.
+    pub fn counts(&self) -> (usize, u64, HashMap<String, (usize, usize)>) {
         let st = self.lock();
         let per_path = st
             .subs
             .iter()
-            .map(|(p, l)| (p.clone(), l.iter().filter(|s| s.held.is_none()).count()))
+            .map(|(p, e)| {
+                let holders = e.holders.len();
+                (p.clone(), (holders + e.waiters.len(), holders))
+            })
             .collect();
         (st.clients.len(), st.delivered, per_path)
     }
 
     /// Fans out one notice from the session.
     ///
-    /// Returns the paths whose one-shot subscriber just got its event, for the caller to
-    /// give back to the session (never from under the lock, never from the notice loop).
-    fn dispatch(&self, notice: Notice) -> Vec<String> {
+    /// Returns the paths that just lost their last holder (a `one` that got its event),
+    /// for the caller to switch off in the session (never from under the lock, never
+    /// from the notice loop).
+    fn dispatch(&self, notice: Notice) -> Vec<Unwant> {
         match notice {
             Notice::Event(ev) => {
                 let cb = ev.cb.map(|h| h.to_string());
                 let line = event_line(&ev.path, Some(&ev.data), cb.as_deref());
                 let mut st = self.lock();
-                let Some(list) = st.subs.get_mut(&ev.path) else {
+                let Some(entry) = st.subs.get_mut(&ev.path) else {
                     return Vec::new();
                 };
                 let mut receivers = Vec::new();
                 let mut once_done = Vec::new();
                 let mut delivered = 0u64;
-                for s in list.iter_mut() {
-                    match &mut s.held {
-                        Some(held) => {
-                            // One event is all a one-shot subscriber will take.
-                            if s.once && !held.is_empty() {
-                                continue;
-                            }
-                            if held.len() >= s.client.pending_events {
-                                held.remove(0);
-                                s.client.outbox.count_lost(1);
-                            }
-                            held.push(line.clone());
-                        }
-                        None => {
-                            s.client.push_event(line.clone());
-                            delivered += 1;
-                            if s.once {
-                                once_done.push(s.client.id);
-                            }
-                        }
+                for h in &entry.holders {
+                    h.client.push_event(line.clone());
+                    delivered += 1;
+                    if h.once {
+                        once_done.push(h.client.id);
                     }
                     if ev.cb.is_some() {
-                        receivers.push(s.client.id);
+                        receivers.push(h.client.id);
                     }
                 }
-                list.retain(|s| !(s.held.is_none() && once_done.contains(&s.client.id)));
-                if list.is_empty() {
-                    st.subs.remove(&ev.path);
-                }
-                for id in &once_done {
-                    if let Some(paths) = st.by_client.get_mut(id) {
-                        paths.remove(&ev.path);
+                for w in entry.waiters.iter_mut().filter(|w| !w.cancelled) {
+                    // One event is all a one-shot subscriber will take.
+                    if w.once() && !w.held.is_empty() {
+                        continue;
                     }
+                    if w.held.len() >= w.client.pending_events {
+                        w.held.pop_front();
+                        w.client.outbox.count_lost(1);
+                    }
+                    w.held.push_back(line.clone());
+                    if ev.cb.is_some() {
+                        receivers.push(w.client.id);
+                    }
+                }
+                if !once_done.is_empty() {
+                    entry.holders.retain(|h| !once_done.contains(&h.client.id));
                 }
                 st.delivered += delivered;
+                for id in &once_done {
+                    st.forget_path(*id, &ev.path);
+                }
                 if let Some(h) = ev.cb {
-                    drop(st);
                     for id in receivers {
-                        self.allow_handle(h, id);
+                        st.handles.allow(h, id, self.max_handles);
                     }
                 }
-                once_done.iter().map(|_| ev.path.clone()).collect()
+                st.drop_if_unused(&ev.path).into_iter().collect()
             }
             Notice::State(state) => {
                 let mut st = self.lock();
                 let line = match &state {
                     StateChange::Open { .. } => {
                         st.open = true;
-                        st.conn += 1;
                         st.close_reason = None;
                         Some(event_line(events::OPEN, None, None))
                     }
                     StateChange::Closed { reason } => {
                         st.open = false;
                         st.close_reason = Some(reason.clone());
-                        st.handles = Handles::default();
+                        // Every subscription waits for the reconnect to restore it.
+                        for e in st.subs.values_mut() {
+                            e.upstream = Upstream::Pending;
+                        }
                         Some(event_line(events::CLOSE, Some(&reason_data(reason)), None))
                     }
                     StateChange::ConnectFailed { url, reason } => {
@@ -385,6 +723,10 @@ impl Hub {
                     }
                     StateChange::Stopped => {
                         st.open = false;
+                        st.stopped = true;
+                        // Nothing will be confirmed any more: every waiting request
+                        // gets -1, before the /close.
+                        st.stop_all();
                         Some(event_line(
                             events::CLOSE,
                             Some(&reason_data("the daemon is shutting down")),
@@ -412,24 +754,26 @@ impl Hub {
                 }
                 Vec::new()
             }
-            Notice::SubscriptionLost { path, outcome } => {
+            Notice::Subscription { path, gen, outcome } => {
                 let mut st = self.lock();
-                let list = st.subs.remove(&path).unwrap_or_default();
-                let (lost, waiting): (Vec<_>, Vec<_>) =
-                    list.into_iter().partition(|s| s.held.is_none());
-                if !waiting.is_empty() {
-                    // Their own `on` is still waiting; its answer tells them.
-                    st.subs.insert(path.clone(), waiting);
+                if st.subs.get(&path).is_none_or(|e| e.gen != gen) {
+                    // For a generation already ended: its holders and waiters are gone.
+                    return Vec::new();
                 }
-                for s in lost {
-                    if let Some(paths) = st.by_client.get_mut(&s.client.id) {
-                        paths.remove(&path);
-                    }
-                    let op = if s.once { "one" } else { "on" };
-                    s.client
-                        .push_notice(error_event(Some(op), Some(&path), &outcome));
+                let restored = st.subs.get(&path).is_some_and(|e| !e.holders.is_empty());
+                if outcome.code != code::OK && restored {
+                    // Its holders lose it: worth a line (a client's own refused `on` is
+                    // its reply's business).
+                    tracing::warn!(
+                        path,
+                        code = outcome.code,
+                        "the server refused a restored subscription: {}",
+                        outcome.err_msg.as_deref().unwrap_or("no reason given")
+                    );
                 }
-                Vec::new()
+                st.answered(&path, outcome, self.max_handles)
+                    .into_iter()
+                    .collect()
             }
         }
     }
@@ -442,18 +786,34 @@ pub async fn run_notices(
     mut notices: mpsc::Receiver<Notice>,
 ) {
     while let Some(notice) = notices.recv().await {
-        let give_back = hub.dispatch(notice);
-        if !give_back.is_empty() {
+        let unwants = hub.dispatch(notice);
+        if !unwants.is_empty() {
             // The session may be waiting for this very loop to take its next notice, so
-            // giving references back must not be awaited here.
+            // switching paths off must not be awaited here. Arriving late is harmless:
+            // the session ignores an unwant for a generation that is no longer current.
             let session = session.clone();
             tokio::spawn(async move {
-                for path in give_back {
-                    session.unsubscribe(&path).await;
+                for (path, gen) in unwants {
+                    session.unwant(&path, gen).await;
                 }
             });
         }
     }
+}
+
+/// A reply line for a request.
+pub fn reply_line(id: &Id, outcome: &Outcome) -> Bytes {
+    let cb = outcome.cb.map(|h| h.to_string());
+    let reply = ReplyOut {
+        id,
+        code: outcome.code,
+        data: &outcome.data,
+        err_msg: outcome.err_msg.as_deref(),
+        cb: cb.as_deref(),
+    };
+    let mut v = serde_json::to_vec(&reply).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
 }
 
 /// Serializes an event line once; every receiver shares the bytes.
@@ -489,12 +849,12 @@ mod tests {
     use crate::session::Event;
 
     fn client(id: u64) -> Arc<ClientRef> {
-        Arc::new(ClientRef {
-            id,
-            outbox: Outbox::new(16, 16, super::super::SlowClientPolicy::DropOldest),
-            kick: CancellationToken::new(),
-            pending_events: 4,
-        })
+        let outbox = Outbox::new(16, 16, super::super::SlowClientPolicy::DropOldest);
+        Arc::new(ClientRef::new(id, outbox, CancellationToken::new(), 4))
+    }
+
+    fn hub() -> Hub {
+        Hub::new(&IpcConfig::default(), Duration::from_secs(30))
     }
 
     fn event(path: &str, n: u32) -> Notice {
@@ -503,6 +863,32 @@ mod tests {
             data: RawValue::from_string(n.to_string()).unwrap(),
             cb: None,
         })
+    }
+
+    fn answer(path: &str, gen: u64, code: i64) -> Notice {
+        let outcome = match code {
+            200 => Outcome::ok(),
+            c => Outcome::local(c, "refused"),
+        };
+        Notice::Subscription {
+            path: path.into(),
+            gen,
+            outcome,
+        }
+    }
+
+    fn id(n: u32) -> Option<Id> {
+        let line = format!("{{\"op\":\"status\",\"id\":{n}}}");
+        qio_ipc::RawRequest::parse(line.as_bytes()).unwrap().id
+    }
+
+    /// Subscribes and returns the generation to want, if any.
+    fn on(hub: &Hub, c: &Arc<ClientRef>, path: &str, n: u32, op: Op) -> Option<u64> {
+        let cfg = IpcConfig::default();
+        match hub.subscribe(c, path, id(n), op, &cfg, ClientLoad::default()) {
+            Subscribed::Waiting { want, .. } => want,
+            Subscribed::Answered => None,
+        }
     }
 
     async fn lines(c: &ClientRef) -> Vec<String> {
@@ -520,55 +906,165 @@ mod tests {
 
     #[tokio::test]
     async fn events_between_the_servers_answer_and_the_reply_are_held_not_lost() {
-        let hub = Hub::new(8);
+        let hub = hub();
         let a = client(1);
-        hub.expect(&a, "/p", false);
+        let gen = on(&hub, &a, "/p", 1, Op::On).expect("a new path is wanted");
         hub.dispatch(event("/p", 1));
-        a.push_notice(Bytes::from_static(b"reply\n"));
-        assert!(!hub.confirm(&a, "/p", false));
+        assert!(hub.dispatch(answer("/p", gen, 200)).is_empty());
         hub.dispatch(event("/p", 2));
         assert_eq!(
             lines(&a).await,
             [
-                "reply",
+                r#"{"id":1,"code":200,"data":null}"#,
                 r#"{"event":"/p","data":1}"#,
                 r#"{"event":"/p","data":2}"#
             ]
         );
-        assert_eq!(hub.leave(1, &[]), ["/p"]);
+        assert_eq!(hub.leave(1), [("/p".to_owned(), gen)]);
     }
 
     #[tokio::test]
     async fn a_one_shot_subscription_takes_one_held_event_and_ends() {
-        let hub = Hub::new(8);
+        let hub = hub();
         let a = client(1);
-        hub.expect(&a, "/p", true);
+        let gen = on(&hub, &a, "/p", 1, Op::One).unwrap();
         hub.dispatch(event("/p", 1));
         hub.dispatch(event("/p", 2));
-        assert!(
-            hub.confirm(&a, "/p", true),
-            "the caller gives the reference back"
+        assert_eq!(
+            hub.dispatch(answer("/p", gen, 200)),
+            [("/p".to_owned(), gen)],
+            "the path is switched off at once"
         );
         hub.dispatch(event("/p", 3));
-        assert_eq!(lines(&a).await, [r#"{"event":"/p","data":1}"#]);
-        assert!(hub.leave(1, &[]).is_empty());
+        assert_eq!(lines(&a).await.len(), 2, "the reply and one event");
+        assert!(hub.leave(1).is_empty());
     }
 
     #[tokio::test]
-    async fn an_abandoned_subscription_delivers_nothing() {
-        let hub = Hub::new(8);
+    async fn an_off_while_waiting_answers_but_does_not_subscribe() {
+        let hub = hub();
         let a = client(1);
-        hub.expect(&a, "/p", false);
+        let gen = on(&hub, &a, "/p", 1, Op::On).unwrap();
         hub.dispatch(event("/p", 1));
-        hub.abandon(1, "/p");
+        assert!(hub.unsubscribe(1, "/p").is_none(), "still waiting");
+        assert_eq!(
+            hub.dispatch(answer("/p", gen, 200)),
+            [("/p".to_owned(), gen)]
+        );
         hub.dispatch(event("/p", 2));
-        assert!(lines(&a).await.is_empty());
-        assert!(hub.leave(1, &[]).is_empty(), "nothing to give back");
+        assert_eq!(lines(&a).await, [r#"{"id":1,"code":200,"data":null}"#]);
+    }
+
+    /// Bug 1a/1b: a refusal of a restored subscription that arrives after the path was
+    /// given up and wanted afresh belongs to an ended generation.
+    #[tokio::test]
+    async fn a_late_refusal_for_an_ended_generation_touches_nobody() {
+        let hub = hub();
+        let (a, b) = (client(1), client(2));
+        let g1 = on(&hub, &a, "/p", 1, Op::On).unwrap();
+        hub.dispatch(answer("/p", g1, 200));
+        // A leaves while the refusal of the restore is still on its way...
+        assert_eq!(hub.unsubscribe(1, "/p"), Some(("/p".to_owned(), g1)));
+        // ...and B subscribes afresh and is confirmed.
+        let g2 = on(&hub, &b, "/p", 1, Op::On).unwrap();
+        assert!(g2 > g1);
+        hub.dispatch(answer("/p", g2, 200));
+        // The late refusal of g1: no /error for B, B still holds it.
+        assert!(hub.dispatch(answer("/p", g1, 401)).is_empty());
+        hub.dispatch(event("/p", 7));
+        assert_eq!(hub.leave(2), [("/p".to_owned(), g2)], "B gives it back");
+        assert_eq!(
+            lines(&b).await,
+            [
+                r#"{"id":1,"code":200,"data":null}"#,
+                r#"{"event":"/p","data":7}"#
+            ]
+        );
+    }
+
+    /// A refusal of the current generation reaches holders as /error and waiters as
+    /// their reply, and nothing is left to give back.
+    #[tokio::test]
+    async fn a_refused_restore_tells_holders_and_waiters() {
+        let hub = hub();
+        let (a, b) = (client(1), client(2));
+        let g = on(&hub, &a, "/p", 1, Op::On).unwrap();
+        hub.dispatch(answer("/p", g, 200));
+        let url = url::Url::parse("ws://x/").unwrap();
+        hub.dispatch(Notice::State(StateChange::Closed { reason: "x".into() }));
+        hub.dispatch(Notice::State(StateChange::Open { url }));
+        assert_eq!(on(&hub, &b, "/p", 5, Op::On), None, "waits for the restore");
+        assert!(hub.dispatch(answer("/p", g, 401)).is_empty());
+        assert!(hub.leave(1).is_empty() && hub.leave(2).is_empty());
+        let a_lines = lines(&a).await;
+        assert!(
+            a_lines
+                .last()
+                .unwrap()
+                .contains(r#""op":"on","path":"/p","code":401"#),
+            "{a_lines:?}"
+        );
+        assert_eq!(
+            lines(&b).await,
+            [r#"{"id":5,"code":401,"data":null,"err_msg":"refused"}"#]
+        );
+    }
+
+    /// Bug 6: an `on` for a path held through `one` is decided in one step: lasting if
+    /// the event has not come yet, a new subscription if it has.
+    #[tokio::test]
+    async fn an_on_after_a_one_is_lasting_or_new_never_a_false_200() {
+        let hub = hub();
+        let a = client(1);
+        let g = on(&hub, &a, "/p", 1, Op::One).unwrap();
+        hub.dispatch(answer("/p", g, 200));
+        assert_eq!(on(&hub, &a, "/p", 2, Op::On), None, "made lasting");
+        assert!(hub.dispatch(event("/p", 1)).is_empty(), "kept");
+        hub.dispatch(event("/p", 2));
+        let b = client(2);
+        let g = on(&hub, &b, "/q", 1, Op::One).unwrap();
+        hub.dispatch(answer("/q", g, 200));
+        assert_eq!(hub.dispatch(event("/q", 1)), [("/q".to_owned(), g)]);
+        let g2 = on(&hub, &b, "/q", 2, Op::On).expect("wanted again, not a false 200");
+        assert!(g2 > g);
+        assert_eq!(lines(&a).await.len(), 4, "two replies, two events");
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_count_against_the_clients_caps_and_time_out() {
+        let hub = hub();
+        let a = client(1);
+        let cfg = IpcConfig {
+            max_pending_per_client: 2,
+            ..IpcConfig::default()
+        };
+        let load = ClientLoad::default();
+        assert!(matches!(
+            hub.subscribe(&a, "/p", id(1), Op::On, &cfg, load),
+            Subscribed::Waiting { want: Some(_), .. }
+        ));
+        assert!(matches!(
+            hub.subscribe(&a, "/p", id(2), Op::One, &cfg, load),
+            Subscribed::Waiting { want: None, .. }
+        ));
+        assert_eq!(
+            hub.subscribe(&a, "/p", id(3), Op::On, &cfg, load),
+            Subscribed::Answered
+        );
+        assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 2);
+        let (unwants, next) = hub.expire(1, Instant::now() + Duration::from_secs(31));
+        assert_eq!(unwants.len(), 1, "the last waiter gone: switched off");
+        assert_eq!(next, None);
+        assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 0);
+        let got = lines(&a).await;
+        assert!(got[0].contains(r#""id":3,"code":-3"#), "{got:?}");
+        assert!(got[1].contains(r#""id":1,"code":-2"#), "{got:?}");
+        assert!(got[2].contains(r#""id":2,"code":-2"#), "{got:?}");
     }
 
     #[tokio::test]
     async fn a_client_joining_sees_each_state_change_once() {
-        let hub = Hub::new(8);
+        let hub = hub();
         let url = url::Url::parse("ws://x/").unwrap();
         let a = client(1);
         hub.join(a.clone());

@@ -31,6 +31,12 @@ pub struct IpcConfig {
     pub max_pending_per_client: usize,
     /// Most paths one client may subscribe to.
     pub max_subscriptions_per_client: usize,
+    /// Most bytes of request ids kept for one client's requests waiting for an answer
+    /// (an id may be as long as a line).
+    pub max_pending_id_bytes_per_client: usize,
+    /// Most server callback requests handed to local clients that are remembered (the
+    /// oldest are forgotten first, and can then no longer be answered).
+    pub max_handles: usize,
     /// Groups whose members may connect besides the daemon's own user.
     pub allowed_gids: Vec<u32>,
     /// One log line per refused uid per this interval, with the count of the others.
@@ -50,9 +56,42 @@ impl Default for IpcConfig {
             max_clients: 16_384,
             max_pending_per_client: 1024,
             max_subscriptions_per_client: 4096,
+            max_pending_id_bytes_per_client: 16 * 1024 * 1024,
+            max_handles: 65_536,
             allowed_gids: Vec::new(),
             refusal_log_interval: Duration::from_secs(60),
             socket_check_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A bound of [`IpcConfig`] is zero: nothing could ever fit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} must be at least 1")]
+pub struct ZeroBound(pub &'static str);
+
+impl IpcConfig {
+    /// Checks what a library embedder may get wrong: a zero bound, which would refuse
+    /// everything (or worse, later).
+    pub fn validate(&self) -> Result<(), ZeroBound> {
+        let bounds = [
+            ("max_line_bytes", self.max_line_bytes),
+            ("client_queue_events", self.client_queue_events),
+            ("max_clients", self.max_clients),
+            ("max_pending_per_client", self.max_pending_per_client),
+            (
+                "max_subscriptions_per_client",
+                self.max_subscriptions_per_client,
+            ),
+            (
+                "max_pending_id_bytes_per_client",
+                self.max_pending_id_bytes_per_client,
+            ),
+            ("max_handles", self.max_handles),
+        ];
+        match bounds.into_iter().find(|(_, v)| *v == 0) {
+            Some((key, _)) => Err(ZeroBound(key)),
+            None => Ok(()),
         }
     }
 }

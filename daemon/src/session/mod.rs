@@ -4,7 +4,7 @@
 //! connection came up, a frame arrived, a deadline passed, a caller asked for something)
 //! with the current [`Instant`], and drains [`Output`]s telling it what to do (connect,
 //! send a frame, close, answer a caller). That keeps every protocol rule (handshake,
-//! callbacks, reference-counted subscriptions, heartbeats, backoff, the offline queue,
+//! callbacks, which paths are wanted upstream, heartbeats, backoff, the offline queue,
 //! moves) testable without a network and without waiting for real timers.
 //!
 //! `T` is whatever the caller wants back with an answer: the driver uses a oneshot
@@ -14,6 +14,7 @@
 mod address;
 mod backoff;
 mod queue;
+mod subscriptions;
 
 pub use address::{drops_tls, parse_server_url, resolve_move};
 pub use backoff::Backoff;
@@ -153,6 +154,25 @@ impl SessionConfig {
             stable_after: Duration::from_secs(10),
             fire_and_forget: FireAndForget::Once,
             allow_insecure_move: false,
+        }
+    }
+
+    /// Checks what a library embedder may get wrong: no server, or a zero bound (which
+    /// would refuse everything, or worse, later).
+    pub fn validate(&self) -> Result<(), SessionError> {
+        if self.servers.is_empty() {
+            return Err(SessionError::NoServers);
+        }
+        let bounds = [
+            ("queue_max_events", self.queue_max_events),
+            ("queue_max_bytes", self.queue_max_bytes),
+            ("max_pending_callbacks", self.max_pending_callbacks),
+            ("max_subscriptions", self.max_subscriptions),
+            ("max_frame_bytes", self.max_frame_bytes.unwrap_or(1)),
+        ];
+        match bounds.into_iter().find(|(_, v)| *v == 0) {
+            Some((key, _)) => Err(SessionError::ZeroBound(key)),
+            None => Ok(()),
         }
     }
 }
@@ -311,11 +331,16 @@ pub enum Output<T> {
         /// Why, with the code the sender sees.
         outcome: Outcome,
     },
-    /// A subscription callers held was refused when it was restored; they hold it no more.
-    SubscriptionLost {
-        /// The path.
+    /// The answer about a path wanted with [`Session::want`], for the generation it was
+    /// wanted for: 200 when the server confirmed it (also after a reconnect restored it),
+    /// anything else when it was refused (also when restored) and is not wanted any more.
+    /// It comes in stream order, after every event received before it.
+    Subscription {
+        /// The path, as given to [`Session::want`].
         path: String,
-        /// The server's refusal.
+        /// The generation the answer is for; the owner ignores one it has already ended.
+        gen: u64,
+        /// The server's answer, or a local refusal.
         outcome: Outcome,
     },
     /// The connection's state changed.
@@ -348,6 +373,9 @@ pub enum SessionError {
     /// No server address was given.
     #[error("no server address configured")]
     NoServers,
+    /// A bound of the configuration is zero: nothing could ever fit.
+    #[error("{0} must be at least 1")]
+    ZeroBound(&'static str),
 }
 
 impl SessionError {
@@ -356,9 +384,10 @@ impl SessionError {
         match self {
             SessionError::BadPath(_) | SessionError::TooLarge { .. } => code::BAD_REQUEST,
             SessionError::QueueFull(_) => code::OVERLOADED,
-            SessionError::Disconnected | SessionError::Stopped | SessionError::NoServers => {
-                code::DISCONNECTED
-            }
+            SessionError::Disconnected
+            | SessionError::Stopped
+            | SessionError::NoServers
+            | SessionError::ZeroBound(_) => code::DISCONNECTED,
         }
     }
 }
@@ -378,7 +407,7 @@ pub struct SessionStatus {
     pub reconnects: u64,
     /// The latest connection error.
     pub last_error: Option<String>,
-    /// Every subscribed path with its holders and upstream state.
+    /// Every path wanted upstream, with its upstream state.
     pub subscriptions: Vec<SubStatus>,
     /// Events waiting in the offline queue.
     pub queued_events: usize,
@@ -399,8 +428,6 @@ pub struct SessionStatus {
 pub struct SubStatus {
     /// The path.
     pub path: String,
-    /// Callers holding it, plus callers waiting for it.
-    pub refs: usize,
     /// `active`, `pending` (asked, not answered) or `offline`.
     pub state: &'static str,
 }
@@ -424,29 +451,6 @@ enum Pending<T> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Callback(u64),
-    Waiter(u64),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Upstream {
-    Offline,
-    Pending,
-    Active,
-}
-
-#[derive(Debug)]
-struct Waiter<T> {
-    id: u64,
-    reply: T,
-    deadline: Instant,
-}
-
-#[derive(Debug)]
-struct Sub<T> {
-    data: Option<Box<RawValue>>,
-    holders: usize,
-    waiters: Vec<Waiter<T>>,
-    upstream: Upstream,
 }
 
 #[derive(Deserialize)]
@@ -475,9 +479,9 @@ pub struct Session<T> {
     pending: HashMap<u64, Pending<T>>,
     user_pending: usize,
     timers: BTreeSet<(Instant, Timer)>,
-    subs: HashMap<String, Sub<T>>,
-    waiter_paths: HashMap<u64, String>,
-    next_waiter: u64,
+    subs: HashMap<String, subscriptions::Sub>,
+    /// `/qio/on` requests sent on this connection and not answered yet.
+    sub_asks: usize,
     heartbeat_at: Option<Instant>,
     ping_deadline: Option<Instant>,
     queue: OfflineQueue,
@@ -488,6 +492,8 @@ pub struct Session<T> {
     unconfirmed: Unconfirmed,
     /// When to ping for proof that the unconfirmed events were read.
     confirm_at: Option<Instant>,
+    /// The callback of the one unanswered ping asking for that proof.
+    confirm_ping: Option<u64>,
     /// Moves of connections that were not yet stable, in a row.
     quick_moves: u32,
     events_dropped: u64,
@@ -500,9 +506,7 @@ pub struct Session<T> {
 impl<T> Session<T> {
     /// A session that starts connecting at once; `seed` drives jitter and server order.
     pub fn new(cfg: SessionConfig, seed: u64, now: Instant) -> Result<Self, SessionError> {
-        if cfg.servers.is_empty() {
-            return Err(SessionError::NoServers);
-        }
+        cfg.validate()?;
         let mut s = Session {
             rng: StdRng::seed_from_u64(seed),
             phase: Phase::Waiting { until: now },
@@ -518,8 +522,7 @@ impl<T> Session<T> {
             user_pending: 0,
             timers: BTreeSet::new(),
             subs: HashMap::new(),
-            waiter_paths: HashMap::new(),
-            next_waiter: 0,
+            sub_asks: 0,
             heartbeat_at: None,
             ping_deadline: None,
             queue: OfflineQueue::new(cfg.queue_max_events, cfg.queue_max_bytes),
@@ -530,6 +533,7 @@ impl<T> Session<T> {
             detected: HashMap::new(),
             unconfirmed: Unconfirmed::new(cfg.queue_max_events, cfg.queue_max_bytes),
             confirm_at: None,
+            confirm_ping: None,
             quick_moves: 0,
             events_dropped: 0,
             opened: 0,
@@ -571,6 +575,10 @@ impl<T> Session<T> {
     /// Whether the connection is open (handshake done).
     pub fn is_open(&self) -> bool {
         matches!(self.phase, Phase::Open { .. })
+    }
+
+    fn is_stopped(&self) -> bool {
+        matches!(self.phase, Phase::Stopped)
     }
 
     /// The transport connected; the session starts the Quick.IO handshake (0.2), or is
@@ -682,10 +690,15 @@ impl<T> Session<T> {
                 } else if self.confirm_at.is_some_and(|d| d <= now) {
                     // Fire-and-forget events have no answer: a ping's answer proves the
                     // server read them. Until then they are kept, to be sent again if the
-                    // connection dies first.
+                    // connection dies first. One such ping at a time keeps the table of
+                    // callbacks bounded against a server that reads but does not answer;
+                    // the next one goes when it is answered.
                     self.confirm_at = None;
-                    let id = self.alloc_cb(Pending::Ping);
-                    self.send("/qio/ping", id, &codec::null());
+                    if self.confirm_ping.is_none() {
+                        let id = self.alloc_cb(Pending::Ping);
+                        self.confirm_ping = Some(id);
+                        self.send("/qio/ping", id, &codec::null());
+                    }
                 }
             }
             _ => {}
@@ -707,7 +720,6 @@ impl<T> Session<T> {
                         self.out.push_back(Output::Reply(reply, outcome));
                     }
                 }
-                Timer::Waiter(id) => self.waiter_timed_out(id),
             }
         }
     }
@@ -828,74 +840,6 @@ impl<T> Session<T> {
         }
     }
 
-    /// Takes a reference on a subscription; `reply` gets 200 once the server confirmed
-    /// it (at once when it already is), or the refusal.
-    ///
-    /// Only a 200 leaves the caller holding a reference, to be given back with
-    /// [`Session::unsubscribe`]. While offline the subscription is recorded and the answer
-    /// comes when the reconnect restores it, or as a timeout. The first caller's
-    /// subscription data is the one sent to the server.
-    pub fn subscribe(&mut self, now: Instant, path: &str, data: Option<&RawValue>, reply: T) {
-        let path = match check_path(path) {
-            Ok(p) => p,
-            Err(e) => return self.reply(reply, Outcome::local(e.code(), e.to_string())),
-        };
-        if matches!(self.phase, Phase::Stopped) {
-            return self.reply(reply, Outcome::disconnected());
-        }
-        if let Some(sub) = self.subs.get_mut(&path) {
-            if sub.upstream == Upstream::Active {
-                sub.holders += 1;
-                return self.reply(reply, Outcome::ok());
-            }
-        } else {
-            if self.subs.len() >= self.cfg.max_subscriptions {
-                let max = self.cfg.max_subscriptions;
-                let msg = format!("too many subscriptions (max_subscriptions = {max})");
-                return self.reply(reply, Outcome::local(code::OVERLOADED, msg));
-            }
-            self.subs.insert(
-                path.clone(),
-                Sub {
-                    data: data.map(ToOwned::to_owned),
-                    holders: 0,
-                    waiters: Vec::new(),
-                    upstream: Upstream::Offline,
-                },
-            );
-        }
-        let id = self.next_waiter;
-        self.next_waiter += 1;
-        let deadline = now + self.cfg.request_timeout;
-        self.timers.insert((deadline, Timer::Waiter(id)));
-        self.waiter_paths.insert(id, path.clone());
-        if let Some(sub) = self.subs.get_mut(&path) {
-            sub.waiters.push(Waiter {
-                id,
-                reply,
-                deadline,
-            });
-            if sub.upstream == Upstream::Offline && self.is_open() {
-                self.send_on(&path);
-            }
-        }
-    }
-
-    /// Gives back a reference taken by a successful [`Session::subscribe`]; the last
-    /// one unsubscribes upstream. Returns whether a reference was held.
-    pub fn unsubscribe(&mut self, path: &str) -> bool {
-        let path = codec::clean_path(path);
-        let Some(sub) = self.subs.get_mut(&path) else {
-            return false;
-        };
-        if sub.holders == 0 {
-            return false;
-        }
-        sub.holders -= 1;
-        self.drop_if_unused(&path);
-        true
-    }
-
     /// Replaces the configured servers (a reload). When the current connection goes to an
     /// address no longer configured, and was not reached through a move, it is closed and
     /// the session reconnects at once to one of the new addresses.
@@ -943,14 +887,8 @@ impl<T> Session<T> {
         }
         self.phase = Phase::Stopped;
         self.fail_pending();
-        for (_, sub) in self.subs.drain() {
-            for w in sub.waiters {
-                self.out
-                    .push_back(Output::Reply(w.reply, Outcome::disconnected()));
-            }
-        }
+        self.subs.clear();
         self.timers.clear();
-        self.waiter_paths.clear();
         self.heartbeat_at = None;
         self.ping_deadline = None;
         self.out.push_back(Output::State(StateChange::Stopped));
@@ -965,20 +903,11 @@ impl<T> Session<T> {
             Phase::Open { since, .. } => ("open", Some(now.saturating_duration_since(*since))),
             Phase::Stopped => ("stopped", None),
         };
-        let mut subscriptions: Vec<SubStatus> = self
-            .subs
-            .iter()
-            .map(|(path, sub)| SubStatus {
-                path: path.clone(),
-                refs: sub.holders + sub.waiters.len(),
-                state: match sub.upstream {
-                    Upstream::Active => "active",
-                    Upstream::Pending => "pending",
-                    Upstream::Offline => "offline",
-                },
-            })
+        let subscriptions = self
+            .subscription_states()
+            .into_iter()
+            .map(|(path, state)| SubStatus { path, state })
             .collect();
-        subscriptions.sort_by(|a, b| a.path.cmp(&b.path));
         SessionStatus {
             state,
             url: self.last_url.clone(),
@@ -1014,10 +943,18 @@ impl<T> Session<T> {
                     let outcome = self.envelope(&frame);
                     self.reply(reply, outcome);
                 }
-                Some(Pending::Ping) => {}
+                Some(Pending::Ping) => {
+                    if self.confirm_ping == Some(id) {
+                        self.confirm_ping = None;
+                        if !self.unconfirmed.is_empty() && self.confirm_at.is_none() {
+                            self.confirm_at =
+                                Some(now + CONFIRM_AFTER.min(self.cfg.heartbeat_interval));
+                        }
+                    }
+                }
                 Some(Pending::Subscribe { path }) => {
                     let outcome = self.envelope(&frame);
-                    self.subscription_answer(&path, outcome);
+                    self.subscription_answer(id, &path, outcome);
                 }
                 None => {
                     tracing::debug!(path = %frame.path, "callback for an id never issued or already answered; dropped")
@@ -1095,77 +1032,6 @@ impl<T> Session<T> {
                 err_msg: Some("the server's callback had no {code, data} envelope".into()),
                 cb,
             },
-        }
-    }
-
-    fn subscription_answer(&mut self, path: &str, outcome: Outcome) {
-        let Some(sub) = self.subs.get_mut(path) else {
-            if outcome.code == code::OK && self.is_open() {
-                // Confirmed after every caller left: give it back upstream too.
-                self.out
-                    .push_back(Output::Send(self.dialect.unsubscribe(path)));
-            }
-            return;
-        };
-        if sub.upstream != Upstream::Pending || outcome.code == code::PENDING {
-            return;
-        }
-        if outcome.code == code::OK {
-            sub.upstream = Upstream::Active;
-            let waiters = std::mem::take(&mut sub.waiters);
-            sub.holders += waiters.len();
-            for w in waiters {
-                self.timers.remove(&(w.deadline, Timer::Waiter(w.id)));
-                self.waiter_paths.remove(&w.id);
-                self.out.push_back(Output::Reply(w.reply, outcome.clone()));
-            }
-            return;
-        }
-        if let Some(sub) = self.subs.remove(path) {
-            for w in sub.waiters {
-                self.timers.remove(&(w.deadline, Timer::Waiter(w.id)));
-                self.waiter_paths.remove(&w.id);
-                self.out.push_back(Output::Reply(w.reply, outcome.clone()));
-            }
-            if sub.holders > 0 {
-                self.out.push_back(Output::SubscriptionLost {
-                    path: path.to_owned(),
-                    outcome,
-                });
-            }
-        }
-    }
-
-    fn waiter_timed_out(&mut self, id: u64) {
-        let Some(path) = self.waiter_paths.remove(&id) else {
-            return;
-        };
-        let Some(sub) = self.subs.get_mut(&path) else {
-            return;
-        };
-        if let Some(i) = sub.waiters.iter().position(|w| w.id == id) {
-            let w = sub.waiters.swap_remove(i);
-            let after = self.cfg.request_timeout;
-            let msg = format!("the server did not confirm the subscription within {after:?}");
-            self.out
-                .push_back(Output::Reply(w.reply, Outcome::local(code::TIMEOUT, msg)));
-            self.drop_if_unused(&path);
-        }
-    }
-
-    fn drop_if_unused(&mut self, path: &str) {
-        let unused = self
-            .subs
-            .get(path)
-            .is_some_and(|s| s.holders == 0 && s.waiters.is_empty());
-        if !unused {
-            return;
-        }
-        if let Some(sub) = self.subs.remove(path) {
-            if sub.upstream != Upstream::Offline && self.is_open() {
-                self.out
-                    .push_back(Output::Send(self.dialect.unsubscribe(path)));
-            }
         }
     }
 
@@ -1277,11 +1143,7 @@ impl<T> Session<T> {
             since: now,
         };
         self.heartbeat_at = Some(now + self.cfg.heartbeat_interval);
-        let mut paths: Vec<String> = self.subs.keys().cloned().collect();
-        paths.sort();
-        for path in paths {
-            self.send_on(&path);
-        }
+        self.restore_subscriptions();
         let queued: Vec<_> = self.queue.drain().collect();
         let dropped_before = self.events_dropped;
         for event in queued {
@@ -1320,24 +1182,6 @@ impl<T> Session<T> {
             );
         }
         self.out.push_back(Output::State(StateChange::Open { url }));
-    }
-
-    fn send_on(&mut self, path: &str) {
-        let Some(sub) = self.subs.get_mut(path) else {
-            return;
-        };
-        sub.upstream = Upstream::Pending;
-        if sub.data.is_some() && self.dialect == Dialect::V01 {
-            let msg = "subscription data needs a Quick.IO 0.2 server; this one speaks 0.1";
-            self.subscription_answer(path, Outcome::local(code::BAD_REQUEST, msg));
-            return;
-        }
-        let id = self.alloc_cb(Pending::Subscribe {
-            path: path.to_owned(),
-        });
-        let data = self.subs.get(path).and_then(|s| s.data.as_deref());
-        let frame = self.dialect.subscribe(id, path, data);
-        self.out.push_back(Output::Send(frame));
     }
 
     fn check_size(&self, frame: &str) -> Result<(), SessionError> {
@@ -1446,6 +1290,7 @@ impl<T> Session<T> {
             self.out.push_back(Output::Close);
         }
         self.confirm_at = None;
+        self.confirm_ping = None;
         let unconfirmed = self.unconfirmed.take();
         if !unconfirmed.is_empty() {
             tracing::info!(
@@ -1468,9 +1313,7 @@ impl<T> Session<T> {
             }
         }
         self.fail_pending();
-        for sub in self.subs.values_mut() {
-            sub.upstream = Upstream::Offline;
-        }
+        self.subscriptions_offline();
         self.heartbeat_at = None;
         self.ping_deadline = None;
         self.last_error = Some(reason.clone());

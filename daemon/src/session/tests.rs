@@ -91,6 +91,18 @@ fn replies(outs: &[Output<u32>]) -> Vec<(u32, i64)> {
         .collect()
 }
 
+/// The subscription answers: (path, generation, code).
+fn subs(outs: &[Output<u32>]) -> Vec<(&str, u64, i64)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Subscription { path, gen, outcome } => {
+                Some((path.as_str(), *gen, outcome.code))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 fn states(outs: &[Output<u32>]) -> Vec<&StateChange> {
     outs.iter()
         .filter_map(|o| match o {
@@ -108,7 +120,7 @@ fn kinds(outs: &[Output<u32>]) -> Vec<&'static str> {
             Output::Close => "close",
             Output::Reply(..) => "reply",
             Output::Event(_) => "event",
-            Output::SubscriptionLost { .. } => "lost",
+            Output::Subscription { .. } => "subscription",
             Output::Dropped { .. } => "dropped",
             Output::State(StateChange::Connecting { .. }) => "connecting",
             Output::State(StateChange::Open { .. }) => "open",
@@ -249,7 +261,7 @@ fn requests_while_offline_fail_at_once_and_emits_are_queued() {
     assert_eq!(replies(&h.drain()), [(1, code::DISCONNECTED)]);
     h.s.emit(h.now, "/app/e1", &raw("1")).unwrap();
     h.s.emit(h.now, "/app/e2", &raw("2")).unwrap();
-    h.s.subscribe(h.now, "/news", None, 2);
+    h.s.want("/news", None, 2);
     assert_eq!(h.s.status(h.now).queued_events, 2);
     let outs = h.handshake();
     // Re-subscribe first, then the queue in order, then report open.
@@ -291,39 +303,73 @@ fn bad_paths_are_refused_locally() {
             "{p}"
         );
         h.s.request(h.now, p, &raw("1"), i as u32);
-        h.s.subscribe(h.now, p, None, 100 + i as u32);
+        h.s.want(p, None, 100 + i as u64);
     }
     let outs = h.drain();
     assert!(sent(&outs).is_empty());
     assert!(replies(&outs).iter().all(|(_, c)| *c == code::BAD_REQUEST));
-    assert_eq!(replies(&outs).len(), 8);
+    assert_eq!(replies(&outs).len(), 4);
+    let refused = subs(&outs);
+    assert!(refused.iter().all(|(_, _, c)| *c == code::BAD_REQUEST));
+    assert_eq!(refused.len(), 4);
 }
 
 #[test]
-fn subscriptions_are_reference_counted() {
+fn a_wanted_path_is_asked_once_and_each_newer_generation_is_told() {
     let mut h = Harness::open();
-    h.s.subscribe(h.now, "/news", None, 1);
-    h.s.subscribe(h.now, "//news/", None, 2);
-    assert_eq!(sent(&h.drain()), ["/qio/on:1=\"/news\""], "one upstream on");
-    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
-    assert_eq!(replies(&h.drain()), [(1, 200), (2, 200)]);
-    h.s.subscribe(h.now, "/news", None, 3);
+    h.s.want("/news", None, 1);
+    assert_eq!(sent(&h.drain()), ["/qio/on:1=\"/news\""]);
+    // A newer generation while the ask is out moves it there; no second on.
+    h.s.want("//news/", None, 2);
+    assert!(h.drain().is_empty());
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":\"hi\"}");
     let outs = h.drain();
-    assert_eq!((sent(&outs).len(), replies(&outs)), (0, vec![(3, 200)]));
-    assert_eq!(h.s.status(h.now).subscriptions[0].refs, 3);
-    assert!(h.s.unsubscribe("/news"));
-    assert!(h.s.unsubscribe("/news"));
-    assert!(sent(&h.drain()).is_empty(), "still one holder");
-    assert!(h.s.unsubscribe("/news"));
+    assert_eq!(
+        subs(&outs),
+        [("/news", 2, 200)],
+        "answered for the current one"
+    );
+    // Already active: a newer want is confirmed at once, an older one is stale.
+    h.s.want("/news", None, 3);
+    assert_eq!(subs(&h.drain()), [("/news", 3, 200)]);
+    h.s.want("/news", None, 1);
+    assert!(h.drain().is_empty(), "a stale want changes nothing");
+    assert_eq!(h.s.status(h.now).subscriptions[0].state, "active");
+    // Only the current generation's unwant switches it off.
+    h.s.unwant("/news", 2);
+    assert!(h.drain().is_empty(), "a stale unwant changes nothing");
+    h.s.unwant("/news", 3);
     assert_eq!(sent(&h.drain()), ["/qio/off:0=\"/news\""]);
-    assert!(!h.s.unsubscribe("/news"), "nothing left to give back");
     assert!(h.s.status(h.now).subscriptions.is_empty());
+    h.s.unwant("/news", 3);
+    assert!(h.drain().is_empty(), "nothing left to switch off");
+}
+
+#[test]
+fn unwant_then_want_asks_again_and_ignores_the_old_answer() {
+    let mut h = Harness::open();
+    h.s.want("/p", None, 1);
+    h.s.unwant("/p", 1);
+    h.s.want("/p", None, 2);
+    assert_eq!(
+        sent(&h.drain()),
+        ["/qio/on:1=\"/p\"", "/qio/off:0=\"/p\"", "/qio/on:2=\"/p\""]
+    );
+    // The first on's answer is about a subscription the off ended.
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    assert!(h.drain().is_empty());
+    h.frame("/qio/callback/2:0={\"code\":401,\"data\":null,\"err_msg\":\"no\"}");
+    assert_eq!(subs(&h.drain()), [("/p", 2, 401)]);
+    assert!(
+        h.s.status(h.now).subscriptions.is_empty(),
+        "refused: not wanted"
+    );
 }
 
 #[test]
 fn subscription_data_is_sent_with_the_path() {
     let mut h = Harness::open();
-    h.s.subscribe(h.now, "/clienttest/on-data", Some(&raw("123987")), 1);
+    h.s.want("/clienttest/on-data", Some(&raw("123987")), 1);
     assert_eq!(
         sent(&h.drain()),
         ["/qio/on:1=[\"/clienttest/on-data\",123987]"]
@@ -331,19 +377,19 @@ fn subscription_data_is_sent_with_the_path() {
 }
 
 #[test]
-fn a_refusal_reaches_every_waiter_and_purges_the_path() {
+fn a_refusal_is_answered_once_and_purges_the_path() {
     for code in [401, 404, 420, 500] {
         let mut h = Harness::open();
-        h.s.subscribe(h.now, "/secret", None, 1);
-        h.s.subscribe(h.now, "/secret", None, 2);
+        h.s.want("/secret", None, 1);
         h.drain();
         h.frame(&format!(
             "/qio/callback/1:0={{\"code\":{code},\"data\":null,\"err_msg\":\"no\"}}"
         ));
-        assert_eq!(replies(&h.drain()), [(1, code), (2, code)]);
+        assert_eq!(subs(&h.drain()), [("/secret", 1, code)]);
         assert!(h.s.status(h.now).subscriptions.is_empty());
-        assert!(!h.s.unsubscribe("/secret"));
-        h.s.subscribe(h.now, "/secret", None, 3);
+        h.s.unwant("/secret", 1);
+        assert!(h.drain().is_empty(), "refused: nothing to switch off");
+        h.s.want("/secret", None, 2);
         assert_eq!(sent(&h.drain()), ["/qio/on:2=\"/secret\""], "asks again");
     }
 }
@@ -352,40 +398,78 @@ fn a_refusal_reaches_every_waiter_and_purges_the_path() {
 fn pending_202_waits_for_the_final_answer() {
     // on, off, on, then approval of the first on: the in-progress conformance event.
     let mut h = Harness::open();
-    h.s.subscribe(h.now, "/clienttest/in-progress", None, 1);
-    h.drain();
-    h.at(Duration::from_secs(31));
+    h.s.want("/clienttest/in-progress", None, 1);
+    h.s.unwant("/clienttest/in-progress", 1);
+    h.s.want("/clienttest/in-progress", None, 2);
     assert_eq!(
-        replies(&h.drain()),
-        [(1, code::TIMEOUT)],
-        "the waiter gave up"
+        sent(&h.drain()),
+        [
+            "/qio/on:1=\"/clienttest/in-progress\"",
+            "/qio/off:0=\"/clienttest/in-progress\"",
+            "/qio/on:2=\"/clienttest/in-progress\""
+        ]
     );
-    let outs = h.drain();
-    assert!(sent(&outs).is_empty());
-    h.s.subscribe(h.now, "/clienttest/in-progress", None, 2);
-    assert_eq!(sent(&h.drain()), ["/qio/on:2=\"/clienttest/in-progress\""]);
     h.frame("/qio/callback/2:0={\"code\":202,\"data\":null,\"err_msg\":\"subscription pending\"}");
-    assert!(replies(&h.drain()).is_empty(), "202 is not final");
+    assert!(subs(&h.drain()).is_empty(), "202 is not final");
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
-    assert_eq!(replies(&h.drain()), [(2, 200)]);
+    assert_eq!(subs(&h.drain()), [("/clienttest/in-progress", 2, 200)]);
     assert_eq!(h.s.status(h.now).subscriptions[0].state, "active");
 }
 
 #[test]
 fn a_late_confirmation_of_an_abandoned_subscription_is_given_back() {
     let mut h = Harness::open();
-    h.s.subscribe(h.now, "/slow", None, 1);
+    h.s.want("/slow", None, 1);
     h.drain();
-    h.at(Duration::from_secs(30));
-    assert_eq!(replies(&h.drain()), [(1, code::TIMEOUT)]);
-    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    // Every waiter gave up (the hub timed them out).
+    h.s.unwant("/slow", 1);
     assert_eq!(sent(&h.drain()), ["/qio/off:0=\"/slow\""]);
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    let outs = h.drain();
+    assert_eq!(sent(&outs), ["/qio/off:0=\"/slow\""]);
+    assert!(subs(&outs).is_empty(), "nobody to tell");
+}
+
+#[test]
+fn wants_are_bounded_and_refused_in_the_stream() {
+    let mut c = cfg(&["ws://a.test/"]);
+    c.max_subscriptions = 2;
+    let mut h = Harness::new(c);
+    h.handshake();
+    h.s.want("/a", None, 1);
+    h.s.want("/b", None, 2);
+    h.s.want("/c", None, 3);
+    h.s.want("/qio/x", None, 4);
+    let outs = h.drain();
+    assert_eq!(sent(&outs).len(), 2);
+    assert_eq!(
+        subs(&outs),
+        [
+            ("/c", 3, code::OVERLOADED),
+            ("/qio/x", 4, code::BAD_REQUEST)
+        ]
+    );
+    // Switched off and on while their answers are due: the asks stay bounded too.
+    h.s.unwant("/a", 1);
+    h.s.unwant("/b", 2);
+    h.s.want("/a", None, 5);
+    let outs = h.drain();
+    assert_eq!(
+        subs(&outs),
+        [("/a", 5, code::OVERLOADED)],
+        "{:?}",
+        sent(&outs)
+    );
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.drain();
+    h.s.want("/a", None, 6);
+    assert_eq!(sent(&h.drain()), ["/qio/on:3=\"/a\""]);
 }
 
 #[test]
 fn events_reach_only_subscribed_paths() {
     let mut h = Harness::open();
-    h.s.subscribe(h.now, "/news", None, 1);
+    h.s.want("/news", None, 1);
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
     h.drain();
     h.frame("/other:0=1");
@@ -478,8 +562,8 @@ fn an_invalid_frame_closes_and_reconnects() {
 #[test]
 fn subscriptions_survive_reconnects_and_refusals_on_restore_are_reported() {
     let mut h = Harness::open();
-    h.s.subscribe(h.now, "/a", None, 1);
-    h.s.subscribe(h.now, "/b", None, 2);
+    h.s.want("/a", None, 1);
+    h.s.want("/b", None, 2);
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
     h.frame("/qio/callback/2:0={\"code\":200,\"data\":null}");
     h.drain();
@@ -501,7 +585,8 @@ fn subscriptions_survive_reconnects_and_refusals_on_restore_are_reported() {
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
     h.frame("/qio/callback/2:0={\"code\":401,\"data\":null,\"err_msg\":\"no\"}");
     let outs = h.drain();
-    assert_eq!(kinds(&outs), ["lost"]);
+    // Restored: told for the generation it was wanted for, in stream order.
+    assert_eq!(subs(&outs), [("/a", 1, 200), ("/b", 2, 401)]);
     let paths: Vec<_> =
         h.s.status(h.now)
             .subscriptions
@@ -579,7 +664,7 @@ fn several_servers_are_all_tried() {
 #[test]
 fn a_move_reconnects_at_once_and_falls_back_when_the_target_fails() {
     let mut h = Harness::open();
-    h.s.subscribe(h.now, "/a", None, 1);
+    h.s.want("/a", None, 1);
     h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
     h.s.request(h.now, "/x", &raw("1"), 2);
     h.drain();
@@ -650,18 +735,16 @@ fn pending_callbacks_are_bounded() {
 fn shutdown_answers_everyone_and_refuses_more() {
     let mut h = Harness::open();
     h.s.request(h.now, "/x", &raw("1"), 1);
-    h.s.subscribe(h.now, "/pending", None, 2);
+    h.s.want("/pending", None, 2);
     h.drain();
     h.s.shutdown();
     let outs = h.drain();
-    assert_eq!(
-        replies(&outs),
-        [(1, code::DISCONNECTED), (2, code::DISCONNECTED)]
-    );
+    // Waiting subscriptions are the hub's to answer when it hears of the stop.
+    assert_eq!(replies(&outs), [(1, code::DISCONNECTED)]);
     assert_eq!(states(&outs), [&StateChange::Stopped]);
     assert_eq!(h.s.emit(h.now, "/x", &raw("1")), Err(SessionError::Stopped));
-    h.s.subscribe(h.now, "/y", None, 3);
-    assert_eq!(replies(&h.drain()), [(3, code::DISCONNECTED)]);
+    h.s.want("/y", None, 3);
+    assert_eq!(subs(&h.drain()), [("/y", 3, code::DISCONNECTED)]);
     assert_eq!(h.s.poll_timeout(), None);
 }
 
@@ -707,13 +790,13 @@ fn connect_dialect(outs: &[Output<u32>]) -> Option<Dialect> {
 fn dialect_01_opens_without_ohai_and_maps_callbacks() {
     let mut h = Harness::new(cfg_v01());
     assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V01));
-    h.s.subscribe(h.now, "/news", None, 1);
+    h.s.want("/news", None, 1);
     h.s.handle_connected(h.now);
     let outs = h.drain();
     assert_eq!(kinds(&outs), ["send", "open"], "no ohai: open at once");
     assert_eq!(sent(&outs), ["/qio/sub:1:plain=/news"]);
     h.frame("/qio/callback/1:0:plain=");
-    assert_eq!(replies(&h.drain()), [(1, 200)]);
+    assert_eq!(subs(&h.drain()), [("/news", 1, 200)]);
     h.s.request(h.now, "/app/x", &raw("\"text\""), 2);
     h.s.request(h.now, "/app/y", &raw("{\"a\":1}"), 3);
     assert_eq!(
@@ -740,7 +823,7 @@ fn dialect_01_opens_without_ohai_and_maps_callbacks() {
     h.frame("/news:0:json=[1]");
     h.frame("/qio/heartbeat:0:plain=");
     assert_eq!(kinds(&h.drain()), ["event"]);
-    assert!(h.s.unsubscribe("/news"));
+    h.s.unwant("/news", 1);
     assert_eq!(sent(&h.drain()), ["/qio/unsub:0:plain=/news"]);
     assert_eq!(h.s.status(h.now).dialect, "0.1");
 }
@@ -759,12 +842,10 @@ fn dialect_01_refuses_oversized_frames_and_subscription_data() {
     );
     assert!(err.to_string().contains("max_frame_bytes"));
     h.s.request(h.now, "/a", &raw(&big), 1);
-    h.s.subscribe(h.now, "/d", Some(&raw("123987")), 2);
+    h.s.want("/d", Some(&raw("123987")), 2);
     let outs = h.drain();
-    assert_eq!(
-        replies(&outs),
-        [(1, code::BAD_REQUEST), (2, code::BAD_REQUEST)]
-    );
+    assert_eq!(replies(&outs), [(1, code::BAD_REQUEST)]);
+    assert_eq!(subs(&outs), [("/d", 2, code::BAD_REQUEST)]);
     assert!(
         sent(&outs).is_empty(),
         "nothing oversized reaches the server"
@@ -1187,4 +1268,27 @@ fn regression_bug7_a_flapping_listener_is_not_hammered() {
         h.at(next - h.t0);
     }
     assert!(per_minute[1..].iter().all(|&n| n <= 60), "{per_minute:?}");
+}
+
+#[test]
+fn a_zero_bound_is_refused_when_the_session_is_built() {
+    let mut c = cfg(&["ws://a.test/"]);
+    c.max_subscriptions = 0;
+    let err = Session::<u32>::new(c, 1, Instant::now()).unwrap_err();
+    assert_eq!(err, SessionError::ZeroBound("max_subscriptions"));
+    assert_eq!(err.to_string(), "max_subscriptions must be at least 1");
+}
+
+#[test]
+fn one_confirm_ping_at_a_time() {
+    let mut h = at_least_once();
+    h.s.emit(h.now, "/e", &raw("1")).unwrap();
+    h.at(Duration::from_millis(100));
+    assert_eq!(sent(&h.drain()), ["/e:0=1", "/qio/ping:1=null"]);
+    h.s.emit(h.now, "/e", &raw("2")).unwrap();
+    h.at(Duration::from_millis(200));
+    assert_eq!(sent(&h.drain()), ["/e:0=2"], "the first ping is still out");
+    h.frame("/qio/callback/1:0={\"code\":200,\"data\":null}");
+    h.at(Duration::from_millis(300));
+    assert_eq!(sent(&h.drain()), ["/qio/ping:2=null"], "then the next one");
 }

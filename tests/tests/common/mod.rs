@@ -51,6 +51,9 @@ pub struct Upstream {
     pub notices: mpsc::Receiver<Notice>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+    /// The generation each path was last wanted for, as the hub would keep it.
+    gens: std::collections::HashMap<String, u64>,
+    next_gen: u64,
 }
 
 impl Upstream {
@@ -75,6 +78,8 @@ impl Upstream {
             notices,
             stop,
             task,
+            gens: Default::default(),
+            next_gen: 0,
         }
     }
 
@@ -147,6 +152,46 @@ impl Upstream {
     /// connection, and a trigger that breaks the connection would then fire twice.
     pub async fn trigger(&self, path: &str, data: &str) {
         drop(self.handle.request_deferred(path, raw(data)).await);
+    }
+
+    /// Wants `path` for a fresh generation, as the hub does for its first subscriber, and
+    /// waits for the session's answer about it (skipping other notices).
+    pub async fn subscribe(
+        &mut self,
+        path: &str,
+        data: Option<Box<RawValue>>,
+    ) -> qiod::session::Outcome {
+        let gen = self.want(path, data).await;
+        self.wait_subscription(path, gen).await
+    }
+
+    /// Wants `path` for a fresh generation without waiting; returns the generation.
+    pub async fn want(&mut self, path: &str, data: Option<Box<RawValue>>) -> u64 {
+        self.next_gen += 1;
+        let gen = self.next_gen;
+        self.gens.insert(path.to_owned(), gen);
+        self.handle.want(path, data, gen).await;
+        gen
+    }
+
+    /// Waits for the session's answer about `path` for generation `gen`.
+    pub async fn wait_subscription(&mut self, path: &str, gen: u64) -> qiod::session::Outcome {
+        self.wait_for(&format!("the answer about {path}"), |n| match n {
+            Notice::Subscription {
+                path: p,
+                gen: g,
+                outcome,
+            } if p == path && *g == gen => Some(outcome.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Ends the generation `path` was last wanted for, as the hub does when its last
+    /// subscriber leaves.
+    pub async fn unsubscribe(&mut self, path: &str) {
+        let gen = self.gens.remove(path).unwrap_or(0);
+        self.handle.unwant(path, gen).await;
     }
 
     /// Stops the session and waits for its task.
