@@ -191,3 +191,70 @@ fn a_bad_configuration_exits_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
 }
+
+/// Reads stderr lines until one contains `needle` (Ok) or stderr ends (Err); either way
+/// with all the lines read.
+fn stderr_until(child: &mut Child, needle: &str) -> Result<String, String> {
+    use std::io::BufRead;
+    let err = child.stderr.take().expect("stderr piped");
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(err).lines() {
+        let line = line.expect("stderr is text");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(needle) {
+            return Ok(seen);
+        }
+    }
+    Err(seen)
+}
+
+#[test]
+fn the_open_file_limit_is_mentioned_only_when_it_matters() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("qiod.toml");
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `hard` is a valid rlimit to write into.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    let too_many = (hard.rlim_max + 1).to_string();
+
+    // A daemon that cannot start says why, and nothing about file limits.
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let mut failed = Qiod::spawn(
+        &["--server", "ws://127.0.0.1:1/", "--max-clients", &too_many],
+        &not_a_dir.join("qiod.sock"),
+        &config,
+    );
+    let st = failed.wait_exit();
+    assert_eq!(st.code(), Some(1));
+    let err = stderr_until(&mut failed.child, "\u{0}").expect_err("stderr to its end");
+    assert!(err.contains("qiod: "), "{err}");
+    assert!(!err.contains("open-file limit"), "{err}");
+
+    // A running daemon warns when max_clients cannot be served.
+    let socket = dir.path().join("qiod.sock");
+    let mut qiod = Qiod::spawn(
+        &["--server", "ws://127.0.0.1:1/", "--max-clients", &too_many],
+        &socket,
+        &config,
+    );
+    let seen = stderr_until(&mut qiod.child, "open-file limit").expect("a warning");
+    assert!(seen.contains("is above the open-file limit"), "{seen}");
+
+    // With a sane max_clients, the limit is not news: nothing about it up to the line
+    // that says the daemon is starting, which comes after the limit is raised.
+    let mut quiet = Qiod::spawn(
+        &["--server", "ws://127.0.0.1:1/"],
+        &dir.path().join("quiet.sock"),
+        &config,
+    );
+    let seen = stderr_until(&mut quiet.child, "qiod starting").expect("qiod starts");
+    assert!(!seen.contains("open-file limit"), "{seen}");
+}
