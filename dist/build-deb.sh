@@ -71,6 +71,7 @@ Copyright: the qiod developers
 License: MIT
 COPYRIGHT
 
+# procps: the units' ExecReload= runs kill(1).
 # The lowest glibc the binaries need, from their versioned symbols.
 glibc=$(objdump -T "$root/usr/bin/qiod" "$root/usr/bin/qio" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -1)
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
@@ -80,7 +81,7 @@ Version: $version
 Architecture: $arch
 Maintainer: qiod developers <qiod@localhost>
 Installed-Size: $size
-Depends: libc6 (>= $glibc), libgcc-s1
+Depends: libc6 (>= $glibc), libgcc-s1, procps
 Section: net
 Priority: optional
 Description: one Quick.IO connection shared by local programs
