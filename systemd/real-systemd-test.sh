@@ -74,7 +74,8 @@ if [ ! -x "$root/bin/kill" ] || ! compgen -G "$root/lib/*/security/pam_systemd.s
   rm -rf "$root.new"
   debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,procps,libpam-systemd bookworm "$root.new" >"$tmp/debootstrap.log" 2>&1 \
     || { tail -20 "$tmp/debootstrap.log"; rm -rf "$root.new"; cannot "debootstrap could not make a Debian root"; }
-  mv "$root.new" "$root"
+  rm -rf "$root"
+  mv -T "$root.new" "$root"
 fi
 
 start_server() { # start_server NAME: prints the server's URL
