@@ -95,7 +95,8 @@ Description: one Quick.IO connection shared by local programs
 CONTROL
 
 # Units are stopped and disabled on removal, so no dangling symlink or running daemon is
-# left; the manager forgets them at the daemon-reload after the files are gone.
+# left. No postrm: with one, dpkg -r would keep the package in its database (state
+# config-files) until a purge; the manager forgets the units at its next daemon-reload.
 cat >"$root/DEBIAN/postinst" <<'SCRIPT'
 #!/bin/sh
 set -e
@@ -109,21 +110,14 @@ set -e
 if [ "$1" = remove ] && command -v systemctl >/dev/null; then
   if [ -d /run/systemd/system ]; then
     systemctl stop qiod.socket qiod.service || true
+    # The socket's folder, made by qiod.socket.
+    rmdir /run/qiod 2>/dev/null || true
   fi
   systemctl --no-reload disable qiod.socket qiod.service >/dev/null 2>&1 || true
   systemctl --no-reload --global disable qiod.socket qiod.service >/dev/null 2>&1 || true
 fi
 SCRIPT
-cat >"$root/DEBIAN/postrm" <<'SCRIPT'
-#!/bin/sh
-set -e
-if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-  systemctl daemon-reload || true
-  # RuntimeDirectoryPreserve=yes keeps it while the package is installed.
-  rm -rf /run/qiod
-fi
-SCRIPT
-chmod 755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/DEBIAN/postrm"
+chmod 755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm"
 
 find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 mkdir -p "$out"

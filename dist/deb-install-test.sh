@@ -36,7 +36,12 @@ grep -qx 'ExecStart=/usr/bin/qiod' /usr/lib/systemd/user/qiod.service || fail "u
 echo "installed: $(/usr/bin/qiod --version), $(du -k /usr/bin/qiod | cut -f1) KiB; qio $(du -k /usr/bin/qio | cut -f1) KiB"
 
 dpkg -r qiod
-dpkg-query -W -f '${Status}' qiod 2>/dev/null | grep -q ' installed' && fail "qiod still installed"
+# Not even in dpkg's database (a package with conffiles or a postrm would stay there as
+# "config-files" until a purge).
+if status=$(dpkg-query -W -f '${Status}' qiod 2>/dev/null) && [ "$status" != "unknown ok not-installed" ]; then
+  fail "dpkg still lists qiod: $status"
+fi
+ls /var/lib/dpkg/info/qiod.* >/dev/null 2>&1 && fail "dpkg keeps $(ls /var/lib/dpkg/info/qiod.*)"
 left=0
 while read -r f; do
   case $f in /lib|/usr|/usr/*/|/lib/systemd|/usr/lib|/usr/share|/usr/bin) continue ;; esac

@@ -190,4 +190,7 @@ user qio send --wait /clienttest/echo 1 | grep -qx '{"code":200,"data":1}' || fa
 log "removing the package"
 inside dpkg -r qiod >/dev/null
 inside test ! -e /usr/bin/qiod || fail "dpkg -r left /usr/bin/qiod"
+inside test ! -e /run/qiod || fail "dpkg -r left /run/qiod"
+inside test ! -L /etc/systemd/system/sockets.target.wants/qiod.socket || fail "dpkg -r left the unit enabled"
+[ "$(inside systemctl is-active qiod.socket qiod.service | sort -u)" = inactive ] || fail "qiod still runs after dpkg -r"
 echo "real systemd test: all checks passed"
