@@ -317,3 +317,66 @@ async fn a_daemon_user_adds_to_whom_is_trusted_even_when_it_names_no_user_yet() 
         assert_eq!(out.status.code(), Some(0), "{user}: {}", text(&out.stderr));
     }
 }
+
+#[tokio::test]
+async fn each_subcommand_help_is_complete_in_itself() {
+    for sub in ["sub", "send", "status", "raw"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_qio"))
+            .args([sub, "--help"])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{sub}");
+        let help = text(&out.stdout);
+        assert!(help.contains(&format!("Usage: qio {sub}")), "{help}");
+        // The exit codes and where the socket is, without pointing at `qio --help`.
+        assert!(help.contains("Exit codes:"), "{sub}: {help}");
+        assert!(help.contains("4  qiod is not running"), "{sub}: {help}");
+        assert!(
+            help.contains("$XDG_RUNTIME_DIR/qiod/qiod.sock"),
+            "{sub}: {help}"
+        );
+        assert!(!help.contains("see below"), "{sub}: {help}");
+    }
+}
+
+#[tokio::test]
+async fn man_pages_and_completions_come_from_the_command_line_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |to: std::path::PathBuf| async move {
+        let out = Command::new(env!("CARGO_BIN_EXE_qio"))
+            .arg("--generate-assets")
+            .arg(&to)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    generate(a.clone()).await;
+    generate(b.clone()).await;
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let page = read(&a.join("man/qio.1"));
+    assert!(page.contains(".TH qio 1"), "{page}");
+    assert!(page.contains("Exit codes:"), "{page}");
+    let sub = read(&a.join("man/qio-sub.1"));
+    assert!(sub.contains("\\-\\-count"), "{sub}");
+    let bash = read(&a.join("completions/qio.bash"));
+    assert!(bash.contains("sub send status raw"), "{bash}");
+    assert!(
+        !bash.contains("generate-assets"),
+        "the packaging hook is not offered"
+    );
+    assert!(a.join("completions/_qio").is_file());
+    assert!(a.join("completions/qio.fish").is_file());
+    // The same binary writes the same files: the package is reproducible.
+    for f in [
+        "man/qio.1",
+        "man/qio-send.1",
+        "completions/qio.bash",
+        "completions/_qio",
+        "completions/qio.fish",
+    ] {
+        assert_eq!(read(&a.join(f)), read(&b.join(f)), "{f}");
+    }
+}

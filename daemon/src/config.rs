@@ -36,7 +36,28 @@ Every option is also a key of the config file, spelled with underscores (ping_ti
 servers = [\"ws://host:port/\"]), and an environment variable QIOD_<KEY> (QIOD_SERVER and
 QIOD_ALLOWED_GROUPS take comma-separated lists). A flag beats the environment, which beats the
 file, which beats the default. RUST_LOG, when set, overrides log. SIGHUP re-reads the file:
-servers and log apply at once, other changes at the next start.";
+servers and log apply at once, other changes at the next start.
+
+Exit codes:
+  0  stopped by SIGTERM or SIGINT, after a clean shutdown
+  1  could not start or stopped on an error (the socket is in use, ...); the reason is on stderr
+  2  a configuration or usage error, in one line on stderr; systemd does not restart it
+
+See also: qio(1), the client; man qiod.";
+
+/// What `-h` adds below the common options: where the rest is, and the exit codes.
+const AFTER_SHORT_HELP: &str = "\
+Try it without a server: qiod --demo, then qio sub /demo/tick in another terminal.
+qiod --help lists every option (timing, bounds), their defaults and QIOD_* variables.
+
+Exit codes: 0 clean shutdown, 1 could not start or failed, 2 configuration or usage error";
+
+// The headings of `qiod --help`.
+const SERVERS: &str = "Servers and dialect";
+const TIMING: &str = "Timing";
+const BOUNDS: &str = "Bounds";
+const ACCESS: &str = "Local socket and access";
+const LOGGING: &str = "Logging";
 
 /// The command line; each option can also come from the environment or the config file.
 ///
@@ -48,7 +69,8 @@ servers and log apply at once, other changes at the next start.";
     version,
     about = "Keeps one Quick.IO connection and shares it with local processes over a Unix socket",
     long_about = None,
-    after_help = AFTER_HELP,
+    after_help = AFTER_SHORT_HELP,
+    after_long_help = AFTER_HELP,
     mut_args(with_default)
 )]
 pub struct Args {
@@ -60,61 +82,62 @@ pub struct Args {
         long = "server",
         env = "QIOD_SERVER",
         value_name = "URL",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = SERVERS
     )]
     pub servers: Vec<String>,
     /// PEM file of extra CA certificates to trust for wss:// servers, besides the built-in
     /// web roots (read at start; certificates are always verified)
-    #[arg(long, env = "QIOD_CA_FILE", value_name = "PATH")]
+    #[arg(long, env = "QIOD_CA_FILE", value_name = "PATH", help_heading = SERVERS)]
     pub ca_file: Option<String>,
     /// Unix socket to listen on
-    #[arg(long, env = "QIOD_SOCKET", value_name = "PATH")]
+    #[arg(long, env = "QIOD_SOCKET", value_name = "PATH", help_heading = ACCESS)]
     pub socket: Option<PathBuf>,
     /// Log filter, like info or qiod=debug,warn (RUST_LOG wins when set)
-    #[arg(long, env = "QIOD_LOG", value_name = "FILTER")]
+    #[arg(long, env = "QIOD_LOG", value_name = "FILTER", help_heading = LOGGING)]
     pub log: Option<String>,
     /// Silence before the daemon pings the server, in ms
-    #[arg(long, env = "QIOD_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_HEARTBEAT_INTERVAL_MS", value_name = "MS", help_heading = TIMING)]
     pub heartbeat_interval_ms: Option<String>,
     /// How long a ping may go unanswered before the connection counts as dead, in ms
-    #[arg(long, env = "QIOD_PING_TIMEOUT_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_PING_TIMEOUT_MS", value_name = "MS", help_heading = TIMING)]
     pub ping_timeout_ms: Option<String>,
     /// How long a request waits for the server's answer, in ms
-    #[arg(long, env = "QIOD_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_REQUEST_TIMEOUT_MS", value_name = "MS", help_heading = TIMING)]
     pub request_timeout_ms: Option<String>,
     /// Time allowed from connecting to the server's hello, in ms
-    #[arg(long, env = "QIOD_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_HANDSHAKE_TIMEOUT_MS", value_name = "MS", help_heading = TIMING)]
     pub handshake_timeout_ms: Option<String>,
     /// First reconnect delay, in ms (doubles after each failure)
-    #[arg(long, env = "QIOD_BACKOFF_INITIAL_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_BACKOFF_INITIAL_MS", value_name = "MS", help_heading = TIMING)]
     pub backoff_initial_ms: Option<String>,
     /// Longest reconnect delay, in ms
-    #[arg(long, env = "QIOD_BACKOFF_MAX_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_BACKOFF_MAX_MS", value_name = "MS", help_heading = TIMING)]
     pub backoff_max_ms: Option<String>,
     /// Most events held while the server is unreachable
-    #[arg(long, env = "QIOD_QUEUE_MAX_EVENTS", value_name = "N")]
+    #[arg(long, env = "QIOD_QUEUE_MAX_EVENTS", value_name = "N", help_heading = BOUNDS)]
     pub queue_max_events: Option<String>,
     /// Most bytes of events held while the server is unreachable
-    #[arg(long, env = "QIOD_QUEUE_MAX_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "QIOD_QUEUE_MAX_BYTES", value_name = "BYTES", help_heading = BOUNDS)]
     pub queue_max_bytes: Option<String>,
     /// Most requests waiting for a server answer, all clients together
-    #[arg(long, env = "QIOD_MAX_PENDING_CALLBACKS", value_name = "N")]
+    #[arg(long, env = "QIOD_MAX_PENDING_CALLBACKS", value_name = "N", help_heading = BOUNDS)]
     pub max_pending_callbacks: Option<String>,
     /// Most distinct subscribed paths, all clients together
-    #[arg(long, env = "QIOD_MAX_SUBSCRIPTIONS", value_name = "N")]
+    #[arg(long, env = "QIOD_MAX_SUBSCRIPTIONS", value_name = "N", help_heading = BOUNDS)]
     pub max_subscriptions: Option<String>,
     /// Largest WebSocket message accepted from the server, in bytes
-    #[arg(long, env = "QIOD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "QIOD_MAX_MESSAGE_BYTES", value_name = "BYTES", help_heading = BOUNDS)]
     pub max_message_bytes: Option<String>,
     /// Most bytes of frames waiting to be written to the server; beyond, the connection
     /// counts as one whose server stopped reading
     #[arg(long, env = "QIOD_WRITE_QUEUE_BYTES", value_name = "BYTES")]
     pub write_queue_bytes: Option<String>,
     /// Longest request line accepted from a client, in bytes
-    #[arg(long, env = "QIOD_MAX_LINE_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "QIOD_MAX_LINE_BYTES", value_name = "BYTES", help_heading = BOUNDS)]
     pub max_line_bytes: Option<String>,
     /// Events buffered for one client before slow_client applies
-    #[arg(long, env = "QIOD_CLIENT_QUEUE_EVENTS", value_name = "N")]
+    #[arg(long, env = "QIOD_CLIENT_QUEUE_EVENTS", value_name = "N", help_heading = BOUNDS)]
     pub client_queue_events: Option<String>,
     /// Bytes buffered for one client (events and replies) before slow_client applies
     #[arg(long, env = "QIOD_CLIENT_QUEUE_BYTES", value_name = "BYTES")]
@@ -124,13 +147,13 @@ pub struct Args {
     #[arg(long, env = "QIOD_CLIENT_CLOSE_GRACE_MS", value_name = "MS")]
     pub client_close_grace_ms: Option<String>,
     /// What to do with a client that reads too slowly: drop-oldest or disconnect
-    #[arg(long, env = "QIOD_SLOW_CLIENT", value_name = "POLICY")]
+    #[arg(long, env = "QIOD_SLOW_CLIENT", value_name = "POLICY", help_heading = BOUNDS)]
     pub slow_client: Option<String>,
     /// Quick.IO wire dialect: auto (try 0.2, fall back to 0.1), 0.2 or 0.1
-    #[arg(long, env = "QIOD_DIALECT", value_name = "DIALECT")]
+    #[arg(long, env = "QIOD_DIALECT", value_name = "DIALECT", help_heading = SERVERS)]
     pub dialect: Option<String>,
     /// Largest frame the server accepts, in bytes; larger sends are refused locally
-    #[arg(long, env = "QIOD_MAX_FRAME_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "QIOD_MAX_FRAME_BYTES", value_name = "BYTES", help_heading = SERVERS)]
     pub max_frame_bytes: Option<String>,
     /// How long a connection must stay open before the reconnect backoff starts over, in ms
     #[arg(long, env = "QIOD_STABLE_AFTER_MS", value_name = "MS")]
@@ -143,13 +166,13 @@ pub struct Args {
     #[arg(long, env = "QIOD_ALLOW_INSECURE_MOVE", value_name = "BOOL")]
     pub allow_insecure_move: Option<String>,
     /// Most clients connected at once
-    #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N")]
+    #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N", help_heading = BOUNDS)]
     pub max_clients: Option<String>,
     /// Most requests one client may have waiting for an answer
-    #[arg(long, env = "QIOD_MAX_PENDING_PER_CLIENT", value_name = "N")]
+    #[arg(long, env = "QIOD_MAX_PENDING_PER_CLIENT", value_name = "N", help_heading = BOUNDS)]
     pub max_pending_per_client: Option<String>,
     /// Most paths one client may subscribe to
-    #[arg(long, env = "QIOD_MAX_SUBSCRIPTIONS_PER_CLIENT", value_name = "N")]
+    #[arg(long, env = "QIOD_MAX_SUBSCRIPTIONS_PER_CLIENT", value_name = "N", help_heading = BOUNDS)]
     pub max_subscriptions_per_client: Option<String>,
     /// Refused clients are logged once per uid per this interval, with a count, in ms
     #[arg(long, env = "QIOD_REFUSAL_LOG_INTERVAL_MS", value_name = "MS")]
@@ -172,22 +195,35 @@ pub struct Args {
         long,
         env = "QIOD_ALLOWED_GROUPS",
         value_name = "GROUP",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = ACCESS
     )]
     pub allowed_groups: Vec<String>,
     /// Try qiod without a server: run a Quick.IO test server in-process on a free loopback
     /// port, use it as the only server and broadcast a counter on /demo/tick every 500 ms
-    #[arg(long)]
+    #[arg(long, display_order = 0)]
     pub demo: bool,
 }
 
-/// Appends each option's default to its help, taken from the real defaults.
+/// Keeps `-h` to the options most runs need, and gives `--help` each option's default
+/// (taken from the real defaults) and environment variable.
 fn with_default(arg: clap::Arg) -> clap::Arg {
-    let Some(default) = default_text(arg.get_id().as_str()) else {
-        return arg;
+    let arg = match arg.get_help_heading() {
+        Some(TIMING | BOUNDS) => arg.hide_short_help(true),
+        _ => arg,
     };
     let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
-    arg.help(format!("{help} [default: {default}]"))
+    let mut long = help.clone();
+    if let Some(default) = default_text(arg.get_id().as_str()) {
+        long.push_str(&format!(" [default: {default}]"));
+    }
+    if let Some(env) = arg.get_env() {
+        long.push_str(&format!(" [env: {}]", env.to_string_lossy()));
+    }
+    if long == help {
+        return arg;
+    }
+    arg.help(help).long_help(long).hide_env(true)
 }
 
 fn default_text(key: &str) -> Option<String> {
@@ -196,9 +232,11 @@ fn default_text(key: &str) -> Option<String> {
         return Some((num.get)(&defaults).to_string());
     }
     Some(match key {
-        "config" => default_config_path()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "none".into()),
+        // Not the path computed here: the man page is generated from this text and must
+        // not depend on who built it.
+        "config" => "$XDG_CONFIG_HOME/qiod/config.toml, which is ~/.config/qiod/config.toml \
+                     unless set"
+            .into(),
         "socket" => "$XDG_RUNTIME_DIR/qiod/qiod.sock; as root /run/qiod/qiod.sock; \
                      else /tmp/qiod-<uid>/qiod.sock"
             .into(),

@@ -6,11 +6,12 @@
 //! Under systemd (`Type=notify`, see `systemd/`) it reports readiness, status and watchdog
 //! keep-alives ([`notify`]); `--demo` brings its own Quick.IO server ([`demo`]).
 
+mod assets;
 mod demo;
 mod notify;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use qiod::config::{self, Args, Config};
 use qiod::socket::{self, SocketGuard};
 use std::io::IsTerminal;
@@ -27,6 +28,15 @@ use url::Url;
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
 fn main() -> ExitCode {
+    if let Some(dir) = assets::requested() {
+        return match assets::write(Args::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("qiod: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     let config = match config::load(args) {
         Ok(config) => config,
@@ -86,8 +96,10 @@ fn init_tracing(filter: EnvFilter) -> FilterHandle {
 
 /// Sets up the process (fd limit, socket, runtime) and serves until shut down.
 fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
-    let nofile = raise_nofile_limit();
-    if let Some(limit) = nofile {
+    // Before the runtime starts threads: taking the systemd socket edits the environment.
+    let (listener, guard) = listen(&config)?;
+    // After the socket, so that a daemon that cannot start says only why.
+    if let Some(limit) = raise_nofile_limit() {
         let clients = u64::try_from(config.settings.ipc.max_clients).unwrap_or(u64::MAX);
         if clients > limit {
             tracing::warn!(
@@ -96,8 +108,6 @@ fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
             );
         }
     }
-    // Before the runtime starts threads: taking the systemd socket edits the environment.
-    let (listener, guard) = listen(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -347,7 +357,8 @@ async fn reload(running: &Running, filter: &FilterHandle, reload_tx: &mpsc::Send
 }
 
 /// Raises the soft open-file limit to the hard one, since every client is an fd; returns
-/// the limit in force.
+/// the limit in force. The limit is news (info) only when it cannot be raised; the caller
+/// warns when it is below max_clients.
 fn raise_nofile_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -361,7 +372,7 @@ fn raise_nofile_limit() -> Option<u64> {
     }
     let old = lim.rlim_cur;
     if old >= lim.rlim_max {
-        tracing::info!("open-file limit: {old}");
+        tracing::debug!("open-file limit: {old}");
         return Some(old);
     }
     lim.rlim_cur = lim.rlim_max;
@@ -371,6 +382,6 @@ fn raise_nofile_limit() -> Option<u64> {
         tracing::warn!("cannot raise the open-file limit from {old}: {e}");
         return Some(old);
     }
-    tracing::info!("open-file limit raised from {old} to {}", lim.rlim_cur);
+    tracing::debug!("open-file limit raised from {old} to {}", lim.rlim_cur);
     Some(lim.rlim_cur)
 }

@@ -191,3 +191,188 @@ fn a_bad_configuration_exits_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
 }
+
+/// Reads stderr lines until one contains `needle` (Ok) or stderr ends (Err); either way
+/// with all the lines read.
+fn stderr_until(child: &mut Child, needle: &str) -> Result<String, String> {
+    use std::io::BufRead;
+    let err = child.stderr.take().expect("stderr piped");
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(err).lines() {
+        let line = line.expect("stderr is text");
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(needle) {
+            return Ok(seen);
+        }
+    }
+    Err(seen)
+}
+
+#[test]
+fn the_open_file_limit_is_mentioned_only_when_it_matters() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("qiod.toml");
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `hard` is a valid rlimit to write into.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    let too_many = (hard.rlim_max + 1).to_string();
+
+    // A daemon that cannot start says why, and nothing about file limits.
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let mut failed = Qiod::spawn(
+        &["--server", "ws://127.0.0.1:1/", "--max-clients", &too_many],
+        &not_a_dir.join("qiod.sock"),
+        &config,
+    );
+    let st = failed.wait_exit();
+    assert_eq!(st.code(), Some(1));
+    let err = stderr_until(&mut failed.child, "\u{0}").expect_err("stderr to its end");
+    assert!(err.contains("qiod: "), "{err}");
+    assert!(!err.contains("open-file limit"), "{err}");
+
+    // A running daemon warns when max_clients cannot be served.
+    let socket = dir.path().join("qiod.sock");
+    let mut qiod = Qiod::spawn(
+        &["--server", "ws://127.0.0.1:1/", "--max-clients", &too_many],
+        &socket,
+        &config,
+    );
+    let seen = stderr_until(&mut qiod.child, "open-file limit").expect("a warning");
+    assert!(seen.contains("is above the open-file limit"), "{seen}");
+
+    // With a sane max_clients, the limit is not news: nothing about it up to the line
+    // that says the daemon is starting, which comes after the limit is raised.
+    let mut quiet = Qiod::spawn(
+        &["--server", "ws://127.0.0.1:1/"],
+        &dir.path().join("quiet.sock"),
+        &config,
+    );
+    let seen = stderr_until(&mut quiet.child, "qiod starting").expect("qiod starts");
+    assert!(!seen.contains("open-file limit"), "{seen}");
+}
+
+fn help(flag: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+        .arg(flag)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "qiod {flag}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn help_is_grouped_under_headings_and_h_is_a_summary() {
+    let long = help("--help");
+    let mut at = 0;
+    // `--demo` comes first, then the headings in the order of the file.
+    for heading in [
+        "Options:",
+        "--demo",
+        "Servers and dialect:",
+        "Local socket and access:",
+        "Logging:",
+        "Timing:",
+        "Bounds:",
+        "Exit codes:",
+    ] {
+        let found = long[at..]
+            .find(heading)
+            .unwrap_or_else(|| panic!("{heading} missing or out of order in:\n{long}"));
+        at += found;
+    }
+    assert!(long.contains("--ping-timeout-ms <MS>"), "{long}");
+    assert!(
+        long.contains("[default: 10000] [env: QIOD_PING_TIMEOUT_MS]"),
+        "{long}"
+    );
+    assert!(long.contains("2  a configuration or usage error"), "{long}");
+
+    let short = help("-h");
+    assert!(short.lines().count() * 2 < long.lines().count(), "{short}");
+    for common in ["--demo", "--server <URL>", "--socket <PATH>", "Exit codes:"] {
+        assert!(short.contains(common), "{common} missing in:\n{short}");
+    }
+    assert!(!short.contains("--ping-timeout-ms"), "{short}");
+    assert!(short.contains("qiod --help lists every option"), "{short}");
+}
+
+#[test]
+fn man_page_and_completions_come_from_the_command_line_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |to: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+            .arg("--generate-assets")
+            .arg(to)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    generate(&a);
+    generate(&b);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let page = read(&a.join("man/qiod.1"));
+    assert!(page.contains(".TH qiod 1"), "{page}");
+    assert!(page.contains(".SH \"SERVERS AND DIALECT\""), "{page}");
+    assert!(page.contains("\\-\\-max\\-clients"), "{page}");
+    assert!(
+        !page.contains("/root") && !page.contains("/home/"),
+        "no builder paths"
+    );
+    let bash = read(&a.join("completions/qiod.bash"));
+    assert!(bash.contains("--server"), "{bash}");
+    assert!(
+        !bash.contains("generate-assets"),
+        "the packaging hook is not offered"
+    );
+    for f in [
+        "man/qiod.1",
+        "completions/qiod.bash",
+        "completions/_qiod",
+        "completions/qiod.fish",
+    ] {
+        assert_eq!(read(&a.join(f)), read(&b.join(f)), "{f}");
+    }
+}
+
+/// The sample config shipped in the package (dist/config.toml) names every key, and its
+/// lines, uncommented, are a valid configuration.
+#[test]
+fn the_sample_config_has_every_key_and_is_valid_uncommented() {
+    use clap::CommandFactory;
+    let sample = include_str!("../../dist/config.toml");
+    let keys: Vec<String> = qiod::config::Args::command()
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .filter(|k| !matches!(k.as_str(), "config" | "demo" | "help" | "version"))
+        .collect();
+    assert!(keys.len() > 20, "{keys:?}");
+    let mut uncommented = String::new();
+    for key in &keys {
+        let line = sample
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# {key} = ")))
+            .unwrap_or_else(|| panic!("no `# {key} = ...` line in dist/config.toml"));
+        // These name things of the machine (a file, a group) that a test cannot assume.
+        if !matches!(key.as_str(), "ca_file" | "allowed_groups") {
+            uncommented.push_str(&format!("{key} = {line}\n"));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, &uncommented).unwrap();
+    let args = qiod::config::Args {
+        config: Some(file),
+        ..Default::default()
+    };
+    let config = qiod::config::load(args).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    assert_eq!(config.settings.ipc.max_clients, 16384);
+}

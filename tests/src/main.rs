@@ -6,7 +6,7 @@
 use anyhow::Context;
 use clap::Parser;
 use qio_testserver::{Dialect, ServerConfig, TestServer};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -59,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person watching; not in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
     let mut cfg = ServerConfig {

@@ -2,7 +2,10 @@
 //!
 //! Exit codes are listed in `EXIT_CODES` (shown by `qio --help`) and in the crate README.
 
-use clap::{Parser, Subcommand};
+#[path = "qio/assets.rs"]
+mod assets;
+
+use clap::{CommandFactory, Parser, Subcommand};
 use futures_util::StreamExt;
 use qio_client::{Client, ConnectionEvent, Error};
 use serde::Serialize;
@@ -32,14 +35,15 @@ Exit codes:
      someone else, writable by group or others) or the process listening on it is not
      your qiod; nothing was sent. For the system service, pass --daemon-user qiod
 
-The socket is --socket, else $QIOD_SOCKET, else $XDG_RUNTIME_DIR/qiod/qiod.sock, else
-/run/qiod/qiod.sock for root, else /tmp/qiod-<uid>/qiod.sock: where qiod listens by default.";
+See also: qiod(1), the daemon; man qio.";
 
 /// Talk to qiod, the daemon that shares one Quick.IO connection.
 #[derive(Parser, Debug)]
 #[command(name = "qio", version, after_long_help = EXIT_CODES)]
 struct Cli {
-    /// The daemon's socket [default: as qiod computes it, see below]
+    /// The daemon's socket [default: $QIOD_SOCKET, else $XDG_RUNTIME_DIR/qiod/qiod.sock,
+    /// else /run/qiod/qiod.sock for root, else /tmp/qiod-<uid>/qiod.sock: where qiod
+    /// listens by default]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// The user qiod runs as, when it is not you (the system service's is qiod); trusted
@@ -55,6 +59,7 @@ enum Cmd {
     /// Subscribe, and print one JSON line per event: {"event":PATH,"data":...}, plus "cb"
     /// when the server asked for an answer. Stops on Ctrl-C, after --count events, or
     /// when stdout is closed (all exit 0).
+    #[command(after_long_help = EXIT_CODES)]
     Sub {
         /// The paths to subscribe to.
         #[arg(required = true, value_name = "PATH")]
@@ -66,6 +71,7 @@ enum Cmd {
     /// Send an event. Without --wait, fire-and-forget: exits once the daemon has taken it
     /// (1 if the daemon refused it). With --wait, prints the server's answer as one JSON
     /// line, {"code":...,"data":...} plus "err_msg" on errors.
+    #[command(after_long_help = EXIT_CODES)]
     Send {
         /// Wait for the server's answer and print it.
         #[arg(long)]
@@ -84,6 +90,7 @@ enum Cmd {
         data: Option<String>,
     },
     /// Print the daemon's state: upstream, uptime, clients, subscriptions, queue, pending.
+    #[command(after_long_help = EXIT_CODES)]
     Status {
         /// Print the daemon's status data as one JSON line instead.
         #[arg(long)]
@@ -92,6 +99,7 @@ enum Cmd {
     /// Connect stdin and stdout to the socket to type protocol lines by hand, e.g.
     /// {"op":"send","path":"/clienttest/echo","data":1,"id":1}. After stdin ends, keeps
     /// printing until the daemon closes the connection or 1 s passes without a line.
+    #[command(after_long_help = EXIT_CODES)]
     Raw,
 }
 
@@ -112,6 +120,15 @@ fn failure(code: u8, msg: impl Into<String>) -> Failure {
 type Outcome = Result<u8, Failure>;
 
 fn main() -> ExitCode {
+    if let Some(dir) = assets::requested() {
+        return match assets::write(Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("qio: {e:#}");
+                ExitCode::from(FAILED)
+            }
+        };
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

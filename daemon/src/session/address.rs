@@ -2,15 +2,22 @@
 
 use url::Url;
 
-/// Parses a configured server address, accepting `ws`, `wss`, `http` and `https`.
+/// Parses a configured server address: `ws` or `wss`.
 ///
-/// `http(s)` is mapped to `ws(s)` because operators often paste the web address of the
-/// server; the upgrade happens on the same port either way.
+/// `http(s)` is refused rather than rewritten: an operator who pasted a web address
+/// should learn that qiod speaks WebSocket, and see the address it will really use.
 pub fn parse_server_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s.trim()).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
-    normalize(url).ok_or_else(|| {
+    let web = matches!(url.scheme(), "http" | "https");
+    let ws = normalize(url).ok_or_else(|| {
         format!("{s:?} is not a WebSocket address: use ws://host:port/path or wss://")
-    })
+    })?;
+    if web {
+        return Err(format!(
+            "{s:?} is a web address, but qiod speaks WebSocket: use {ws}"
+        ));
+    }
+    Ok(ws)
 }
 
 /// Resolves the address a server asked us to move to, relative to the current one.
@@ -70,8 +77,6 @@ mod tests {
     fn parse_table() {
         let ok = [
             ("ws://qio.test:1234/", "ws://qio.test:1234/"),
-            ("http://h:1/qio", "ws://h:1/qio"),
-            ("https://h/", "wss://h/"),
             (" wss://h:443/x ", "wss://h/x"),
         ];
         for (s, want) in ok {
@@ -79,6 +84,19 @@ mod tests {
         }
         for s in ["", "h:1", "ftp://h/", "ws://", "/path"] {
             assert!(parse_server_url(s).is_err(), "{s} should fail");
+        }
+    }
+
+    #[test]
+    fn a_web_address_is_refused_with_the_websocket_one() {
+        for (s, hint) in [
+            ("http://h:1/qio", "use ws://h:1/qio"),
+            ("https://h/", "use wss://h/"),
+            ("HTTP://h:1", "use ws://h:1/"),
+        ] {
+            let err = parse_server_url(s).unwrap_err();
+            assert!(err.contains("web address"), "{s}: {err}");
+            assert!(err.ends_with(hint), "{s}: {err}");
         }
     }
 
