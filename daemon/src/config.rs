@@ -131,7 +131,7 @@ pub struct Args {
     pub max_message_bytes: Option<String>,
     /// Most bytes of frames waiting to be written to the server; beyond, the connection
     /// counts as one whose server stopped reading
-    #[arg(long, env = "QIOD_WRITE_QUEUE_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "QIOD_WRITE_QUEUE_BYTES", value_name = "BYTES", help_heading = BOUNDS)]
     pub write_queue_bytes: Option<String>,
     /// Longest request line accepted from a client, in bytes
     #[arg(long, env = "QIOD_MAX_LINE_BYTES", value_name = "BYTES", help_heading = BOUNDS)]
@@ -140,11 +140,11 @@ pub struct Args {
     #[arg(long, env = "QIOD_CLIENT_QUEUE_EVENTS", value_name = "N", help_heading = BOUNDS)]
     pub client_queue_events: Option<String>,
     /// Bytes buffered for one client (events and replies) before slow_client applies
-    #[arg(long, env = "QIOD_CLIENT_QUEUE_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "QIOD_CLIENT_QUEUE_BYTES", value_name = "BYTES", help_heading = BOUNDS)]
     pub client_queue_bytes: Option<String>,
     /// How long a client whose session ends (disconnected, shutdown, half-close) may take
     /// to read what is queued for it before its socket is closed, in ms
-    #[arg(long, env = "QIOD_CLIENT_CLOSE_GRACE_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_CLIENT_CLOSE_GRACE_MS", value_name = "MS", help_heading = TIMING)]
     pub client_close_grace_ms: Option<String>,
     /// What to do with a client that reads too slowly: drop-oldest or disconnect
     #[arg(long, env = "QIOD_SLOW_CLIENT", value_name = "POLICY", help_heading = BOUNDS)]
@@ -156,14 +156,14 @@ pub struct Args {
     #[arg(long, env = "QIOD_MAX_FRAME_BYTES", value_name = "BYTES", help_heading = SERVERS)]
     pub max_frame_bytes: Option<String>,
     /// How long a connection must stay open before the reconnect backoff starts over, in ms
-    #[arg(long, env = "QIOD_STABLE_AFTER_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_STABLE_AFTER_MS", value_name = "MS", help_heading = TIMING)]
     pub stable_after_ms: Option<String>,
     /// Events sent without a callback: once (never sent twice; queued while offline) or
     /// at-least-once (kept until the server was seen to read them; may arrive twice)
-    #[arg(long, env = "QIOD_FIRE_AND_FORGET", value_name = "MODE")]
+    #[arg(long, env = "QIOD_FIRE_AND_FORGET", value_name = "MODE", help_heading = SERVERS)]
     pub fire_and_forget: Option<String>,
     /// Follow a server's move from wss:// to a ws:// address (true or false)
-    #[arg(long, env = "QIOD_ALLOW_INSECURE_MOVE", value_name = "BOOL")]
+    #[arg(long, env = "QIOD_ALLOW_INSECURE_MOVE", value_name = "BOOL", help_heading = SERVERS)]
     pub allow_insecure_move: Option<String>,
     /// Most clients connected at once
     #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N", help_heading = BOUNDS)]
@@ -175,20 +175,20 @@ pub struct Args {
     #[arg(long, env = "QIOD_MAX_SUBSCRIPTIONS_PER_CLIENT", value_name = "N", help_heading = BOUNDS)]
     pub max_subscriptions_per_client: Option<String>,
     /// Refused clients are logged once per uid per this interval, with a count, in ms
-    #[arg(long, env = "QIOD_REFUSAL_LOG_INTERVAL_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_REFUSAL_LOG_INTERVAL_MS", value_name = "MS", help_heading = ACCESS)]
     pub refusal_log_interval_ms: Option<String>,
     /// How often to check that the socket file is still ours (qiod exits if not), in ms
-    #[arg(long, env = "QIOD_SOCKET_CHECK_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_SOCKET_CHECK_MS", value_name = "MS", help_heading = ACCESS)]
     pub socket_check_ms: Option<String>,
     /// Most bytes of request ids kept for one client's requests waiting for an answer
     #[arg(
         long,
         env = "QIOD_MAX_PENDING_ID_BYTES_PER_CLIENT",
         value_name = "BYTES"
-    )]
+    , help_heading = BOUNDS)]
     pub max_pending_id_bytes_per_client: Option<String>,
     /// Most server callback requests handed to local clients that are remembered
-    #[arg(long, env = "QIOD_MAX_HANDLES", value_name = "N")]
+    #[arg(long, env = "QIOD_MAX_HANDLES", value_name = "N", help_heading = BOUNDS)]
     pub max_handles: Option<String>,
     /// Groups (names or numeric gids) whose members may connect besides our own user
     #[arg(
