@@ -1,4 +1,11 @@
-//! The offline queue: events serialized while the connection is not open.
+//! Owns fire-and-forget sends: the offline queue (events serialized while the connection is
+//! not open, written once after the reconnect), the sent-but-unconfirmed events of
+//! `at-least-once` mode, and telling a sender when its accepted event is dropped after all.
+
+use super::{
+    check_path, FireAndForget, Outcome, Output, Phase, Session, SessionError, CONFIRM_AFTER,
+};
+use std::time::Instant;
 
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
@@ -243,5 +250,78 @@ mod unconfirmed_tests {
         );
         let left: Vec<_> = small.take().into_iter().map(|e| e.path).collect();
         assert_eq!(left, ["/a", "/b", "/c", "/d"]);
+    }
+}
+
+/// Fire-and-forget sends: queued while not open, written once (or, at least once, kept
+/// until confirmed), and told to their sender when dropped after all.
+impl<T> Session<T> {
+    /// Sends an event without asking for a callback; queued while not open.
+    pub fn emit(&mut self, now: Instant, path: &str, data: &RawValue) -> Result<(), SessionError> {
+        self.emit_from(now, path, data, None)
+    }
+
+    /// [`Session::emit`] on behalf of `sender` (the driver passes the local client's id):
+    /// should the event be dropped after it was accepted, an [`Output::Dropped`] names it.
+    ///
+    /// What happens across breaks follows [`SessionConfig::fire_and_forget`].
+    pub fn emit_from(
+        &mut self,
+        now: Instant,
+        path: &str,
+        data: &RawValue,
+        sender: Option<u64>,
+    ) -> Result<(), SessionError> {
+        let path = check_path(path)?;
+        let frame = self.dialect.encode(&path, 0, data);
+        self.check_size(&frame)?;
+        let event = Queued::new(path, data.to_owned(), sender);
+        match self.phase {
+            Phase::Open { .. } if self.cfg.fire_and_forget == FireAndForget::Once => {
+                // Written once; whatever happens to the connection, never again.
+                self.events_out += 1;
+                self.out.push_back(Output::Send(frame));
+                Ok(())
+            }
+            Phase::Open { .. } => {
+                if self.unconfirmed.push(self.next_cb, event).is_err() {
+                    let (n, bytes) = self.unconfirmed.size();
+                    return Err(SessionError::QueueFull(format!(
+                        "{n} events, {bytes} bytes sent and not yet confirmed by the server"
+                    )));
+                }
+                self.events_out += 1;
+                self.out.push_back(Output::Send(frame));
+                if self.unconfirmed.half_full() {
+                    // Ask for proof now rather than refuse events soon.
+                    self.confirm_at = Some(now);
+                } else if self.confirm_at.is_none() {
+                    self.confirm_at = Some(now + CONFIRM_AFTER.min(self.cfg.heartbeat_interval));
+                }
+                Ok(())
+            }
+            Phase::Stopped => Err(SessionError::Stopped),
+            _ => self.queue.push(event).map_err(|_| {
+                SessionError::QueueFull(format!(
+                    "{} events, {} bytes",
+                    self.queue.len(),
+                    self.queue.bytes()
+                ))
+            }),
+        }
+    }
+
+    /// Tells the sender of an accepted event that it will not be sent after all.
+    pub(super) fn drop_event(&mut self, event: Queued, code: i64, why: String) {
+        self.events_dropped += 1;
+        // The caller logs one line for the lot: a full queue can hold thousands.
+        tracing::debug!(path = event.path, "dropping an accepted event: {why}");
+        if let Some(sender) = event.sender {
+            self.out.push_back(Output::Dropped {
+                sender,
+                path: event.path,
+                outcome: Outcome::local(code, why),
+            });
+        }
     }
 }
