@@ -457,6 +457,17 @@ pub fn prepare(
     ),
     SpawnError,
 > {
+    // A zero capacity would make tokio's channel panic: refuse it with the key's name.
+    for (key, v) in [
+        ("command_capacity", cfg.command_capacity),
+        ("notice_capacity", cfg.notice_capacity),
+        ("write_queue_bytes", cfg.write_queue_bytes),
+        ("max_message_bytes", cfg.max_message_bytes),
+    ] {
+        if v == 0 {
+            return Err(SpawnError::Session(SessionError::ZeroBound(key)));
+        }
+    }
     let session = Session::new(cfg.session.clone(), cfg.seed, Instant::now().into_std())?;
     let tls = tls_config(cfg.ca_file.as_deref())?;
     if let Some(path) = &cfg.ca_file {
@@ -469,7 +480,7 @@ pub fn prepare(
     let (notice_tx, notice_rx) = mpsc::channel(cfg.notice_capacity);
     let driver = Driver {
         write_timeout: cfg.session.ping_timeout,
-        write_queue_bytes: cfg.write_queue_bytes.max(1),
+        write_queue_bytes: cfg.write_queue_bytes,
         session,
         connecting: None,
         reader: None,
@@ -477,7 +488,7 @@ pub fn prepare(
         writers: TaskTracker::new(),
         notices: notice_tx,
         held: VecDeque::new(),
-        held_max: cfg.notice_capacity.max(1),
+        held_max: cfg.notice_capacity,
         repeats: Repeats::new(LOG_REPEATS_EVERY),
         tls,
         // tungstenite zero-fills its whole read buffer before every read (128 KiB by
@@ -1026,6 +1037,23 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         assert_eq!(root_store(Some(&path)).unwrap().len(), web + 2);
         tls_config(Some(&path)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_zero_capacity_is_refused_with_its_name_not_a_panic() {
+        let url = Url::parse("ws://127.0.0.1:9/").unwrap();
+        for key in ["command_capacity", "notice_capacity", "write_queue_bytes"] {
+            let mut cfg = DriverConfig::new(SessionConfig::new(vec![url.clone()]));
+            match key {
+                "command_capacity" => cfg.command_capacity = 0,
+                "notice_capacity" => cfg.notice_capacity = 0,
+                _ => cfg.write_queue_bytes = 0,
+            }
+            let Err(err) = prepare(cfg, CancellationToken::new()) else {
+                panic!("{key} = 0 was accepted");
+            };
+            assert_eq!(err.to_string(), format!("{key} must be at least 1"));
+        }
     }
 
     #[test]
