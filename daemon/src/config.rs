@@ -190,6 +190,12 @@ pub struct Args {
     /// Most server callback requests handed to local clients that are remembered
     #[arg(long, env = "QIOD_MAX_HANDLES", value_name = "N", help_heading = BOUNDS)]
     pub max_handles: Option<String>,
+    /// Most calls from local clients waiting for the upstream session to take them
+    #[arg(long, env = "QIOD_COMMAND_CAPACITY", value_name = "N", help_heading = BOUNDS)]
+    pub command_capacity: Option<String>,
+    /// Most notices (events, state changes, answers) waiting between the upstream session and the fan-out; beyond, the session stops reading from the server
+    #[arg(long, env = "QIOD_NOTICE_CAPACITY", value_name = "N", help_heading = BOUNDS)]
+    pub notice_capacity: Option<String>,
     /// Groups (names or numeric gids) whose members may connect besides our own user
     #[arg(
         long,
@@ -299,6 +305,8 @@ struct FileConfig {
     max_subscriptions_per_client: Option<toml::Value>,
     max_pending_id_bytes_per_client: Option<toml::Value>,
     max_handles: Option<toml::Value>,
+    command_capacity: Option<toml::Value>,
+    notice_capacity: Option<toml::Value>,
     allowed_groups: Option<toml::Value>,
     refusal_log_interval_ms: Option<toml::Value>,
     socket_check_ms: Option<toml::Value>,
@@ -365,6 +373,8 @@ const NUMS: &[Num] = &[
     millis!(socket_check_ms => ipc.socket_check_interval),
     count!(max_pending_id_bytes_per_client => ipc.max_pending_id_bytes_per_client),
     count!(max_handles => ipc.max_handles),
+    count!(command_capacity => driver.command_capacity),
+    count!(notice_capacity => driver.notice_capacity),
 ];
 
 /// Where a value came from, so an error points the operator at the right place.
@@ -1215,8 +1225,18 @@ mod tests {
             &dir,
             "servers = 'ws://h:1/'\nmax_handles = 9\nmax_pending_id_bytes_per_client = 100\n",
         );
-        let cfg = load_env(args_with_file(&path), &[("QIOD_MAX_HANDLES", "11")]).unwrap();
+        let cfg = load_env(
+            args_with_file(&path),
+            &[
+                ("QIOD_MAX_HANDLES", "11"),
+                ("QIOD_COMMAND_CAPACITY", "12"),
+                ("QIOD_NOTICE_CAPACITY", "13"),
+            ],
+        )
+        .unwrap();
         assert_eq!(cfg.settings.ipc.max_handles, 11, "the variable wins");
+        assert_eq!(cfg.settings.driver.command_capacity, 12);
+        assert_eq!(cfg.settings.driver.notice_capacity, 13);
         assert_eq!(cfg.settings.ipc.max_pending_id_bytes_per_client, 100);
         let err = load_env(args_with_file(&path), &[("QIOD_MAX_HANDLES", "0")]).unwrap_err();
         assert!(
