@@ -206,7 +206,8 @@ pub struct Args {
     )]
     pub allowed_groups: Vec<String>,
     /// Try qiod without a server: run a Quick.IO test server in-process on a free loopback
-    /// port, use it as the only server and broadcast a counter on /demo/tick every 500 ms
+    /// port, use it as the only server, broadcast a counter on /demo/tick every 500 ms and ask
+    /// the subscribers of /demo/question a question every 2 s
     #[arg(long, display_order = 0)]
     pub demo: bool,
 }

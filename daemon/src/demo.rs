@@ -1,8 +1,12 @@
 //! `qiod --demo`: the daemon against the project's own Quick.IO test server, started in the
 //! same process, so a newcomer sees events flow without setting up a server.
 //!
-//! The server listens on a free loopback port and a task broadcasts a counter on
-//! [`TICK_PATH`] every [`TICK`], so subscribing there shows events at once.
+//! The server listens on a free loopback port. One task broadcasts a counter on
+//! [`TICK_PATH`], so subscribing there shows events at once; another asks the subscribers
+//! of [`QUESTION_PATH`] a question now and then (an event with a server callback), so a
+//! client that answers the server's requests (`examples/python/answer_requests.py`) has
+//! something to answer. It lives in the library so that tests can run the demo in-process
+//! and read the server's log.
 
 use anyhow::Context;
 use qio_testserver::{ServerConfig, TestServer};
@@ -16,35 +20,69 @@ use url::Url;
 /// Where the counter is broadcast.
 pub const TICK_PATH: &str = "/demo/tick";
 
-/// How often.
-const TICK: Duration = Duration::from_millis(500);
+/// Whose subscribers the server asks questions.
+pub const QUESTION_PATH: &str = "/demo/question";
 
-/// The running test server and its counter.
+/// How often the demo broadcasts and asks.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Between two ticks on [`TICK_PATH`].
+    pub tick: Duration,
+    /// Between two questions to the subscribers of [`QUESTION_PATH`].
+    pub question: Duration,
+}
+
+impl Default for Timing {
+    /// Slow enough to read along: a tick every half second, a question every two seconds.
+    fn default() -> Timing {
+        Timing {
+            tick: Duration::from_millis(500),
+            question: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The running test server and its two tasks.
 pub struct Demo {
     server: TestServer,
-    ticker: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
     url: Url,
+    timing: Timing,
 }
 
 impl Demo {
-    /// Starts the test server on `127.0.0.1`, port 0, and the counter.
+    /// Starts the test server on `127.0.0.1`, port 0, with the default [`Timing`].
     pub async fn start() -> anyhow::Result<Demo> {
+        Demo::start_with(Timing::default()).await
+    }
+
+    /// Starts the test server on `127.0.0.1`, port 0, the counter and the questions.
+    pub async fn start_with(timing: Timing) -> anyhow::Result<Demo> {
         let server = TestServer::start(ServerConfig::default())
             .await
             .context("cannot start the demo's Quick.IO test server")?;
-        let url = qiod::session::parse_server_url(&server.url())
+        let url = crate::session::parse_server_url(&server.url())
             .map_err(|e| anyhow::anyhow!("the demo server's address: {e}"))?;
-        let ticker = tokio::spawn(broadcast_ticks(server.clone()));
+        let tasks = vec![
+            tokio::spawn(broadcast_ticks(server.clone(), timing.tick)),
+            tokio::spawn(ask_questions(server.clone(), timing.question)),
+        ];
         Ok(Demo {
             server,
-            ticker,
+            tasks,
             url,
+            timing,
         })
     }
 
     /// The test server's address, to use as the daemon's only server.
     pub fn url(&self) -> &Url {
         &self.url
+    }
+
+    /// The test server itself, whose log shows the answers it got.
+    pub fn server(&self) -> &TestServer {
+        &self.server
     }
 
     /// Tells the person who ran `--demo` where things are and what to type. On stdout, like
@@ -61,35 +99,60 @@ impl Demo {
             }
             None => ("the socket passed by systemd".to_owned(), String::new()),
         };
-        tracing::info!(server = %self.url, %socket, "demo: broadcasting {TICK_PATH} every {TICK:?}");
+        let Timing { tick, question } = self.timing;
+        tracing::info!(
+            server = %self.url, %socket,
+            "demo: broadcasting {TICK_PATH} every {tick:?}, asking {QUESTION_PATH} every {question:?}"
+        );
         let mut out = std::io::stdout().lock();
         // stdout may be closed; the log line above says the same.
         let _ = write!(
             out,
             "qiod demo: Quick.IO test server on {} broadcasts a counter on {TICK_PATH} every {} ms\n\
+             qiod demo: and asks the subscribers of {QUESTION_PATH} a question every {} ms\n\
              qiod demo: local clients connect to {socket}\n{hint}",
             self.url,
-            TICK.as_millis(),
+            tick.as_millis(),
+            question.as_millis(),
         );
         let _ = out.flush();
     }
 
-    /// Stops the counter and the server (after the daemon has let go of it).
+    /// Stops the tasks and the server (after the daemon has let go of it).
     pub async fn stop(self) {
-        self.ticker.abort();
-        let _ = self.ticker.await;
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
         self.server.shutdown().await;
     }
 }
 
 /// Broadcasts 1, 2, 3, ... to every subscriber of [`TICK_PATH`] until aborted.
-async fn broadcast_ticks(server: TestServer) {
-    let mut tick = tokio::time::interval(TICK);
+async fn broadcast_ticks(server: TestServer, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     loop {
         tick.tick().await;
         n += 1;
         server.broadcast(TICK_PATH, serde_json::json!(n)).await;
+    }
+}
+
+/// Asks the subscribers of [`QUESTION_PATH`] `{"n": 1, "question": "what is 1 + 1?"}`, then
+/// 2, 3, ... until aborted; the number counts only questions that reached someone.
+async fn ask_questions(server: TestServer, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut n: u64 = 1;
+    loop {
+        tick.tick().await;
+        let question = serde_json::json!({"n": n, "question": format!("what is {n} + {n}?")});
+        if server.request_subscribers(QUESTION_PATH, question).await > 0 {
+            n += 1;
+        }
     }
 }

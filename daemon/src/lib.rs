@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod demo;
 pub mod driver;
 pub mod ipc;
 mod repeats;

@@ -4,15 +4,15 @@
 //! stderr), 1 for anything else that stops the daemon.
 //!
 //! Under systemd (`Type=notify`, see `systemd/`) it reports readiness, status and watchdog
-//! keep-alives ([`notify`]); `--demo` brings its own Quick.IO server ([`demo`]).
+//! keep-alives ([`notify`]); `--demo` brings its own Quick.IO server ([`qiod::demo`]).
 
 mod assets;
-mod demo;
 mod notify;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 use qiod::config::{self, Args, Config};
+use qiod::demo;
 use qiod::socket::{self, SocketGuard};
 use std::io::IsTerminal;
 use std::os::unix::net::UnixListener as StdUnixListener;

@@ -1007,6 +1007,24 @@ impl TestServer {
         inner.deliver(targets, out).await;
     }
 
+    /// Sends an event with a server-requested callback (cb > 0, per connection) to every
+    /// subscriber of `path` (cleaned), as a server asks the clients interested in a topic.
+    /// Returns how many subscribers it was queued for; answers show up as with
+    /// [`TestServer::request_from_all`].
+    pub async fn request_subscribers(&self, path: &str, data: Value) -> usize {
+        let inner = self.inner();
+        let path = clean_path(path);
+        let targets = inner.subscribers(&path);
+        if targets.is_empty() {
+            return 0;
+        }
+        let out = Out::Request {
+            path: Arc::from(path),
+            data: Arc::new(data),
+        };
+        inner.deliver(targets, out).await
+    }
+
     /// Total bytes of text payload written to clients so far.
     pub fn bytes_sent(&self) -> u64 {
         self.inner().bytes_sent.load(Ordering::Relaxed)

@@ -249,6 +249,43 @@ async fn python_answer_requests_answers_the_server() {
     daemon.stop().await;
 }
 
+/// README and examples/README show answer_requests.py against `qiod --demo`: the demo's
+/// server asks the subscribers of /demo/question, the script answers, the server gets it.
+#[tokio::test]
+async fn python_answer_requests_answers_the_demo_question() {
+    use qiod::demo::{Demo, Timing, QUESTION_PATH};
+    let timing = Timing {
+        tick: Duration::from_secs(3600),
+        question: Duration::from_millis(20),
+    };
+    let demo = Demo::start_with(timing).await.expect("the demo starts");
+    let daemon = Daemon::start(demo.url().as_str()).await;
+    let mut ex = Example::start(
+        &daemon,
+        "python3",
+        &["python/answer_requests.py", QUESTION_PATH, "--count", "1"],
+    );
+    wait_subscribed(&daemon, QUESTION_PATH, 1, &mut [&mut ex]).await;
+    let out = ex.finish().await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{}", describe(&out));
+    let question = json!({"n": 1, "question": "what is 1 + 1?"});
+    assert_eq!(
+        (&lines[0]["event"], &lines[0]["data"]),
+        (&json!(QUESTION_PATH), &question),
+        "{}",
+        describe(&out)
+    );
+    let want = json!({ "answered": question });
+    until("the demo's server got the answer", || async {
+        answered_with(demo.server(), &want)
+    })
+    .await;
+    daemon.stop().await;
+    demo.stop().await;
+}
+
 #[tokio::test]
 async fn python_module_computes_the_socket_path_like_the_daemon() {
     require("python3");
