@@ -58,7 +58,9 @@ struct Cli {
 enum Cmd {
     /// Subscribe, and print one JSON line per event: {"event":PATH,"data":...}, plus "cb"
     /// when the server asked for an answer. Stops on Ctrl-C, after --count events, or
-    /// when stdout is closed (all exit 0).
+    /// when stdout is closed (all exit 0). While qiod is not connected to its server, says
+    /// so on stderr at once with qiod's reason and keeps waiting: qiod holds the
+    /// subscriptions and makes them when it connects.
     #[command(after_long_help = EXIT_CODES)]
     Sub {
         /// The paths to subscribe to.
