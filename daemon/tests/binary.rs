@@ -192,6 +192,28 @@ fn a_bad_configuration_exits_2_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
 }
 
+/// Issue 15: a socket folder that cannot be made is reported once, with the system's
+/// answer once, and without calling it a refused folder.
+#[test]
+fn a_socket_folder_that_cannot_be_made_gives_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+        .args(["--server", "ws://127.0.0.1:1/", "--socket", "/proc/nope/x.sock"])
+        .env("QIOD_CONFIG", dir.path().join("none.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let os = "No such file or directory";
+    assert_eq!(err.matches(os).count(), 1, "{err}");
+    assert!(
+        err.contains("qiod: cannot create directory /proc/nope: No such file or directory"),
+        "{err}"
+    );
+    assert!(!err.contains("refusing"), "{err}");
+}
+
 /// Reads stderr lines until one contains `needle` (Ok) or stderr ends (Err); either way
 /// with all the lines read.
 fn stderr_until(child: &mut Child, needle: &str) -> Result<String, String> {
