@@ -192,6 +192,27 @@ fn a_bad_configuration_exits_2_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
 }
 
+/// Issue 15: a size with a unit README's way is accepted; a unit qiod does not know is
+/// refused with the key, where it came from and the accepted forms (exit 2).
+#[test]
+fn sizes_with_units_are_accepted_and_a_bad_unit_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qiod.sock");
+    std::fs::write(dir.path().join("c.toml"), "queue_max_bytes = \"16 MB\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+        .args(["--server", "ws://127.0.0.1:1/", "--client-queue-bytes", "4 MiB"])
+        .arg("--socket")
+        .arg(&socket)
+        .env("QIOD_CONFIG", dir.path().join("c.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("queue_max_bytes (in "), "{err}");
+    assert!(err.contains("B, KiB, MiB or GiB"), "{err}");
+    assert!(!err.contains("client_queue_bytes"), "4 MiB is fine: {err}");
+}
+
 /// Issue 15: a socket folder that cannot be made is reported once, with the system's
 /// answer once, and without calling it a refused folder.
 #[test]
