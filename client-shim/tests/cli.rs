@@ -475,7 +475,11 @@ async fn send_wait_while_the_server_is_unreachable_fails_with_the_daemons_reason
         }
     })
     .await;
-    let out = run(qio(s.socket(), &["send", "--wait", "/clienttest/echo", "1"])).await;
+    let out = run(qio(
+        s.socket(),
+        &["send", "--wait", "/clienttest/echo", "1"],
+    ))
+    .await;
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("qiod cannot reach its server"), "{err}");

@@ -35,7 +35,8 @@ const AFTER_HELP: &str = "\
 Every option is also a key of the config file, spelled with underscores (ping_timeout_ms = 5000,
 servers = [\"ws://host:port/\"]), and an environment variable QIOD_<KEY> (QIOD_SERVER and
 QIOD_ALLOWED_GROUPS take comma-separated lists). A flag beats the environment, which beats the
-file, which beats the default. RUST_LOG, when set, overrides log. SIGHUP re-reads the file:
+file, which beats the default. Sizes (BYTES) take a unit B, KiB, MiB or GiB: 1024, 4KiB,
+\"16 MiB\" (quoted in the file). RUST_LOG, when set, overrides log. SIGHUP re-reads the file:
 servers and log apply at once, other changes at the next start.
 
 Exit codes:
@@ -1735,7 +1736,16 @@ mod tests {
         assert_eq!(parse_size(" 16 MiB "), Some(16 << 20));
         assert_eq!(parse_size("2gib"), Some(2 << 30));
         assert_eq!(parse_size("7 B"), Some(7));
-        for bad in ["", "MiB", "16 MB", "1.5 MiB", "-1", "_1", "16 MiB x", "99999999999 GiB"] {
+        for bad in [
+            "",
+            "MiB",
+            "16 MB",
+            "1.5 MiB",
+            "-1",
+            "_1",
+            "16 MiB x",
+            "99999999999 GiB",
+        ] {
             assert_eq!(parse_size(bad), None, "{bad:?}");
         }
         let dir = tempfile::tempdir().unwrap();
@@ -1761,17 +1771,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.settings.driver.write_queue_bytes, 8 << 20);
-        let path = write(&dir, "servers = [\"ws://h:1/\"]\nqueue_max_bytes = \"16 MB\"\n");
+        let path = write(
+            &dir,
+            "servers = [\"ws://h:1/\"]\nqueue_max_bytes = \"16 MB\"\n",
+        );
         let err = load_env(args_with_file(&path), &[]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            matches!(err, ConfigError::Invalid { key: "queue_max_bytes", .. }),
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "queue_max_bytes",
+                    ..
+                }
+            ),
             "{msg}"
         );
         assert!(msg.contains("B, KiB, MiB or GiB"), "{msg}");
         assert!(msg.contains("got \"16 MB\""), "{msg}");
         // Counts that are not sizes still take plain numbers only.
         let err = load_env(server_args(), &[("QIOD_MAX_CLIENTS", "4KiB")]).unwrap_err();
-        assert!(err.to_string().contains("whole number greater than 0"), "{err}");
+        assert!(
+            err.to_string().contains("whole number greater than 0"),
+            "{err}"
+        );
     }
 }

@@ -200,7 +200,12 @@ fn sizes_with_units_are_accepted_and_a_bad_unit_exits_2() {
     let socket = dir.path().join("qiod.sock");
     std::fs::write(dir.path().join("c.toml"), "queue_max_bytes = \"16 MB\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
-        .args(["--server", "ws://127.0.0.1:1/", "--client-queue-bytes", "4 MiB"])
+        .args([
+            "--server",
+            "ws://127.0.0.1:1/",
+            "--client-queue-bytes",
+            "4 MiB",
+        ])
         .arg("--socket")
         .arg(&socket)
         .env("QIOD_CONFIG", dir.path().join("c.toml"))
@@ -220,7 +225,12 @@ fn a_socket_folder_that_cannot_be_made_gives_the_os_error_once() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("none.toml"), "").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
-        .args(["--server", "ws://127.0.0.1:1/", "--socket", "/proc/nope/x.sock"])
+        .args([
+            "--server",
+            "ws://127.0.0.1:1/",
+            "--socket",
+            "/proc/nope/x.sock",
+        ])
         .env("QIOD_CONFIG", dir.path().join("none.toml"))
         .output()
         .unwrap();

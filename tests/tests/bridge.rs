@@ -509,9 +509,7 @@ async fn an_on_while_the_server_is_down_is_held_and_made_when_it_comes() {
     // A failed attempt: the daemon now says why, and that it waits before the next.
     let failed = c.event("/error").await;
     assert_eq!(failed["data"]["code"], -1, "{failed}");
-    let r = c
-        .call(json!({"op":"on","path":"/news"}), 1)
-        .await;
+    let r = c.call(json!({"op":"on","path":"/news"}), 1).await;
     assert_eq!(r["code"], 202, "{r}");
     let why = r["err_msg"].as_str().unwrap_or_default();
     assert!(why.starts_with("not connected to the server ("), "{r}");
@@ -519,7 +517,10 @@ async fn an_on_while_the_server_is_down_is_held_and_made_when_it_comes() {
     assert_eq!(late["event"], "/close");
     assert_eq!(late["data"]["connecting"], false, "{late}");
     assert!(
-        late["data"]["reason"].as_str().unwrap_or_default().contains(&server.url()),
+        late["data"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&server.url()),
         "the reason names the server: {late}"
     );
     // A bad path is still refused at once, offline too.

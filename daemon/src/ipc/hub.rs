@@ -1232,8 +1232,7 @@ mod tests {
         let (a, b) = (client(1), client(2));
         let cfg = IpcConfig::default();
         let load = ClientLoad::default();
-        let Subscribed::Held { want: Some(g) } =
-            hub.subscribe(&a, "/p", id(1), Op::On, &cfg, load)
+        let Subscribed::Held { want: Some(g) } = hub.subscribe(&a, "/p", id(1), Op::On, &cfg, load)
         else {
             panic!("a new path offline is held and wanted");
         };
@@ -1243,7 +1242,10 @@ mod tests {
         );
         assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 0, "nothing waits");
         let (unwants, next) = hub.expire(1, Instant::now() + Duration::from_secs(3600));
-        assert!(unwants.is_empty() && next.is_none(), "no deadline to expire");
+        assert!(
+            unwants.is_empty() && next.is_none(),
+            "no deadline to expire"
+        );
         // The connection opens, the session restores the path, the server confirms.
         let url = url::Url::parse("ws://x/").unwrap();
         hub.dispatch(Notice::State(StateChange::Open { url }));
@@ -1259,10 +1261,17 @@ mod tests {
             got[0].starts_with(r#"{"id":1,"code":202,"data":null,"err_msg":"not connected to the server (not connected yet)"#),
             "{got:?}"
         );
-        assert_eq!(&got[1..], [r#"{"event":"/p","data":1}"#, r#"{"event":"/p","data":2}"#]);
+        assert_eq!(
+            &got[1..],
+            [r#"{"event":"/p","data":1}"#, r#"{"event":"/p","data":2}"#]
+        );
         let got = lines(&b).await;
         assert!(got[0].contains(r#""id":2,"code":202"#), "{got:?}");
-        assert_eq!(&got[1..], [r#"{"event":"/p","data":1}"#], "one event for a one");
+        assert_eq!(
+            &got[1..],
+            [r#"{"event":"/p","data":1}"#],
+            "one event for a one"
+        );
     }
 
     /// A refusal of a subscription held offline reaches its holders as `/error`, like
@@ -1313,7 +1322,10 @@ mod tests {
             got[2].starts_with(r#"{"id":1,"code":202,"data":null,"err_msg":"not connected to the server (server went away)"#),
             "{got:?}"
         );
-        assert_eq!(&got[3..], [r#"{"event":"/open"}"#, r#"{"event":"/p","data":7}"#]);
+        assert_eq!(
+            &got[3..],
+            [r#"{"event":"/open"}"#, r#"{"event":"/p","data":7}"#]
+        );
     }
 
     /// `/close` says whether a connection is being made or the last attempt failed.
