@@ -410,8 +410,11 @@ impl State {
     /// The connection is gone: requests still waiting for the server's answer get their
     /// 202 and their clients hold the path, like every other subscription that waits for
     /// the reconnect (a wait across the outage would end in a -2 that blames the server).
-    fn hold_waiters(&mut self) {
+    /// Returns the paths this leaves without anyone (only cancelled or finished `one`s
+    /// waited for them).
+    fn hold_waiters(&mut self) -> Vec<Unwant> {
         let outcome = self.held_outcome();
+        let mut unwants = Vec::new();
         let paths: Vec<String> = self
             .subs
             .iter()
@@ -452,7 +455,9 @@ impl State {
             if let Some(entry) = self.subs.get_mut(&path) {
                 entry.holders.extend(holders);
             }
+            unwants.extend(self.drop_if_unused(&path));
         }
+        unwants
     }
 
     /// The `/close` line for the current state.
@@ -833,6 +838,7 @@ impl Hub {
             }
             Notice::State(state) => {
                 let mut st = self.lock();
+                let mut unwants = Vec::new();
                 let line = match &state {
                     StateChange::Open { .. } => {
                         st.open = true;
@@ -851,7 +857,7 @@ impl Hub {
                         let line = st.close_line(reason);
                         // The /close first: the 202s that follow refer to it.
                         st.tell_all(&line);
-                        st.hold_waiters();
+                        unwants = st.hold_waiters();
                         None
                     }
                     StateChange::Connecting { .. } => {
@@ -883,7 +889,7 @@ impl Hub {
                 if let Some(line) = line {
                     st.tell_all(&line);
                 }
-                Vec::new()
+                unwants
             }
             Notice::Dropped {
                 client,
@@ -1326,6 +1332,17 @@ mod tests {
             &got[3..],
             [r#"{"event":"/open"}"#, r#"{"event":"/p","data":7}"#]
         );
+        // A request cancelled by an `off` gets its 202 but leaves the path to nobody,
+        // which the session is told.
+        let b = client(2);
+        let g = on(&hub, &b, "/q", 1, Op::On).unwrap();
+        assert!(hub.unsubscribe(2, "/q").is_none(), "still waiting");
+        let unwants = hub.dispatch(Notice::State(StateChange::Closed {
+            reason: "again".into(),
+        }));
+        assert_eq!(unwants, [("/q".to_owned(), g)]);
+        assert!(hub.leave(2).is_empty());
+        assert!(lines(&b).await[0].contains(r#""id":1,"code":202"#));
     }
 
     /// `/close` says whether a connection is being made or the last attempt failed.
