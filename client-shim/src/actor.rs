@@ -76,7 +76,9 @@ impl Link {
     ///
     /// A daemon at its `max_clients` sends an `/error` and closes instead: that is
     /// returned as [`Error::Server`].
-    pub(crate) async fn first_state(&mut self) -> Result<LinkState, Error> {
+    /// With the state, whether the daemon says it is making a connection (its `/close`
+    /// data `connecting`).
+    pub(crate) async fn first_state(&mut self) -> Result<(LinkState, bool), Error> {
         let line = tokio::time::timeout(FIRST_LINE_WAIT, self.lines.next())
             .await
             .map_err(|_| Error::Timeout {
@@ -88,10 +90,11 @@ impl Link {
             Some(Ok(text)) => text,
         };
         match serde_json::from_str::<Incoming>(&text) {
-            Ok(Incoming::Event(ev)) if ev.event == events::OPEN => Ok(LinkState::Open),
-            Ok(Incoming::Event(ev)) if ev.event == events::CLOSE => {
-                Ok(LinkState::Closed(close_reason(&ev.data)))
-            }
+            Ok(Incoming::Event(ev)) if ev.event == events::OPEN => Ok((LinkState::Open, false)),
+            Ok(Incoming::Event(ev)) if ev.event == events::CLOSE => Ok((
+                LinkState::Closed(close_reason(&ev.data)),
+                close_connecting(&ev.data),
+            )),
             Ok(Incoming::Event(ev)) if ev.event == events::ERROR => {
                 let e = error_data(ev.data);
                 Err(Error::Server {
@@ -573,11 +576,17 @@ impl Actor {
                     self.ask_unconfirmed(l);
                 }
                 events::CLOSE => {
+                    self.common
+                        .set_upstream_connecting(close_connecting(&ev.data));
                     let reason = close_reason(&ev.data);
                     self.common.publish(ConnectionEvent::Close { reason });
                 }
                 events::ERROR => {
                     let e = error_data(ev.data);
+                    if e.op.is_none() && e.code == code::DISCONNECTED {
+                        // A connection attempt failed: the daemon waits before the next.
+                        self.common.set_upstream_connecting(false);
+                    }
                     // The daemon dropped a subscription the server refused to restore.
                     if let (Some("on" | "one"), Some(path)) = (e.op.as_deref(), e.path.as_deref()) {
                         let path = clean_path(path);
@@ -642,7 +651,9 @@ impl Actor {
             return;
         }
         let waiters = std::mem::take(&mut entry.waiters);
-        if status == code::OK {
+        // 202: the daemon is not connected and holds the subscription for us, to be made
+        // when it connects (a refusal then comes as an `/error`, as for a restore).
+        if status == code::OK || status == code::PENDING {
             entry.state = SubState::Active;
             for w in waiters {
                 let parts = self.new_slot(path, w.once);
@@ -856,6 +867,13 @@ fn close_reason(data: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or("closed")
         .to_owned()
+}
+
+/// A daemon that does not say (an older one) is taken as not connecting.
+fn close_connecting(data: &Value) -> bool {
+    data.get("connecting")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 fn error_data(data: Value) -> ErrorData {

@@ -5,7 +5,7 @@ use crate::autostart;
 use crate::connect;
 use crate::shared::{Cmd, Common, Outgoing, Shared, MAILBOX};
 use crate::stream::{ConnectionEvents, Subscription};
-use crate::types::Reply;
+use crate::types::{ConnectionEvent, Reply};
 use crate::Error;
 use qio_ipc::clean_path;
 use qio_ipc::Op;
@@ -272,8 +272,8 @@ impl Builder {
             Err(e) => return Err(e),
         };
         let mut link = Link::new(stream);
-        let state = link.first_state().await?;
-        let common = Arc::new(Common::new(socket, rules, started, state));
+        let (state, connecting) = link.first_state().await?;
+        let common = Arc::new(Common::new(socket, rules, started, state, connecting));
         let (tx, rx) = mpsc::channel(MAILBOX);
         tokio::spawn(Actor::new(common.clone(), rx, self.subscription_buffer).run(link));
         Ok(Client {
@@ -309,11 +309,15 @@ impl Client {
         Builder::default()
     }
 
-    /// Subscribes to `path`; resolves once the server confirmed.
+    /// Subscribes to `path`; resolves once the server confirmed, or at once while the
+    /// daemon is not connected to its server: the daemon then holds the subscription and
+    /// makes it when it connects, as it restores subscriptions after a reconnect (events
+    /// follow once it is open; a refusal then ends the stream and is reported as an
+    /// `Error` event on [`Client::events`]).
     ///
     /// Fails with [`Error::Server`] when the server (or the daemon) refuses, e.g. 404 for
-    /// a path nobody serves, 401 when not allowed, -2 when the server did not confirm in
-    /// time. Several subscriptions to one path share one daemon subscription; dropping the
+    /// a path nobody serves, 401 when not allowed, -2 when the connected server did not
+    /// confirm in time. Several subscriptions to one path share one daemon subscription; dropping the
     /// last one unsubscribes. The path is cleaned ([`clean_path`](crate::clean_path)).
     ///
     /// ```no_run
@@ -399,6 +403,53 @@ impl Client {
     pub async fn off(&self, path: &str) -> Result<(), Error> {
         let path = clean_path(path);
         self.shared.call(|reply| Cmd::Off { path, reply }).await
+    }
+
+    /// Waits until the daemon's upstream connection is open: at once when it is; while
+    /// the daemon says it is making a connection (it has just started, or lost one and is
+    /// reconnecting), until that attempt's outcome. Fails with [`Error::Upstream`] and the
+    /// daemon's reason when its last attempt failed (the server is unreachable now; the
+    /// daemon keeps trying on its own) or the attempt waited for fails, with
+    /// [`Error::Disconnected`] while the daemon itself is away, and with
+    /// [`Error::Timeout`] past the builder's `request_timeout`.
+    ///
+    /// [`Client::send`] while not connected is answered -1 at once; a program that starts
+    /// with the daemon calls this first.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: qio_client::Client) -> Result<(), qio_client::Error> {
+    /// client.wait_open().await?;
+    /// let reply = client.send("/app/hello", "hi").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn wait_open(&self) -> Result<(), Error> {
+        let mut events = self.events();
+        let common = &self.shared.common;
+        let run = async {
+            loop {
+                match events.recv().await {
+                    Some(ConnectionEvent::Open) => return Ok(()),
+                    Some(ConnectionEvent::Close { reason }) if !common.upstream_connecting() => {
+                        return Err(Error::Upstream { reason });
+                    }
+                    Some(ConnectionEvent::Error {
+                        op: None,
+                        code: qio_ipc::code::DISCONNECTED,
+                        err_msg,
+                        ..
+                    }) => return Err(Error::Upstream { reason: err_msg }),
+                    Some(ConnectionEvent::DaemonGone { .. }) => return Err(Error::Disconnected),
+                    Some(_) => {}
+                    None => return Err(Error::Closed),
+                }
+            }
+        };
+        match self.shared.request_timeout {
+            Some(after) => tokio::time::timeout(after, run)
+                .await
+                .unwrap_or(Err(Error::Timeout { after })),
+            None => run.await,
+        }
     }
 
     /// Sends an event and waits for the server's answer.

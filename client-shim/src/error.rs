@@ -86,6 +86,13 @@ pub enum Error {
     /// The daemon sent something this client cannot read.
     #[error("qiod sent something unexpected: {0}")]
     Protocol(String),
+    /// The daemon cannot reach its Quick.IO server (from [`Client::wait_open`](crate::Client::wait_open)):
+    /// its last connection attempt failed; it keeps trying on its own.
+    #[error("qiod cannot reach its server: {reason} (it keeps trying)")]
+    Upstream {
+        /// Why, as the daemon tells it.
+        reason: String,
+    },
     /// The client was closed with [`Client::close`](crate::Client::close).
     #[error("the client was closed")]
     Closed,

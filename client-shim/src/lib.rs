@@ -47,6 +47,15 @@
 //! - with `Err(`[`Error::Timeout`]`)` after the builder's `request_timeout`, when one is set;
 //! - with another [`Error`] for other local failures.
 //!
+//! # While the daemon cannot reach its server
+//!
+//! The daemon's upstream state is the first event on [`Client::events`] (`Close` with the
+//! daemon's reason while it is not connected). Subscriptions are state: [`Client::on`]
+//! resolves at once, the daemon makes the subscription when it connects and events
+//! follow. [`Client::send`] is answered -1 at once while not connected; call
+//! [`Client::wait_open`] first to wait for a connection the daemon is making (it fails
+//! with [`Error::Upstream`] and the daemon's reason when the server is unreachable).
+//!
 //! # Is it really qiod?
 //!
 //! Before anything is sent, on the first connection and on every reconnect, the client

@@ -11,6 +11,7 @@ use crate::Error;
 use qio_ipc::Op;
 use serde_json::Value;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -124,6 +125,10 @@ pub(crate) struct Common {
     pub rules: qio_platform::trust::Rules,
     pub started: Option<u32>,
     hub: Mutex<Hub>,
+    /// What the daemon's last `/close` said: it is making a connection (starting, or
+    /// reconnecting after losing one), rather than waiting after a failed attempt.
+    /// Cleared by the `/error` of a failed attempt.
+    connecting: AtomicBool,
     released: Mutex<Vec<u64>>,
     /// Wakes the task when slots were released.
     pub wake: Notify,
@@ -140,8 +145,10 @@ impl Common {
         rules: qio_platform::trust::Rules,
         started: Option<u32>,
         state: LinkState,
+        connecting: bool,
     ) -> Self {
         Common {
+            connecting: AtomicBool::new(connecting),
             socket,
             rules,
             started,
@@ -206,6 +213,15 @@ impl Common {
         for ring in hub.streams.drain(..).filter_map(|w| w.upgrade()) {
             ring.close();
         }
+    }
+
+    /// Whether the daemon said it is making a connection (see the field).
+    pub(crate) fn upstream_connecting(&self) -> bool {
+        self.connecting.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_upstream_connecting(&self, on: bool) {
+        self.connecting.store(on, Ordering::Relaxed);
     }
 
     /// Called from `Drop`: the task gives the slot up at its next turn.

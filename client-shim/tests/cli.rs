@@ -380,3 +380,109 @@ async fn man_pages_and_completions_come_from_the_command_line_definition() {
         assert_eq!(read(&a.join(f)), read(&b.join(f)), "{f}");
     }
 }
+
+/// Issue 15: `qio sub` while qiod cannot reach its server says so on stderr at once, with
+/// qiod's reason, keeps waiting, and prints events as soon as the server is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_while_the_server_is_down_says_why_at_once_and_prints_events_once_it_is_up() {
+    let s = Setup::new().await;
+    let watcher = s.client().await;
+    let mut events = watcher.events();
+    s.server.kill().await;
+    within("the daemon to lose its server", async {
+        while let Some(ev) = events.recv().await {
+            if matches!(ev, qio_client::ConnectionEvent::Close { .. }) {
+                break;
+            }
+        }
+    })
+    .await;
+    let mut child = qio(s.socket(), &["sub", "--count", "1", "/news"])
+        .spawn()
+        .expect("spawn");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let said = within("qio to say why", stderr.next_line())
+        .await
+        .expect("read")
+        .expect("a line");
+    assert!(said.contains("not connected to its server ("), "{said}");
+    s.server.restart().await.unwrap();
+    until("/news is subscribed upstream", || {
+        s.server.subscriptions().get("/news") == Some(&1)
+    })
+    .await;
+    s.server.broadcast("/news", json!(7)).await;
+    let out = within("qio", child.wait_with_output()).await.unwrap();
+    assert_eq!(text(&out.stdout), "{\"event\":\"/news\",\"data\":7}\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// Issue 15: `qio send --wait` while qiod is still making its first connection waits for
+/// it instead of answering -1 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_wait_right_after_the_daemon_starts_waits_for_its_connection() {
+    let server = server().await;
+    // The daemon's first attempt hangs in the upgrade until the server resumes.
+    server.set_stalled(true);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = daemon_settings(&server.url());
+    settings.driver.session.handshake_timeout = std::time::Duration::from_secs(30);
+    let daemon = Daemon::start_with(settings, &dir.path().join("qiod.sock"));
+    let mut child = qio(&daemon.socket, &["send", "--wait", "/clienttest/echo", "1"])
+        .spawn()
+        .expect("spawn");
+    let watcher = qio_client::Client::builder()
+        .socket(&daemon.socket)
+        .connect()
+        .await
+        .expect("connects");
+    within("qio to connect", async {
+        loop {
+            let st = watcher.status().await.expect("status");
+            assert_eq!(st["state"], "connecting", "{st}");
+            if st["clients"] == 2 || child.try_wait().expect("wait").is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    server.set_stalled(false);
+    let out = within("qio", child.wait_with_output()).await.unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "{\"code\":200,\"data\":1}\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0));
+    daemon.stop().await;
+}
+
+/// Issue 15: `qio send --wait` when qiod's last attempt to reach its server failed fails
+/// at once with qiod's reason (exit 3), rather than waiting or answering -1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_wait_while_the_server_is_unreachable_fails_with_the_daemons_reason() {
+    let s = Setup::new().await;
+    let watcher = s.client().await;
+    let mut events = watcher.events();
+    s.server.kill().await;
+    within("a failed attempt", async {
+        while let Some(ev) = events.recv().await {
+            if matches!(ev, qio_client::ConnectionEvent::Error { op: None, .. }) {
+                break;
+            }
+        }
+    })
+    .await;
+    let out = run(qio(
+        s.socket(),
+        &["send", "--wait", "/clienttest/echo", "1"],
+    ))
+    .await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("qiod cannot reach its server"), "{err}");
+    assert!(err.contains(&s.server.url()), "names the server: {err}");
+    assert!(out.stdout.is_empty());
+}

@@ -35,7 +35,8 @@ const AFTER_HELP: &str = "\
 Every option is also a key of the config file, spelled with underscores (ping_timeout_ms = 5000,
 servers = [\"ws://host:port/\"]), and an environment variable QIOD_<KEY> (QIOD_SERVER and
 QIOD_ALLOWED_GROUPS take comma-separated lists). A flag beats the environment, which beats the
-file, which beats the default. RUST_LOG, when set, overrides log. SIGHUP re-reads the file:
+file, which beats the default. Sizes (BYTES) take a unit B, KiB, MiB or GiB: 1024, 4KiB,
+\"16 MiB\" (quoted in the file). RUST_LOG, when set, overrides log. SIGHUP re-reads the file:
 servers and log apply at once, other changes at the next start.
 
 Exit codes:
@@ -619,14 +620,14 @@ fn load_from(
             }
             other => {
                 let (text, origin) = other.text("max_frame_bytes")?;
-                let n = text.trim().replace('_', "").parse::<usize>().ok();
+                let n = parse_size(&text).and_then(|n| usize::try_from(n).ok());
                 (n, format!("{text:?}"), origin)
             }
         };
         let n = n.filter(|n| *n > 0).ok_or_else(|| ConfigError::Invalid {
             key: "max_frame_bytes",
             origin,
-            message: format!("expected a whole number greater than 0, got {shown}"),
+            message: format!("expected a size greater than 0: {SIZE_FORMS}, got {shown}"),
         })?;
         settings.driver.session.max_frame_bytes = Some(n);
     }
@@ -815,7 +816,12 @@ impl Found<'_> {
         } else {
             u64::try_from(usize::MAX).unwrap_or(u64::MAX)
         };
+        let bytes = is_size(num.key);
         let (value, shown, origin) = match self {
+            Found::Text(text, origin) if bytes => (parse_size(&text), format!("{text:?}"), origin),
+            Found::Toml(toml::Value::String(text), origin) if bytes => {
+                (parse_size(text), format!("{text:?}"), origin)
+            }
             Found::Text(text, origin) => {
                 let digits: String = text.trim().chars().filter(|c| *c != '_').collect();
                 (digits.parse::<u64>().ok(), format!("{text:?}"), origin)
@@ -832,6 +838,8 @@ impl Found<'_> {
                 origin,
                 message: if num.millis {
                     format!("expected a whole number of milliseconds from 1 to {max}, got {shown}")
+                } else if bytes {
+                    format!("expected a size greater than 0: {SIZE_FORMS}, got {shown}")
                 } else {
                     format!("expected a whole number greater than 0, got {shown}")
                 },
@@ -1007,6 +1015,38 @@ impl<'a> Layers<'a> {
             })),
         }
     }
+}
+
+/// How sizes may be written, for messages.
+const SIZE_FORMS: &str =
+    "a whole number of bytes, optionally with a unit B, KiB, MiB or GiB (like 1024, 4KiB, \"16 MiB\")";
+
+/// Whether a key is a size in bytes (and so takes units).
+fn is_size(key: &str) -> bool {
+    key.ends_with("_bytes")
+}
+
+/// A size: a whole number (`_` allowed between digits), optionally followed by a binary
+/// unit, with or without a space (`1024`, `4KiB`, `16 MiB`); `None` when malformed or
+/// too large.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '_'))
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() || digits.starts_with('_') {
+        return None;
+    }
+    let n: u64 = digits.replace('_', "").parse().ok()?;
+    let scale: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(scale)
 }
 
 fn parse_slow_client(s: &str) -> Option<SlowClientPolicy> {
@@ -1703,6 +1743,77 @@ mod tests {
         .to_string();
         assert!(
             err.starts_with("client_queue_bytes (from --client-queue-bytes)"),
+            "{err}"
+        );
+    }
+
+    /// Issue 15: sizes take units in every layer (file, variable, flag), as README
+    /// writes them; a bad one names the key, where it came from and what is accepted.
+    #[test]
+    fn sizes_take_units_in_the_file_variables_and_flags() {
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("1_024"), Some(1024));
+        assert_eq!(parse_size("4KiB"), Some(4096));
+        assert_eq!(parse_size(" 16 MiB "), Some(16 << 20));
+        assert_eq!(parse_size("2gib"), Some(2 << 30));
+        assert_eq!(parse_size("7 B"), Some(7));
+        for bad in [
+            "",
+            "MiB",
+            "16 MB",
+            "1.5 MiB",
+            "-1",
+            "_1",
+            "16 MiB x",
+            "99999999999 GiB",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            "servers = [\"ws://h:1/\"]\nqueue_max_bytes = \"16 MiB\"\nmax_line_bytes = 2048\nmax_frame_bytes = \"1KiB\"\n",
+        );
+        let cfg = load_env(
+            args_with_file(&path),
+            &[("QIOD_CLIENT_QUEUE_BYTES", "4KiB")],
+        )
+        .unwrap();
+        assert_eq!(cfg.settings.driver.session.queue_max_bytes, 16 << 20);
+        assert_eq!(cfg.settings.ipc.max_line_bytes, 2048);
+        assert_eq!(cfg.settings.driver.session.max_frame_bytes, Some(1024));
+        assert_eq!(cfg.settings.ipc.client_queue_bytes, 4096);
+        let cfg = load_env(
+            Args {
+                write_queue_bytes: Some("8 MiB".into()),
+                ..server_args()
+            },
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.settings.driver.write_queue_bytes, 8 << 20);
+        let path = write(
+            &dir,
+            "servers = [\"ws://h:1/\"]\nqueue_max_bytes = \"16 MB\"\n",
+        );
+        let err = load_env(args_with_file(&path), &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "queue_max_bytes",
+                    ..
+                }
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains("B, KiB, MiB or GiB"), "{msg}");
+        assert!(msg.contains("got \"16 MB\""), "{msg}");
+        // Counts that are not sizes still take plain numbers only.
+        let err = load_env(server_args(), &[("QIOD_MAX_CLIENTS", "4KiB")]).unwrap_err();
+        assert!(
+            err.to_string().contains("whole number greater than 0"),
             "{err}"
         );
     }

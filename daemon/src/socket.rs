@@ -30,28 +30,46 @@ pub enum SocketError {
     NoFileName(PathBuf),
     /// The socket's folder (or one on the way to it) could let another user replace the
     /// socket: a symlink, another user's folder, or one writable by group or others.
-    #[error("refusing to put the socket in that folder: {0}")]
-    Folder(#[from] TrustError),
+    ///
+    /// Its message includes the system's answer, which is therefore not also given as
+    /// the error's source (a report of the chain would say it twice).
+    #[error("{}", folder_message(.0))]
+    Folder(TrustError),
     /// The folder was swapped while the socket was being bound.
     #[error("{} changed while the socket was bound in it; refusing to use it (is another user interfering?)", .0.display())]
     FolderChanged(PathBuf),
-    /// A system call failed.
-    #[error("cannot {action} {}: {source}", .path.display())]
+    /// A system call failed. The system's answer is part of the message, not a source.
+    #[error("cannot {action} {}: {err}", .path.display())]
     Io {
         /// What we were doing, as a verb phrase ("create directory").
         action: &'static str,
         /// On what.
         path: PathBuf,
         /// The system's answer.
-        source: io::Error,
+        err: io::Error,
     },
 }
 
+impl From<TrustError> for SocketError {
+    fn from(e: TrustError) -> Self {
+        SocketError::Folder(e)
+    }
+}
+
+/// A folder that failed a check is refused; one that could not even be made or read is
+/// just that failure.
+fn folder_message(e: &TrustError) -> String {
+    match e {
+        TrustError::Io { .. } => e.to_string(),
+        _ => format!("refusing to put the socket in that folder: {e}"),
+    }
+}
+
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SocketError + 'a {
-    move |source| SocketError::Io {
+    move |err| SocketError::Io {
         action,
         path: path.to_owned(),
-        source,
+        err,
     }
 }
 

@@ -192,6 +192,59 @@ fn a_bad_configuration_exits_2_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--server"));
 }
 
+/// Issue 15: a size with a unit README's way is accepted; a unit qiod does not know is
+/// refused with the key, where it came from and the accepted forms (exit 2).
+#[test]
+fn sizes_with_units_are_accepted_and_a_bad_unit_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qiod.sock");
+    std::fs::write(dir.path().join("c.toml"), "queue_max_bytes = \"16 MB\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+        .args([
+            "--server",
+            "ws://127.0.0.1:1/",
+            "--client-queue-bytes",
+            "4 MiB",
+        ])
+        .arg("--socket")
+        .arg(&socket)
+        .env("QIOD_CONFIG", dir.path().join("c.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("queue_max_bytes (in "), "{err}");
+    assert!(err.contains("B, KiB, MiB or GiB"), "{err}");
+    assert!(!err.contains("client_queue_bytes"), "4 MiB is fine: {err}");
+}
+
+/// Issue 15: a socket folder that cannot be made is reported once, with the system's
+/// answer once, and without calling it a refused folder.
+#[test]
+fn a_socket_folder_that_cannot_be_made_gives_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("none.toml"), "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qiod"))
+        .args([
+            "--server",
+            "ws://127.0.0.1:1/",
+            "--socket",
+            "/proc/nope/x.sock",
+        ])
+        .env("QIOD_CONFIG", dir.path().join("none.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let os = "No such file or directory";
+    assert_eq!(err.matches(os).count(), 1, "{err}");
+    assert!(
+        err.contains("qiod: cannot create directory /proc/nope: No such file or directory"),
+        "{err}"
+    );
+    assert!(!err.contains("refusing"), "{err}");
+}
+
 /// Reads stderr lines until one contains `needle` (Ok) or stderr ends (Err); either way
 /// with all the lines read.
 fn stderr_until(child: &mut Child, needle: &str) -> Result<String, String> {

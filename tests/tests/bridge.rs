@@ -493,3 +493,52 @@ async fn a_client_flooding_requests_without_reading_gets_every_reply_and_disturb
     let _ = pusher.await.unwrap();
     daemon.stop().await;
 }
+
+/// Issue 15: an `on` while the daemon cannot reach its server is state: answered at once
+/// (202, with the daemon's reason) instead of a -2 that blames a server never reached,
+/// and made upstream, with its events, as soon as the server is up.
+#[tokio::test]
+async fn an_on_while_the_server_is_down_is_held_and_made_when_it_comes() {
+    let server = server().await;
+    server.kill().await;
+    let daemon = Daemon::start(&server.url()).await;
+    let mut c = daemon.client().await;
+    let first = c.next_event().await;
+    assert_eq!(first["event"], "/close", "{first}");
+    assert_eq!(first["data"]["connecting"], true, "it is starting: {first}");
+    // A failed attempt: the daemon now says why, and that it waits before the next.
+    let failed = c.event("/error").await;
+    assert_eq!(failed["data"]["code"], -1, "{failed}");
+    let r = c.call(json!({"op":"on","path":"/news"}), 1).await;
+    assert_eq!(r["code"], 202, "{r}");
+    let why = r["err_msg"].as_str().unwrap_or_default();
+    assert!(why.starts_with("not connected to the server ("), "{r}");
+    let late = daemon.client().await.next_event().await;
+    assert_eq!(late["event"], "/close");
+    assert_eq!(late["data"]["connecting"], false, "{late}");
+    assert!(
+        late["data"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&server.url()),
+        "the reason names the server: {late}"
+    );
+    // A bad path is still refused at once, offline too.
+    let bad = c.call(json!({"op":"on","path":"/qio/x"}), 2).await;
+    assert_eq!(bad["code"], 400, "{bad}");
+    server.restart().await.unwrap();
+    c.event("/open").await;
+    until("/news is subscribed upstream", || async {
+        server.subscriptions().get("/news") == Some(&1)
+    })
+    .await;
+    server.broadcast("/news", json!("hello")).await;
+    let ev = c.event("/news").await;
+    assert_eq!(ev["data"], "hello", "{ev}");
+    let st = c.call(json!({"op":"status"}), 3).await;
+    assert_eq!(
+        st["data"]["subscriptions"][0]["local_subscribers"], 1,
+        "{st}"
+    );
+    daemon.stop().await;
+}

@@ -611,7 +611,8 @@ impl Worker {
                 }
                 Kind::On(p) | Kind::One(p) => {
                     s.sub_inflight.remove(p);
-                    if code == 200 {
+                    // 202: not connected, held as state until the daemon connects.
+                    if code == 200 || code == 202 {
                         let once = matches!(kind, Kind::One(_));
                         match s.held.get_mut(p) {
                             // `on` makes a one-shot lasting; `one` leaves a held path as is.
@@ -622,7 +623,7 @@ impl Worker {
                         }
                     }
                     // -1 would mean the daemon stopped; 400 that it subscribed twice.
-                    code == 200 || code == -2 || REFUSALS.contains(&code)
+                    code == 200 || code == 202 || code == -2 || REFUSALS.contains(&code)
                 }
                 Kind::Off => code == 200,
                 Kind::Bad => code == 400,
@@ -1280,7 +1281,7 @@ impl Chaos {
         // A timeout (-2) is allowed: the connection may break right after the barrier on
         // a loaded machine (100 ms ping timeout). Either way nothing may stay upstream.
         match reply {
-            Some(v) if v["code"] == 200 || v["code"] == -2 => {
+            Some(v) if v["code"] == 200 || v["code"] == 202 || v["code"] == -2 => {
                 bump(
                     &mut self.counts,
                     format!("checks.leave-releases.{}", v["code"]),

@@ -196,8 +196,13 @@ async fn nothing_is_sent_with_the_greeting_even_with_work_waiting() {
     c.send(json!({"op": "on", "path": "/news", "id": 1})).await;
     c.send(json!({"op": "send", "path": "/app/queued", "data": "offline"}))
         .await;
+    // Not connected: the subscription is held at once and made when the server is up.
+    assert_eq!(c.reply(json!(1)).await["code"], 202);
     server.restart().await.unwrap();
-    assert_eq!(c.reply(json!(1)).await["code"], 200);
+    until("the server answered the on", || async {
+        server.subscriptions().get("/news") == Some(&1)
+    })
+    .await;
     until_received(&server, "/app/queued").await;
     assert!(
         !server

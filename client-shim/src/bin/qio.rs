@@ -58,7 +58,9 @@ struct Cli {
 enum Cmd {
     /// Subscribe, and print one JSON line per event: {"event":PATH,"data":...}, plus "cb"
     /// when the server asked for an answer. Stops on Ctrl-C, after --count events, or
-    /// when stdout is closed (all exit 0).
+    /// when stdout is closed (all exit 0). While qiod is not connected to its server, says
+    /// so on stderr at once with qiod's reason and keeps waiting: qiod holds the
+    /// subscriptions and makes them when it connects.
     #[command(after_long_help = EXIT_CODES)]
     Sub {
         /// The paths to subscribe to.
@@ -70,7 +72,9 @@ enum Cmd {
     },
     /// Send an event. Without --wait, fire-and-forget: exits once the daemon has taken it
     /// (1 if the daemon refused it). With --wait, prints the server's answer as one JSON
-    /// line, {"code":...,"data":...} plus "err_msg" on errors.
+    /// line, {"code":...,"data":...} plus "err_msg" on errors; while qiod is still
+    /// connecting to its server it waits for that connection first, and it fails at once
+    /// (exit 3) with qiod's reason when qiod's last attempt to reach the server failed.
     #[command(after_long_help = EXIT_CODES)]
     Send {
         /// Wait for the server's answer and print it.
@@ -79,7 +83,8 @@ enum Cmd {
         /// Send DATA (or stdin) as a JSON string, as is.
         #[arg(long)]
         string: bool,
-        /// Give up waiting after this many seconds (exit 3).
+        /// Give up waiting after this many seconds, the wait for the connection included
+        /// (exit 3).
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
         /// The event's path.
@@ -213,7 +218,7 @@ fn lib_failure(e: Error) -> Failure {
         Error::DaemonNotRunning { socket } => return failure(NOT_RUNNING, not_running_msg(socket)),
         Error::Connect { .. } => NOT_RUNNING,
         Error::Untrusted { .. } => UNTRUSTED,
-        Error::Disconnected | Error::Timeout { .. } => NO_ANSWER,
+        Error::Disconnected | Error::Timeout { .. } | Error::Upstream { .. } => NO_ANSWER,
         Error::Server { code, .. } => answer_exit_code(*code),
         _ => FAILED,
     };
@@ -274,8 +279,18 @@ struct ReplyLine<'a> {
 async fn sub(socket: &Target, paths: &[String], count: Option<u64>) -> Outcome {
     let client = connect(socket, None).await?;
     let mut events = client.events();
-    // The current state: only changes are worth telling.
-    let _ = events.try_recv();
+    // The current state: worth telling only when the upstream is not open, at once, so
+    // a wait for the server is never silent. The daemon holds subscriptions made
+    // meanwhile and makes them when it connects.
+    match events.try_recv() {
+        Some(ConnectionEvent::Close { reason }) => eprintln!(
+            "qio: qiod is not connected to its server ({reason}); waiting: events follow once it connects"
+        ),
+        Some(ConnectionEvent::DaemonGone { reason }) => {
+            eprintln!("qio: lost qiod ({reason}); reconnecting")
+        }
+        _ => {}
+    }
     let mut subs = Vec::with_capacity(paths.len());
     for path in paths {
         let sub = client.on(path).await.map_err(|e| {
@@ -454,9 +469,21 @@ async fn send(
     wait: bool,
     timeout: Option<Duration>,
 ) -> Outcome {
-    let client = connect(socket, timeout).await?;
     if wait {
-        let reply = client.send(path, data).await.map_err(lib_failure)?;
+        // One budget for waiting for the connection the daemon is making and for the
+        // answer: a send right after the daemon started must not get -1 at once.
+        let client = connect(socket, None).await?;
+        let asked = async {
+            client.wait_open().await?;
+            client.send(path, data).await
+        };
+        let reply = match timeout {
+            Some(after) => tokio::time::timeout(after, asked)
+                .await
+                .unwrap_or(Err(Error::Timeout { after })),
+            None => asked.await,
+        }
+        .map_err(lib_failure)?;
         let line = to_json(&ReplyLine {
             code: reply.code,
             data: &reply.data,
@@ -465,6 +492,7 @@ async fn send(
         print_line(&line)?;
         return Ok(answer_exit_code(reply.code));
     }
+    let client = connect(socket, timeout).await?;
     let mut events = client.events();
     client.emit(path, data).await.map_err(lib_failure)?;
     // Closing waits for the daemon to finish with this connection, so a refusal of the

@@ -361,6 +361,11 @@ impl Conn {
             let msg = format!("{path} is reserved for the daemon's own connection events");
             return self.fail(req.id, Some(op), Some(&path), code::BAD_REQUEST, msg);
         }
+        // Checked here, not only by the session: a subscription held while not connected
+        // is answered before the session sees it.
+        if let Err(e) = crate::session::check_path(&path) {
+            return self.fail(req.id, Some(op), Some(&path), e.code(), e.to_string());
+        }
         let load = ClientLoad {
             waits: self.waits.len(),
             wait_bytes: self.wait_bytes,
@@ -368,15 +373,20 @@ impl Conn {
         let decided = self
             .hub
             .subscribe(&self.client, &path, req.id, op, &self.cfg, load);
-        if let Subscribed::Waiting { deadline, want } = decided {
-            if self.sub_deadline.is_none_or(|d| deadline < d) {
-                self.sub_deadline = Some(deadline);
+        let want = match decided {
+            Subscribed::Answered => None,
+            Subscribed::Held { want } => want,
+            Subscribed::Waiting { deadline, want } => {
+                if self.sub_deadline.is_none_or(|d| deadline < d) {
+                    self.sub_deadline = Some(deadline);
+                }
+                want
             }
-            if let Some(gen) = want {
-                // The first holder or waiter of the path: switch it on upstream. Its
-                // answer comes to the hub on the notice stream.
-                self.session.want(&path, req.data, gen).await;
-            }
+        };
+        if let Some(gen) = want {
+            // The first holder or waiter of the path: switch it on upstream. Its answer
+            // comes to the hub on the notice stream.
+            self.session.want(&path, req.data, gen).await;
         }
     }
 

@@ -192,19 +192,43 @@ impl Handles {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     clients: HashMap<u64, Arc<ClientRef>>,
     subs: HashMap<String, PathSubs>,
     by_client: HashMap<u64, ClientSubs>,
     handles: Handles,
     open: bool,
+    /// Whether the daemon is making a connection (starting, or reconnecting after losing
+    /// one) rather than waiting out the backoff after a failed attempt; told to clients
+    /// in `/close` so a client can tell "about to connect" from "the server is
+    /// unreachable".
+    connecting: bool,
     /// The session stopped: nothing can be subscribed any more.
     stopped: bool,
     close_reason: Option<String>,
     delivered: u64,
     next_gen: u64,
     next_serial: u64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            clients: HashMap::new(),
+            subs: HashMap::new(),
+            by_client: HashMap::new(),
+            handles: Handles::default(),
+            open: false,
+            // The session connects as soon as it starts.
+            connecting: true,
+            stopped: false,
+            close_reason: None,
+            delivered: 0,
+            next_gen: 0,
+            next_serial: 0,
+        }
+    }
 }
 
 /// A path to switch off in the session: its generation ended with no holder or waiter.
@@ -215,6 +239,13 @@ pub type Unwant = (String, u64);
 pub enum Subscribed {
     /// The request was answered already (its reply is queued).
     Answered,
+    /// The daemon is not connected: the client holds the path now, as state the session
+    /// asks the server for when a connection opens (its 202 is queued); with `want`, the
+    /// path is new and the caller must want it in the session for that generation.
+    Held {
+        /// The generation to pass to [`SessionHandle::want`], when the path is new.
+        want: Option<u64>,
+    },
     /// The request waits for the server's answer until `deadline`; with `want`, the path
     /// is new and the caller must want it in the session for that generation.
     Waiting {
@@ -335,6 +366,109 @@ impl State {
         self.drop_if_unused(path)
     }
 
+    /// Makes `client` a holder of `path` while not connected; returns the generation to
+    /// want when the path is new.
+    fn hold_offline(&mut self, client: &Arc<ClientRef>, path: &str, once: bool) -> Option<u64> {
+        self.by_client
+            .entry(client.id)
+            .or_default()
+            .paths
+            .insert(path.to_owned());
+        let holder = Holder {
+            client: client.clone(),
+            once,
+        };
+        if let Some(e) = self.subs.get_mut(path) {
+            e.holders.push(holder);
+            return None;
+        }
+        self.next_gen += 1;
+        let gen = self.next_gen;
+        self.subs.insert(
+            path.to_owned(),
+            PathSubs {
+                gen,
+                upstream: Upstream::Pending,
+                holders: vec![holder],
+                waiters: Vec::new(),
+            },
+        );
+        Some(gen)
+    }
+
+    /// The 202 for a subscription held while not connected.
+    fn held_outcome(&self) -> Outcome {
+        let reason = self.close_reason.as_deref().unwrap_or("not connected yet");
+        Outcome::local(
+            code::PENDING,
+            format!(
+                "not connected to the server ({reason}); subscribed: the daemon asks the server when it connects"
+            ),
+        )
+    }
+
+    /// The connection is gone: requests still waiting for the server's answer get their
+    /// 202 and their clients hold the path, like every other subscription that waits for
+    /// the reconnect (a wait across the outage would end in a -2 that blames the server).
+    /// Returns the paths this leaves without anyone (only cancelled or finished `one`s
+    /// waited for them).
+    fn hold_waiters(&mut self) -> Vec<Unwant> {
+        let outcome = self.held_outcome();
+        let mut unwants = Vec::new();
+        let paths: Vec<String> = self
+            .subs
+            .iter()
+            .filter(|(_, e)| !e.waiters.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in paths {
+            let Some(entry) = self.subs.get_mut(&path) else {
+                continue;
+            };
+            let waiters = std::mem::take(&mut entry.waiters);
+            let mut holders = Vec::new();
+            let mut gone = Vec::new();
+            for w in waiters {
+                for r in &w.requests {
+                    w.client.answer(r.id.as_ref(), r.op, Some(&path), &outcome);
+                }
+                let once = w.once();
+                let got_one = !w.held.is_empty();
+                for line in &w.held {
+                    w.client.push_event(line.clone());
+                }
+                if w.cancelled || (once && got_one) {
+                    gone.push(w.client.id);
+                } else {
+                    holders.push(Holder {
+                        client: w.client.clone(),
+                        once,
+                    });
+                }
+                for r in &w.requests {
+                    self.forget_request(&w.client, r);
+                }
+            }
+            for id in gone {
+                self.forget_path(id, &path);
+            }
+            if let Some(entry) = self.subs.get_mut(&path) {
+                entry.holders.extend(holders);
+            }
+            unwants.extend(self.drop_if_unused(&path));
+        }
+        unwants
+    }
+
+    /// The `/close` line for the current state.
+    fn close_line(&self, reason: &str) -> Bytes {
+        let data = to_raw(&serde_json::json!({
+            "reason": reason,
+            "connecting": self.connecting,
+        }));
+        event_line(events::CLOSE, Some(&data), None)
+    }
+
     /// The session stopped: every waiting request gets -1; holders are simply let go
     /// (the /close that follows tells them).
     fn stop_all(&mut self) {
@@ -395,7 +529,7 @@ impl Hub {
             event_line(events::OPEN, None, None)
         } else {
             let reason = st.close_reason.as_deref().unwrap_or("not connected yet");
-            event_line(events::CLOSE, Some(&reason_data(reason)), None)
+            st.close_line(reason)
         };
         client.push_notice(line);
         st.clients.insert(client.id, client);
@@ -476,6 +610,14 @@ impl Hub {
                 "too many subscriptions for one client (max_subscriptions_per_client = {max})"
             );
             return refuse(client, code::OVERLOADED, msg);
+        }
+        if !st.open && !waiting {
+            // Not connected: a subscription is state, restored with the others when the
+            // connection opens, not a request to time out against a server never reached.
+            let want = st.hold_offline(client, path, op == Op::One);
+            let outcome = st.held_outcome();
+            client.answer(id.as_ref(), op, Some(path), &outcome);
+            return Subscribed::Held { want };
         }
         if upstream == Some(Upstream::Active) {
             if let Some(e) = st.subs.get_mut(path) {
@@ -696,6 +838,7 @@ impl Hub {
             }
             Notice::State(state) => {
                 let mut st = self.lock();
+                let mut unwants = Vec::new();
                 let line = match &state {
                     StateChange::Open { .. } => {
                         st.open = true;
@@ -704,14 +847,25 @@ impl Hub {
                     }
                     StateChange::Closed { reason } => {
                         st.open = false;
+                        // The session reconnects next (at once or after its backoff).
+                        st.connecting = true;
                         st.close_reason = Some(reason.clone());
                         // Every subscription waits for the reconnect to restore it.
                         for e in st.subs.values_mut() {
                             e.upstream = Upstream::Pending;
                         }
-                        Some(event_line(events::CLOSE, Some(&reason_data(reason)), None))
+                        let line = st.close_line(reason);
+                        // The /close first: the 202s that follow refer to it.
+                        st.tell_all(&line);
+                        unwants = st.hold_waiters();
+                        None
+                    }
+                    StateChange::Connecting { .. } => {
+                        st.connecting = true;
+                        None
                     }
                     StateChange::ConnectFailed { url, reason } => {
+                        st.connecting = false;
                         st.close_reason = Some(format!("{url}: {reason}"));
                         let data = ErrorData {
                             op: None,
@@ -723,24 +877,19 @@ impl Hub {
                     }
                     StateChange::Stopped => {
                         st.open = false;
+                        st.connecting = false;
                         st.stopped = true;
                         // Nothing will be confirmed any more: every waiting request
                         // gets -1, before the /close.
                         st.stop_all();
-                        Some(event_line(
-                            events::CLOSE,
-                            Some(&reason_data("the daemon is shutting down")),
-                            None,
-                        ))
+                        Some(st.close_line("the daemon is shutting down"))
                     }
-                    StateChange::Connecting { .. }
-                    | StateChange::Moved { .. }
-                    | StateChange::Reconnecting { .. } => None,
+                    StateChange::Moved { .. } | StateChange::Reconnecting { .. } => None,
                 };
                 if let Some(line) = line {
                     st.tell_all(&line);
                 }
-                Vec::new()
+                unwants
             }
             Notice::Dropped {
                 client,
@@ -834,10 +983,6 @@ pub fn error_event(op: Option<&str>, path: Option<&str>, outcome: &Outcome) -> B
     event_line(events::ERROR, Some(&to_raw(&data)), None)
 }
 
-fn reason_data(reason: &str) -> Box<RawValue> {
-    to_raw(&serde_json::json!({ "reason": reason }))
-}
-
 /// Serializes a value the daemon built itself (never fails for these types).
 pub fn to_raw<T: serde::Serialize>(v: &T) -> Box<RawValue> {
     serde_json::value::to_raw_value(v).unwrap_or_else(|_| crate::codec::null())
@@ -853,7 +998,16 @@ mod tests {
         Arc::new(ClientRef::new(id, outbox, CancellationToken::new(), 4))
     }
 
+    /// A hub whose upstream is open.
     fn hub() -> Hub {
+        let hub = offline_hub();
+        let url = url::Url::parse("ws://x/").unwrap();
+        hub.dispatch(Notice::State(StateChange::Open { url }));
+        hub
+    }
+
+    /// A hub as the daemon starts: not connected yet.
+    fn offline_hub() -> Hub {
         Hub::new(&IpcConfig::default(), Duration::from_secs(30))
     }
 
@@ -886,7 +1040,7 @@ mod tests {
     fn on(hub: &Hub, c: &Arc<ClientRef>, path: &str, n: u32, op: Op) -> Option<u64> {
         let cfg = IpcConfig::default();
         match hub.subscribe(c, path, id(n), op, &cfg, ClientLoad::default()) {
-            Subscribed::Waiting { want, .. } => want,
+            Subscribed::Waiting { want, .. } | Subscribed::Held { want } => want,
             Subscribed::Answered => None,
         }
     }
@@ -1064,7 +1218,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_joining_sees_each_state_change_once() {
-        let hub = hub();
+        let hub = offline_hub();
         let url = url::Url::parse("ws://x/").unwrap();
         let a = client(1);
         hub.join(a.clone());
@@ -1073,5 +1227,150 @@ mod tests {
         hub.join(b.clone());
         assert_eq!(lines(&a).await.len(), 2, "/close at join, then /open");
         assert_eq!(lines(&b).await, [r#"{"event":"/open"}"#]);
+    }
+
+    /// Issue 15: an `on` while not connected is state, answered at once (202, with the
+    /// reason), made upstream when the connection opens; never a -2 that blames a server
+    /// that was never reached.
+    #[tokio::test]
+    async fn an_on_while_not_connected_is_held_at_once_and_never_times_out() {
+        let hub = offline_hub();
+        let (a, b) = (client(1), client(2));
+        let cfg = IpcConfig::default();
+        let load = ClientLoad::default();
+        let Subscribed::Held { want: Some(g) } = hub.subscribe(&a, "/p", id(1), Op::On, &cfg, load)
+        else {
+            panic!("a new path offline is held and wanted");
+        };
+        assert_eq!(
+            hub.subscribe(&b, "/p", id(2), Op::One, &cfg, load),
+            Subscribed::Held { want: None }
+        );
+        assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 0, "nothing waits");
+        let (unwants, next) = hub.expire(1, Instant::now() + Duration::from_secs(3600));
+        assert!(
+            unwants.is_empty() && next.is_none(),
+            "no deadline to expire"
+        );
+        // The connection opens, the session restores the path, the server confirms.
+        let url = url::Url::parse("ws://x/").unwrap();
+        hub.dispatch(Notice::State(StateChange::Open { url }));
+        assert!(hub.dispatch(answer("/p", g, 200)).is_empty());
+        hub.dispatch(event("/p", 1));
+        assert_eq!(
+            hub.dispatch(event("/p", 2)),
+            Vec::<Unwant>::new(),
+            "a still holds it"
+        );
+        let got = lines(&a).await;
+        assert!(
+            got[0].starts_with(r#"{"id":1,"code":202,"data":null,"err_msg":"not connected to the server (not connected yet)"#),
+            "{got:?}"
+        );
+        assert_eq!(
+            &got[1..],
+            [r#"{"event":"/p","data":1}"#, r#"{"event":"/p","data":2}"#]
+        );
+        let got = lines(&b).await;
+        assert!(got[0].contains(r#""id":2,"code":202"#), "{got:?}");
+        assert_eq!(
+            &got[1..],
+            [r#"{"event":"/p","data":1}"#],
+            "one event for a one"
+        );
+    }
+
+    /// A refusal of a subscription held offline reaches its holders as `/error`, like
+    /// that of a restored one.
+    #[tokio::test]
+    async fn a_held_subscription_refused_on_connect_is_an_error_event() {
+        let hub = offline_hub();
+        let a = client(1);
+        let g = on(&hub, &a, "/p", 1, Op::On).unwrap();
+        assert!(hub.dispatch(answer("/p", g, 404)).is_empty());
+        assert!(hub.leave(1).is_empty(), "nothing left to give back");
+        let got = lines(&a).await;
+        assert!(got[0].contains(r#""code":202"#), "{got:?}");
+        assert!(
+            got[1].contains(r#""op":"on","path":"/p","code":404"#),
+            "{got:?}"
+        );
+    }
+
+    /// Requests still waiting when the connection drops get their 202 after the /close
+    /// and are held; their deadlines go with them.
+    #[tokio::test]
+    async fn waiting_requests_are_held_when_the_connection_drops() {
+        let hub = hub();
+        let a = client(1);
+        hub.join(a.clone());
+        let g = on(&hub, &a, "/p", 1, Op::On).unwrap();
+        assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 1);
+        hub.dispatch(Notice::State(StateChange::Closed {
+            reason: "server went away".into(),
+        }));
+        assert_eq!(a.sub_waiting.load(Ordering::Relaxed), 0);
+        let (unwants, next) = hub.expire(1, Instant::now() + Duration::from_secs(31));
+        assert!(unwants.is_empty() && next.is_none(), "no -2 for the outage");
+        hub.dispatch(Notice::State(StateChange::Open {
+            url: url::Url::parse("ws://x/").unwrap(),
+        }));
+        hub.dispatch(answer("/p", g, 200));
+        hub.dispatch(event("/p", 7));
+        assert_eq!(hub.leave(1), [("/p".to_owned(), g)], "it was held");
+        let got = lines(&a).await;
+        assert_eq!(got[0], r#"{"event":"/open"}"#);
+        assert_eq!(
+            got[1],
+            r#"{"event":"/close","data":{"connecting":true,"reason":"server went away"}}"#
+        );
+        assert!(
+            got[2].starts_with(r#"{"id":1,"code":202,"data":null,"err_msg":"not connected to the server (server went away)"#),
+            "{got:?}"
+        );
+        assert_eq!(
+            &got[3..],
+            [r#"{"event":"/open"}"#, r#"{"event":"/p","data":7}"#]
+        );
+        // A request cancelled by an `off` gets its 202 but leaves the path to nobody,
+        // which the session is told.
+        let b = client(2);
+        let g = on(&hub, &b, "/q", 1, Op::On).unwrap();
+        assert!(hub.unsubscribe(2, "/q").is_none(), "still waiting");
+        let unwants = hub.dispatch(Notice::State(StateChange::Closed {
+            reason: "again".into(),
+        }));
+        assert_eq!(unwants, [("/q".to_owned(), g)]);
+        assert!(hub.leave(2).is_empty());
+        assert!(lines(&b).await[0].contains(r#""id":1,"code":202"#));
+    }
+
+    /// `/close` says whether a connection is being made or the last attempt failed.
+    #[tokio::test]
+    async fn close_tells_whether_the_daemon_is_connecting() {
+        let hub = offline_hub();
+        let url = url::Url::parse("ws://x/").unwrap();
+        let joined = |n| {
+            let c = client(n);
+            hub.join(c.clone());
+            c
+        };
+        let starting = joined(1);
+        hub.dispatch(Notice::State(StateChange::ConnectFailed {
+            url: url.clone(),
+            reason: "connection refused".into(),
+        }));
+        let failed = joined(2);
+        hub.dispatch(Notice::State(StateChange::Connecting { url }));
+        let retrying = joined(3);
+        assert_eq!(
+            lines(&starting).await[0],
+            r#"{"event":"/close","data":{"connecting":true,"reason":"not connected yet"}}"#
+        );
+        assert_eq!(
+            lines(&failed).await[0],
+            r#"{"event":"/close","data":{"connecting":false,"reason":"ws://x/: connection refused"}}"#
+        );
+        assert!(lines(&retrying).await[0].contains(r#""connecting":true"#));
     }
 }

@@ -431,7 +431,7 @@ impl<T> Session<T> {
 }
 
 /// Cleans a caller's path and refuses the empty and the reserved ones.
-fn check_path(path: &str) -> Result<String, SessionError> {
+pub fn check_path(path: &str) -> Result<String, SessionError> {
     let clean = codec::clean_path(path);
     if clean == "/" {
         return Err(SessionError::BadPath(format!(
