@@ -268,8 +268,15 @@ class QioClient:
         return self._call({"op": "send", "path": path, "data": data})
 
     def on(self, path, data=None):
-        """Subscribes to a path; raises QioError when refused."""
-        return self._check(self._call({"op": "on", "path": path, "data": data}))
+        """Subscribes to a path; raises QioError when refused.
+
+        A reply with code 202 means qiod is not connected to its server yet: the
+        subscription is held and made when it connects, so events follow then.
+        """
+        reply = self._call({"op": "on", "path": path, "data": data})
+        if reply.get("code") == 202:
+            return reply
+        return self._check(reply)
 
     def off(self, path):
         """Unsubscribes from a path."""

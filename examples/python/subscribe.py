@@ -21,14 +21,18 @@ def main():
     path = clean_path(args.path)  # events name the path in this form
 
     with QioClient() as qio:
-        # An "on" sent while the daemon is offline waits for the server's answer
-        # once it connects (within the daemon's request timeout): no need to wait
-        # for /open first. Once made, the daemon restores it after reconnects.
+        # An "on" sent while the daemon is not connected is answered 202 and held:
+        # the daemon makes it when it connects, and restores it after reconnects,
+        # so there is no need to wait for /open first.
         try:
-            qio.on(path)
+            reply = qio.on(path)
         except QioError as e:
             sys.exit("subscribing to %s failed: %s" % (path, e))
-        print("subscribed to %s" % path, file=sys.stderr, flush=True)
+        if reply.get("code") == 202:
+            print("subscribed to %s; qiod is not connected to its server yet, events "
+                  "follow once it is" % path, file=sys.stderr, flush=True)
+        else:
+            print("subscribed to %s" % path, file=sys.stderr, flush=True)
 
         seen = 0
         for ev in qio.events():

@@ -47,6 +47,7 @@ while IFS= read -r line <&3; do
       fi
       ;;
     '{"id":"on","code":200,'*) echo "subscribed to $path" >&2 ;;
+    '{"id":"on","code":202,'*) echo "subscribed to $path; qiod is not connected to its server yet, events follow once it is" >&2 ;;
     '{"id":"on",'*)
       echo "subscribing to $path failed: $line" >&2
       exit 1
