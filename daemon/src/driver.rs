@@ -53,7 +53,7 @@ type Connecting = Pin<Box<dyn Future<Output = Result<Opened, ConnectError>> + Se
 
 /// A connection that finished its upgrade (WebSocket) or its handshake (long polling).
 enum Opened {
-    Ws(Ws),
+    Ws(Box<Ws>),
     /// With why the WebSocket upgrade failed, when this is a fallback.
     LongPoll(Box<LongPoll>, Option<String>),
 }
@@ -670,7 +670,7 @@ impl Driver {
                 msg = async { self.reader.as_mut().expect("guarded").next().await }, if reading => {
                     Wake::Message(msg)
                 }
-                res = async { self.poll.as_mut().expect("guarded").next().await }, if self.poll.is_some() && self.held.is_empty() => {
+                res = async { self.poll.as_mut().expect("guarded").recv().await }, if self.poll.is_some() && self.held.is_empty() => {
                     Wake::Polled(res)
                 }
                 res = async { self.writer.as_mut().expect("guarded").task.as_mut().await }, if self.writer.is_some() => {
@@ -691,7 +691,7 @@ impl Driver {
                     self.connecting = None;
                     match *res {
                         Ok(Opened::Ws(ws)) => {
-                            self.open(ws);
+                            self.open(*ws);
                             self.in_use = Some("websocket");
                             self.upgrade_error = None;
                             self.session.handle_connected(now());
@@ -1118,7 +1118,7 @@ impl Attempt {
         }
         let stream = self.transport_connect().await?;
         match self.upgrade(stream).await {
-            Ok(ws) => Ok(Opened::Ws(ws)),
+            Ok(ws) => Ok(Opened::Ws(Box::new(ws))),
             Err(e) => {
                 let shows_v01 = matches!(
                     e,
@@ -1191,8 +1191,7 @@ impl Attempt {
             );
         }
         let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(request, stream, Some(self.config))
-                .await?;
+            tokio_tungstenite::client_async_with_config(request, stream, Some(self.config)).await?;
         Ok(ws)
     }
 

@@ -2,7 +2,7 @@
 //! breaks the WebSocket upgrade (`LONGPOLL.md` beside the wire notes has the facts).
 //!
 //! To the session it is one more way of moving frames: [`LongPoll::send`] takes a frame,
-//! [`LongPoll::next`] gives the next one the server sent. Underneath, a session on the
+//! [`LongPoll::recv`] gives the next one the server sent. Underneath, a session on the
 //! server is named by a random sid and fed by HTTP POSTs whose bodies are LF-separated
 //! events; the server holds one poll and answers it with whatever it has for us. So:
 //!
@@ -19,13 +19,13 @@
 //!   A new poll after an answer that leaves one in flight would only make the server
 //!   answer that one empty, forever.
 //! - An empty 200 stands in for `/qio/heartbeat` (the server sends none over HTTP): it
-//!   comes out of [`LongPoll::next`] as `/qio/heartbeat:0=null`.
+//!   comes out of [`LongPoll::recv`] as `/qio/heartbeat:0=null`.
 //! - A request without an answer within `request_timeout`, a socket error or any status
 //!   but 200 ends the connection. Dropping the [`LongPoll`] closes every socket, the held
 //!   poll's included, which ends the session on the server.
 //!
 //! Nothing here waits outside the driver's `select!`: requests are futures polled by
-//! [`LongPoll::next`]; only each HTTP connection's hyper driver runs as a task, aborted
+//! [`LongPoll::recv`]; only each HTTP connection's hyper driver runs as a task, aborted
 //! when its connection is dropped.
 
 use bytes::Bytes;
@@ -81,7 +81,11 @@ impl Default for LongPollConfig {
 /// `ws://` and `wss://` addresses as `http://` and `https://` ones.
 pub fn http_url(url: &Url) -> Url {
     let mut http = url.clone();
-    let scheme = if url.scheme() == "wss" { "https" } else { "http" };
+    let scheme = if url.scheme() == "wss" {
+        "https"
+    } else {
+        "http"
+    };
     // Both are special schemes, so the change is always accepted.
     let _ = http.set_scheme(scheme);
     http
@@ -278,8 +282,11 @@ fn hostname_answer(body: &str) -> Option<String> {
     let (_, json) = line.split_once('=')?;
     let env: Envelope = serde_json::from_str(json).ok()?;
     let host = env.data.trim();
-    (env.code == 200 && !host.is_empty() && !host.contains(['/', ' ']))
-        .then(|| host.trim_start_matches('[').trim_end_matches(']').to_owned())
+    (env.code == 200 && !host.is_empty() && !host.contains(['/', ' '])).then(|| {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned()
+    })
 }
 
 struct Done {
@@ -333,7 +340,7 @@ impl LongPoll {
 
     /// The next frame from the server, or why the connection ended. Cancel-safe: all
     /// state lives in `self`.
-    pub fn next(&mut self) -> impl Future<Output = Result<String, String>> + '_ {
+    pub fn recv(&mut self) -> impl Future<Output = Result<String, String>> + '_ {
         std::future::poll_fn(move |cx| self.poll_next(cx))
     }
 
@@ -439,10 +446,19 @@ mod tests {
             ok("/qio/callback/1:0={\"code\":200,\"data\":\"127.0.0.1\"}\n").as_deref(),
             Some("127.0.0.1")
         );
-        assert_eq!(ok("/qio/callback/1:0={\"code\":200,\"data\":\"[::1]\"}\n").as_deref(), Some("::1"));
-        assert_eq!(ok("/qio/callback/1:0={\"code\":404,\"data\":\"x\"}\n"), None);
+        assert_eq!(
+            ok("/qio/callback/1:0={\"code\":200,\"data\":\"[::1]\"}\n").as_deref(),
+            Some("::1")
+        );
+        assert_eq!(
+            ok("/qio/callback/1:0={\"code\":404,\"data\":\"x\"}\n"),
+            None
+        );
         assert_eq!(ok("/qio/callback/1:0={\"code\":200,\"data\":null}\n"), None);
-        assert_eq!(ok("/qio/callback/1:0={\"code\":200,\"data\":\"http://x/\"}\n"), None);
+        assert_eq!(
+            ok("/qio/callback/1:0={\"code\":200,\"data\":\"http://x/\"}\n"),
+            None
+        );
         assert_eq!(ok(""), None);
     }
 

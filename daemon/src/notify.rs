@@ -276,7 +276,10 @@ mod tests {
     #[test]
     fn open_lines_name_a_long_poll_fallback() {
         let open = || "open ws://a/".to_owned();
-        assert_eq!(with_transport(open(), Some("websocket"), None), "open ws://a/");
+        assert_eq!(
+            with_transport(open(), Some("websocket"), None),
+            "open ws://a/"
+        );
         assert_eq!(
             with_transport(open(), Some("long-poll"), Some("HTTP error: 200 OK")),
             "open ws://a/ over HTTP long polling (the WebSocket upgrade failed: HTTP error: 200 OK)"

@@ -266,7 +266,14 @@ fn parse_head(head: &str) -> Option<Head> {
 /// Whether a first request head is long polling: an HTTP request without
 /// `Sec-WebSocket-Key` (with one, it is an upgrade).
 pub(crate) fn is_long_poll(head: &str) -> bool {
-    const METHODS: [&str; 6] = ["GET /", "POST /", "OPTIONS /", "PUT /", "HEAD /", "DELETE /"];
+    const METHODS: [&str; 6] = [
+        "GET /",
+        "POST /",
+        "OPTIONS /",
+        "PUT /",
+        "HEAD /",
+        "DELETE /",
+    ];
     METHODS.iter().any(|m| head.starts_with(m)) && header(head, "Sec-WebSocket-Key").is_none()
 }
 
@@ -419,7 +426,12 @@ impl Socket {
         }
     }
 
-    async fn answer(&mut self, sid: Option<String>, status: u16, body: &str) -> Result<(), CloseReason> {
+    async fn answer(
+        &mut self,
+        sid: Option<String>,
+        status: u16,
+        body: &str,
+    ) -> Result<(), CloseReason> {
         self.inner.push_log(LogEntry::PollAnswered {
             socket: self.id,
             sid,

@@ -293,9 +293,15 @@ mod tests {
     #[test]
     fn rules_replace_whole_lines() {
         let out = String::from_utf8(Rule::RespAccept.apply(RESPONSE.as_bytes()).unwrap()).unwrap();
-        assert!(out.contains("\r\nSec-WebSocket-Accept: abcd\r\n\r\n"), "{out}");
+        assert!(
+            out.contains("\r\nSec-WebSocket-Accept: abcd\r\n\r\n"),
+            "{out}"
+        );
         let out = String::from_utf8(Rule::RespStatus.apply(RESPONSE.as_bytes()).unwrap()).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK\r\nUpgrade: websocket\r\n"), "{out}");
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\nUpgrade: websocket\r\n"),
+            "{out}"
+        );
         let out =
             String::from_utf8(Rule::RespConnection.apply(RESPONSE.as_bytes()).unwrap()).unwrap();
         assert!(out.contains("\r\nConnection: keep-alive\r\n"), "{out}");

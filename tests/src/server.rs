@@ -609,12 +609,15 @@ impl Inner {
             conn: id,
             sid: sid.to_owned(),
         });
-        let session = longpoll::HttpSession::new(
-            req_rx,
-            self.cfg.poll_hold,
-            self.cfg.poll_session_timeout,
-        );
-        let task = tokio::spawn(conn::run_session(self.clone(), id, sid.to_owned(), session, rx));
+        let session =
+            longpoll::HttpSession::new(req_rx, self.cfg.poll_hold, self.cfg.poll_session_timeout);
+        let task = tokio::spawn(conn::run_session(
+            self.clone(),
+            id,
+            sid.to_owned(),
+            session,
+            rx,
+        ));
         match lock(&self.state).conns.get_mut(&id) {
             Some(entry) => entry.task = Some(task),
             None => drop(task),

@@ -86,7 +86,10 @@ async fn long_poll_conformance_broadcast_and_unsubscribe() {
     let server = lp_server().await;
     let mut up = long_poll(&server).await;
     assert_eq!(
-        up.handle.subscribe("/clienttest/broadcast", None).await.code,
+        up.handle
+            .subscribe("/clienttest/broadcast", None)
+            .await
+            .code,
         200
     );
     let (first, _) = up.wait_event("/clienttest/broadcast").await;
@@ -101,7 +104,10 @@ async fn long_poll_conformance_broadcast_and_unsubscribe() {
 async fn long_poll_conformance_echo_chain_errors_on_data_and_challenge() {
     let server = lp_server().await;
     let up = long_poll(&server).await;
-    let out = up.handle.request("/clienttest/echo", raw("{\"a\":1}")).await;
+    let out = up
+        .handle
+        .request("/clienttest/echo", raw("{\"a\":1}"))
+        .await;
     assert_eq!((out.code, out.data.get()), (200, "{\"a\":1}"));
     let out2 = up
         .handle
@@ -120,7 +126,10 @@ async fn long_poll_conformance_echo_chain_errors_on_data_and_challenge() {
             .await;
         assert_eq!((out.code, out.err_msg), (c, Some(format!("{c}s are fun!"))));
     }
-    let out = up.handle.subscribe("/clienttest/on-data", Some(raw("1"))).await;
+    let out = up
+        .handle
+        .subscribe("/clienttest/on-data", Some(raw("1")))
+        .await;
     assert_eq!(out.code, 401);
     let out = up
         .handle
@@ -158,14 +167,21 @@ async fn long_poll_conformance_in_progress_and_unsubscribed() {
         .subscribe_deferred("/clienttest/in-progress", None)
         .await;
     until("the second on reached the server", || async {
-        server.received().iter().filter(|r| r.path == "/qio/on").count() == 2
+        server
+            .received()
+            .iter()
+            .filter(|r| r.path == "/qio/on")
+            .count()
+            == 2
     })
     .await;
     up.handle
         .emit("/clienttest/in-progress", raw("null"))
         .await
         .unwrap();
-    let out = tokio::time::timeout(DEADLINE, second).await.expect("answered");
+    let out = tokio::time::timeout(DEADLINE, second)
+        .await
+        .expect("answered");
     assert_eq!(out.code, 200);
     up.handle
         .emit("/clienttest/send-unsubscribed", raw("null"))
@@ -190,7 +206,9 @@ async fn long_poll_conformance_close_drop_callback_and_send_invalid_reconnect() 
     up.trigger("/clienttest/close", "null").await;
     let reason = up.wait_closed().await;
     assert!(reason.contains("403"), "{reason}");
-    let out = tokio::time::timeout(DEADLINE, waiting).await.expect("resolves");
+    let out = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("resolves");
     assert_eq!(out.code, code::DISCONNECTED);
     up.wait_open().await;
     until("the subscription is restored", || async {
@@ -220,7 +238,11 @@ async fn falls_back(rule: Rule) {
     assert_eq!(st.transport, Some("long-poll"), "{rule:?}");
     let why = st.upgrade_error.unwrap_or_default();
     assert!(!why.is_empty(), "{rule:?}: the reason is shown");
-    assert_eq!(proxy.broken(), [rule], "one upgrade tried, then long polling");
+    assert_eq!(
+        proxy.broken(),
+        [rule],
+        "one upgrade tried, then long polling"
+    );
     assert!(proxy.plain_connections() >= 1, "{rule:?}");
     let out = up.handle.request("/clienttest/echo", raw("\"hi\"")).await;
     assert_eq!((out.code, out.data.get()), (200, "\"hi\""), "{rule:?}");
@@ -262,7 +284,10 @@ async fn websocket_first_again_on_the_next_reconnect_once_the_proxy_is_gone() {
         .await
         .unwrap();
     let mut up = Upstream::start_with(lp_config(&proxy.url(), TransportChoice::Auto)).await;
-    assert_eq!(up.handle.status().await.unwrap().transport, Some("long-poll"));
+    assert_eq!(
+        up.handle.status().await.unwrap().transport,
+        Some("long-poll")
+    );
     assert_eq!(up.handle.subscribe("/news", None).await.code, 200);
     let before = upgrades(&server);
     proxy.set_mode(Mode::PassThrough);
@@ -304,7 +329,10 @@ async fn a_move_and_a_restart_during_long_polling_keep_every_subscription() {
     up.wait_open().await;
     // WebSocket was tried first at the new address.
     assert_eq!(pb.broken(), [Rule::RespAccept]);
-    assert_eq!(up.handle.status().await.unwrap().transport, Some("long-poll"));
+    assert_eq!(
+        up.handle.status().await.unwrap().transport,
+        Some("long-poll")
+    );
     until("both subscriptions followed the move", || async {
         let subs = b.subscriptions();
         subs.get("/news") == Some(&1) && subs.get("/sport") == Some(&1)
@@ -336,7 +364,9 @@ async fn a_reply_lost_with_the_held_poll_fires_once_with_disconnected() {
         .await;
     until_received(&server, "/clienttest/drop-callback").await;
     server.kill().await;
-    let out = tokio::time::timeout(DEADLINE, waiting).await.expect("resolves");
+    let out = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("resolves");
     assert_eq!(
         (out.code, out.err_msg.as_deref()),
         (code::DISCONNECTED, Some("disconnected")),
