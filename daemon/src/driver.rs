@@ -986,8 +986,13 @@ impl Driver {
     fn drop_connection(&mut self) {
         self.connecting = None;
         self.reader = None;
-        // Closes every socket, the held poll's too, which ends the session on the server.
-        self.poll = None;
+        // Closes every socket, the held poll's too, and makes sure the session on the server
+        // ends (in a task of its own, bounded like a WebSocket's goodbye).
+        if let Some(bye) = self.poll.take().and_then(|poll| poll.goodbye()) {
+            self.writers.spawn(async move {
+                let _ = tokio::time::timeout(GOODBYE, bye).await;
+            });
+        }
         if let Some(writer) = self.writer.take() {
             // Say goodbye politely without holding up the loop on a stalled server: the
             // writer finishes in a task of its own.

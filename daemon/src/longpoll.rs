@@ -113,6 +113,23 @@ impl Drop for Conn {
 }
 
 async fn open(ep: &Endpoint) -> Result<Conn, String> {
+    let stream = connect_stream(ep).await?;
+    // Canonical header spellings: the 2012 server matched names case-sensitively, and the
+    // 0.2 event library's habit is unknown.
+    let (sender, conn) = http1::Builder::new()
+        .title_case_headers(true)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    })
+    .abort_handle();
+    Ok(Conn { sender, driver })
+}
+
+/// The TCP connect and, for `https://`, the TLS handshake, verified as for `wss://`.
+async fn connect_stream(ep: &Endpoint) -> Result<MaybeTlsStream<TcpStream>, String> {
     let tcp = TcpStream::connect((ep.host.as_str(), ep.port))
         .await
         .map_err(|e| format!("connecting to {}:{}: {e}", ep.host, ep.port))?;
@@ -129,18 +146,35 @@ async fn open(ep: &Endpoint) -> Result<Conn, String> {
             MaybeTlsStream::Rustls(tls)
         }
     };
-    // Canonical header spellings: the 2012 server matched names case-sensitively, and the
-    // 0.2 event library's habit is unknown.
-    let (sender, conn) = http1::Builder::new()
-        .title_case_headers(true)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    let driver = tokio::spawn(async move {
-        let _ = conn.await;
-    })
-    .abort_handle();
-    Ok(Conn { sender, driver })
+    Ok(stream)
+}
+
+/// Ends the session on the server when no poll of ours may be held there: a request head
+/// that promises a body byte, then the socket closed before it. The server ends a session
+/// whose request socket closes while the request is still being read; without this, a
+/// session left with no poll held lives on as long as anything is sent to it (a busy
+/// subscription). Only a head is written, so no HTTP client is needed for it.
+async fn abandon(ep: &Endpoint) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = connect_stream(ep).await?;
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: text/plain\r\nContent-Length: 1\r\n\r\n",
+        ep.target,
+        host_header(ep)
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    write.await.map_err(|e| e.to_string())
+}
+
+fn host_header(ep: &Endpoint) -> String {
+    match ep.host.contains(':') {
+        true => format!("[{}]:{}", ep.host, ep.port),
+        false => format!("{}:{}", ep.host, ep.port),
+    }
 }
 
 /// One POST on `conn` (or a new connection), with its whole answer.
@@ -159,10 +193,7 @@ async fn post(
         .ready()
         .await
         .map_err(|e| format!("HTTP connection: {e}"))?;
-    let host = match ep.host.contains(':') {
-        true => format!("[{}]:{}", ep.host, ep.port),
-        false => format!("{}:{}", ep.host, ep.port),
-    };
+    let host = host_header(ep);
     let request = hyper::Request::post(format!("{}{query_extra}", ep.target))
         .header("Host", host)
         .header("Content-Type", "text/plain")
@@ -265,6 +296,7 @@ pub async fn connect(
         incoming: VecDeque::new(),
         greeted: false,
         ended: None,
+        over: false,
         rng,
     })
 }
@@ -314,10 +346,28 @@ pub struct LongPoll {
     /// The session's `/qio/ohai` was answered.
     greeted: bool,
     ended: Option<String>,
+    /// The server said the session is over (a non-200 answer).
+    over: bool,
     rng: StdRng,
 }
 
 impl LongPoll {
+    /// Closes every socket now and returns what ends the server's session for sure (see
+    /// [`abandon`]), unless the server already said it is over. The driver runs it as a
+    /// goodbye of its own, bounded in time.
+    pub fn goodbye(self) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let ep = self.ep.clone();
+        let over = self.over;
+        // Dropping the requests and connections closes their sockets, the held poll's
+        // included.
+        drop(self);
+        (!over).then(|| async move {
+            if let Err(e) = abandon(&ep).await {
+                tracing::debug!("could not end the long-poll session: {e}");
+            }
+        })
+    }
+
     /// Queues a frame for the next request. Fails when `queue_bytes` would be exceeded.
     pub fn send(&mut self, text: String) -> Result<(), String> {
         if !self.greeted && text == crate::codec::OHAI {
@@ -427,6 +477,7 @@ impl LongPoll {
                 }
             }
             Ok((status, _, _)) => {
+                self.over = true;
                 self.ended = Some(format!(
                     "the server answered {status} to a long poll: the session is over"
                 ))

@@ -12,6 +12,9 @@
 //! buffered when a newer request arrives, empty after [`ServerConfig::poll_hold`], or 403
 //! when the session ends.
 //!
+//! A socket that closes (or times out) while a request's body is still being read ends
+//! that request's session, as on the real server.
+//!
 //! Not modelled: pipelined requests on one socket (bytes that arrive while a request waits
 //! are kept and read after its answer), the `/iframe` page.
 //!
@@ -36,10 +39,16 @@ const IDLE_SOCKET: Duration = Duration::from_secs(60);
 /// Requests waiting for one session at once; socket tasks wait beyond.
 pub(crate) const SESSION_REQUESTS: usize = 16;
 
-/// One request body for a session, and where its answer goes.
-pub(crate) struct Request {
-    pub(crate) body: String,
-    pub(crate) answer: oneshot::Sender<Answer>,
+/// What a socket hands to a session.
+pub(crate) enum Request {
+    /// A request body, and where its answer goes.
+    Body {
+        body: String,
+        answer: oneshot::Sender<Answer>,
+    },
+    /// A request for the session whose socket closed (or timed out) before its body was
+    /// read: the session ends, as on the real server.
+    Abort,
 }
 
 /// What a socket writes back.
@@ -123,10 +132,11 @@ impl HttpSession {
             let far = now + Duration::from_secs(86400);
             tokio::select! {
                 req = self.reqs.recv() => match req {
-                    Some(req) => {
-                        self.lines = req.body.split('\n').map(str::to_owned).collect();
-                        self.current = Some(req.answer);
+                    Some(Request::Body { body, answer }) => {
+                        self.lines = body.split('\n').map(str::to_owned).collect();
+                        self.current = Some(answer);
                     }
+                    Some(Request::Abort) => return Err(CloseReason::ClientGone),
                     None => return Err(CloseReason::Killed),
                 },
                 _ = async { self.held.as_mut().expect("guarded").0.closed().await }, if self.held.is_some() => {
@@ -365,6 +375,11 @@ impl Socket {
                 };
             }
             if let Err(reason) = self.read_body(end + length).await {
+                // The socket was already the session's once its head was read.
+                if let Some(tx) = sid(&head.target).and_then(|s| self.inner.poll_session(&s, false))
+                {
+                    let _ = tx.try_send(Request::Abort);
+                }
                 return reason;
             }
             let body = String::from_utf8_lossy(&self.buf[end..end + length]).into_owned();
@@ -406,7 +421,7 @@ impl Socket {
             return Ok(Answer::forbidden());
         };
         let (answer, rx) = oneshot::channel();
-        if tx.send(Request { body, answer }).await.is_err() {
+        if tx.send(Request::Body { body, answer }).await.is_err() {
             return Ok(Answer::forbidden());
         }
         tokio::pin!(rx);

@@ -29,6 +29,7 @@ mod common;
 
 use common::{daemon_settings, server_with, Daemon, DEADLINE};
 use qio_testserver::{CallbackKind, CloseReason, LogEntry, TestServer};
+use qiod::driver::TransportChoice;
 use qiod::session::FireAndForget;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -1548,25 +1549,53 @@ async fn chaos_soak() {
     install_panic_counter();
     let seed = env_u64("QIOD_CHAOS_SEED").unwrap_or(DEFAULT_SEED);
     let faults = env_u64("QIOD_CHAOS_FAULTS").unwrap_or(DEFAULT_FAULTS);
-    let once = faults - faults / 3;
-    soak(seed, once, FireAndForget::Once).await;
-    soak(seed, faults - once, FireAndForget::AtLeastOnce).await;
+    // A sixth of the rounds over HTTP long polling (the default delivery), out of the
+    // default's share, so the run takes about as long as before.
+    let long_poll = faults / 6;
+    let once = faults - faults / 3 - long_poll;
+    soak(seed, once, FireAndForget::Once, TransportChoice::Auto).await;
+    soak(
+        seed,
+        faults - once - long_poll,
+        FireAndForget::AtLeastOnce,
+        TransportChoice::Auto,
+    )
+    .await;
+    soak(
+        seed,
+        long_poll,
+        FireAndForget::Once,
+        TransportChoice::LongPoll,
+    )
+    .await;
 }
 
-async fn soak(seed: u64, faults: u64, delivery: FireAndForget) {
+async fn soak(seed: u64, faults: u64, delivery: FireAndForget, transport: TransportChoice) {
     if faults == 0 {
         return;
     }
     println!(
         "chaos: seed {seed} (QIOD_CHAOS_SEED), faults {faults} (QIOD_CHAOS_FAULTS), \
-         fire_and_forget = {}",
-        delivery.name()
+         fire_and_forget = {}, transport = {}",
+        delivery.name(),
+        transport.name()
     );
     let started = Instant::now();
     let panics_before = PANICS.load(Ordering::Relaxed);
     let fd_start = fd_count();
-    let servers = [server_with(|_| {}).await, server_with(|_| {}).await];
-    let daemon = Daemon::start_with(chaos_settings(&servers[0].url(), seed, delivery)).await;
+    // Held polls are answered well within the daemon's long-poll request timeout.
+    // A dropped long-poll session that held no poll at that moment lingers on the server
+    // until its session timeout, as on the real server: short here, so rounds settle.
+    let hold = |c: &mut qio_testserver::ServerConfig| {
+        c.poll_hold = Duration::from_millis(100);
+        c.poll_session_timeout = Duration::from_millis(300);
+    };
+    let servers = [server_with(hold).await, server_with(hold).await];
+    let mut settings = chaos_settings(&servers[0].url(), seed, delivery);
+    settings.driver.transport = transport;
+    settings.driver.long_poll.delay_max = Duration::from_millis(5);
+    settings.driver.long_poll.request_timeout = Duration::from_millis(400);
+    let daemon = Daemon::start_with(settings).await;
     let (writer, lines, reader) = connect(&daemon.socket).await;
     let mut ctl = Ctl {
         writer,
@@ -1757,6 +1786,7 @@ async fn soak(seed: u64, faults: u64, delivery: FireAndForget) {
     let summary: Vec<(&str, String)> = vec![
         ("seed", seed.to_string()),
         ("fire_and_forget", delivery.name().to_owned()),
+        ("transport", transport.name().to_owned()),
         ("faults (rounds)", faults.to_string()),
         ("rounds with a reconnect", broken_rounds.len().to_string()),
         ("daemon reconnects", reconnects.to_string()),

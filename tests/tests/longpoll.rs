@@ -426,3 +426,32 @@ async fn the_status_op_shows_the_transport_and_the_failed_upgrade() {
     assert_eq!(c.event("/news").await["data"], 5);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn a_dropped_connection_ends_its_session_on_the_server_even_with_no_poll_held() {
+    let server = lp_server().await;
+    let mut up = long_poll(&server).await;
+    // A busy subscription keeps a session that holds no poll alive on the server.
+    assert_eq!(
+        up.handle
+            .subscribe("/clienttest/broadcast", None)
+            .await
+            .code,
+        200
+    );
+    up.wait_event("/clienttest/broadcast").await;
+    // The invalid frame comes as the answer to the held poll: when qiod drops the
+    // connection for it, no poll of its is held on the server.
+    up.trigger("/clienttest/send-invalid", "null").await;
+    up.wait_closed().await;
+    up.wait_open().await;
+    until("the old session is gone", || async {
+        server.connection_count() == 1
+    })
+    .await;
+    until("only the new session is subscribed", || async {
+        server.subscriptions().get("/clienttest/broadcast") == Some(&1)
+    })
+    .await;
+    up.stop().await;
+}
