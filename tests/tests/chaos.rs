@@ -1745,8 +1745,16 @@ async fn soak(seed: u64, faults: u64, delivery: FireAndForget, transport: Transp
             "state left behind after every client left: {after}"
         ));
     }
-    let fd_after = settle_count(fd_base, fd_count).await;
-    let tasks_after = settle_count(tasks_base, alive_tasks).await;
+    // Over long polling the daemon may keep one more HTTP connection than at the baseline
+    // (a held poll and an idle one): two descriptors (both ends are in this process) and
+    // two tasks (its hyper driver and the server's socket task).
+    let pool = if transport == TransportChoice::LongPoll {
+        2
+    } else {
+        0
+    };
+    let fd_after = settle_count(fd_base + pool, fd_count).await;
+    let tasks_after = settle_count(tasks_base + pool, alive_tasks).await;
 
     let t = tally(&c);
     let reconnects = after["reconnects"].as_u64().unwrap_or(0);
@@ -1880,7 +1888,7 @@ async fn soak(seed: u64, faults: u64, delivery: FireAndForget, transport: Transp
     assert_eq!(panics, 0, "seed {seed}: panics");
     // Slack: nothing should stay behind; 2 allows for the runtime's own bookkeeping.
     assert!(
-        fd_after <= fd_base + 2,
+        fd_after <= fd_base + 2 + pool,
         "seed {seed}: fds {fd_base} -> {fd_after}"
     );
     assert!(
@@ -1888,7 +1896,7 @@ async fn soak(seed: u64, faults: u64, delivery: FireAndForget, transport: Transp
         "seed {seed}: fds {fd_start} -> {fd_end}"
     );
     assert!(
-        tasks_after <= tasks_base + 2,
+        tasks_after <= tasks_base + 2 + pool,
         "seed {seed}: tasks {tasks_base} -> {tasks_after}"
     );
 }
