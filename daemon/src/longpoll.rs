@@ -361,7 +361,10 @@ impl LongPoll {
         // Dropping the requests and connections closes their sockets, the held poll's
         // included.
         drop(self);
-        (!over).then(|| async move {
+        if over {
+            return None;
+        }
+        Some(async move {
             if let Err(e) = abandon(&ep).await {
                 tracing::debug!("could not end the long-poll session: {e}");
             }
