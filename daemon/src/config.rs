@@ -8,7 +8,7 @@
 //! the daemon refuses to start.
 
 use crate::codec::Dialect;
-use crate::driver::DriverConfig;
+use crate::driver::{DriverConfig, TransportChoice};
 use crate::ipc::{IpcConfig, SlowClientPolicy};
 use crate::session::{parse_server_url, DialectChoice, FireAndForget, SessionConfig};
 use crate::socket;
@@ -153,6 +153,17 @@ pub struct Args {
     /// Quick.IO wire dialect: auto (try 0.2, fall back to 0.1), 0.2 or 0.1
     #[arg(long, env = "QIOD_DIALECT", value_name = "DIALECT", help_heading = SERVERS)]
     pub dialect: Option<String>,
+    /// Transport: auto (WebSocket, falling back to HTTP long polling when the upgrade
+    /// fails), websocket or long-poll
+    #[arg(long, env = "QIOD_TRANSPORT", value_name = "TRANSPORT")]
+    pub transport: Option<String>,
+    /// Longest random wait before the next long poll, in ms
+    #[arg(long, env = "QIOD_LONG_POLL_DELAY_MAX_MS", value_name = "MS")]
+    pub long_poll_delay_max_ms: Option<String>,
+    /// How long a long-poll request may go unanswered before the connection counts as dead,
+    /// in ms
+    #[arg(long, env = "QIOD_LONG_POLL_TIMEOUT_MS", value_name = "MS")]
+    pub long_poll_timeout_ms: Option<String>,
     /// Largest frame the server accepts, in bytes; larger sends are refused locally
     #[arg(long, env = "QIOD_MAX_FRAME_BYTES", value_name = "BYTES", help_heading = SERVERS)]
     pub max_frame_bytes: Option<String>,
@@ -251,6 +262,7 @@ fn default_text(key: &str) -> Option<String> {
         "log" => DEFAULT_LOG.into(),
         "slow_client" => slow_client_name(defaults.ipc.slow_client).into(),
         "dialect" => "auto".into(),
+        "transport" => "auto".into(),
         "max_frame_bytes" => "none for 0.2, 1024 for 0.1".into(),
         "fire_and_forget" => defaults.driver.session.fire_and_forget.name().into(),
         "allow_insecure_move" => defaults.driver.session.allow_insecure_move.to_string(),
@@ -298,6 +310,9 @@ struct FileConfig {
     client_close_grace_ms: Option<toml::Value>,
     slow_client: Option<toml::Value>,
     dialect: Option<toml::Value>,
+    transport: Option<toml::Value>,
+    long_poll_delay_max_ms: Option<toml::Value>,
+    long_poll_timeout_ms: Option<toml::Value>,
     max_frame_bytes: Option<toml::Value>,
     stable_after_ms: Option<toml::Value>,
     fire_and_forget: Option<toml::Value>,
@@ -358,6 +373,8 @@ const NUMS: &[Num] = &[
     millis!(backoff_initial_ms => driver.session.backoff_initial),
     millis!(backoff_max_ms => driver.session.backoff_max),
     millis!(stable_after_ms => driver.session.stable_after),
+    millis!(long_poll_delay_max_ms => driver.long_poll.delay_max),
+    millis!(long_poll_timeout_ms => driver.long_poll.request_timeout),
     count!(queue_max_events => driver.session.queue_max_events),
     count!(queue_max_bytes => driver.session.queue_max_bytes),
     count!(max_pending_callbacks => driver.session.max_pending_callbacks),
@@ -496,6 +513,9 @@ impl Config {
         if old.dialect != new_s.dialect {
             keys.push("dialect");
         }
+        if self.settings.driver.transport != new.settings.driver.transport {
+            keys.push("transport");
+        }
         if old.max_frame_bytes != new_s.max_frame_bytes {
             keys.push("max_frame_bytes");
         }
@@ -604,6 +624,26 @@ fn load_from(
                     key: "dialect",
                     origin,
                     message: format!("expected auto, 0.2 or 0.1, got {text:?}"),
+                })
+            }
+        };
+    }
+    if let Some(found) = layers.find(
+        "transport",
+        "QIOD_TRANSPORT",
+        args.transport.as_deref(),
+        layers.file.transport.as_ref(),
+    )? {
+        let (text, origin) = found.text("transport")?;
+        settings.driver.transport = match text.trim() {
+            "auto" => TransportChoice::Auto,
+            "websocket" => TransportChoice::WebSocket,
+            "long-poll" => TransportChoice::LongPoll,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "transport",
+                    origin,
+                    message: format!("expected auto, websocket or long-poll, got {text:?}"),
                 })
             }
         };

@@ -19,6 +19,7 @@
 //! - `Driver::act` maps one session [`Output`] to what the driver does with it.
 
 use crate::codec::Dialect;
+use crate::longpoll::{LongPoll, LongPollConfig};
 use crate::repeats::Repeats;
 use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
@@ -38,17 +39,48 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError, SubProtocolError};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use url::Url;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Connecting = Pin<Box<dyn Future<Output = Result<Ws, ConnectError>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Opened, ConnectError>> + Send>>;
+
+/// A connection that finished its upgrade (WebSocket) or its handshake (long polling).
+enum Opened {
+    Ws(Box<Ws>),
+    /// With why the WebSocket upgrade failed, when this is a fallback.
+    LongPoll(Box<LongPoll>, Option<String>),
+}
+
+/// The `transport` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// WebSocket first on every attempt; HTTP long polling at once when the upgrade fails
+    /// after the TCP (and TLS) connect succeeded, as the Quick.IO client documents require.
+    #[default]
+    Auto,
+    /// WebSocket only.
+    WebSocket,
+    /// HTTP long polling only (0.2 only: 0.1 servers have none).
+    LongPoll,
+}
+
+impl TransportChoice {
+    /// The setting's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::WebSocket => "websocket",
+            TransportChoice::LongPoll => "long-poll",
+        }
+    }
+}
 
 /// Why an upgrade failed, and whether the failure points at the other dialect.
 struct ConnectError {
@@ -77,6 +109,11 @@ pub struct DriverConfig {
     /// A PEM file of CA certificates that `wss://` servers may chain to, trusted in
     /// addition to the built-in web roots (`webpki-roots`). Read once, by [`spawn`].
     pub ca_file: Option<PathBuf>,
+    /// Which transports to use.
+    pub transport: TransportChoice,
+    /// The long-poll transport's settings (its `queue_bytes` is `write_queue_bytes`, its
+    /// `max_body_bytes` a multiple of `max_message_bytes`).
+    pub long_poll: LongPollConfig,
 }
 
 impl DriverConfig {
@@ -90,6 +127,8 @@ impl DriverConfig {
             write_queue_bytes: 32 * 1024 * 1024,
             max_message_bytes: 16 * 1024 * 1024,
             ca_file: None,
+            transport: TransportChoice::Auto,
+            long_poll: LongPollConfig::default(),
         }
     }
 }
@@ -491,6 +530,18 @@ pub fn prepare(
         held_max: cfg.notice_capacity,
         repeats: Repeats::new(LOG_REPEATS_EVERY),
         tls,
+        poll: None,
+        transport: cfg.transport,
+        auto_dialect: cfg.session.dialect == crate::session::DialectChoice::Auto,
+        long_poll: LongPollConfig {
+            queue_bytes: cfg.write_queue_bytes.max(1),
+            // One answer carries everything the server gathered while we were between
+            // polls: many frames.
+            max_body_bytes: cfg.max_message_bytes.saturating_mul(4),
+            ..cfg.long_poll.clone()
+        },
+        in_use: None,
+        upgrade_error: None,
         // tungstenite zero-fills its whole read buffer before every read (128 KiB by
         // default): 32 KiB took a request's cost from 281 k to 70 k instructions.
         ws_config: WebSocketConfig::default()
@@ -533,6 +584,17 @@ struct Driver {
     repeats: Repeats,
     tls: Arc<rustls::ClientConfig>,
     ws_config: WebSocketConfig,
+    /// The open long-poll connection, instead of `reader` and `writer`.
+    poll: Option<Box<LongPoll>>,
+    transport: TransportChoice,
+    /// Whether `dialect = "auto"`: a WebSocket upgrade that shows a 0.1 server then goes
+    /// to the session (which tries 0.1) instead of to long polling.
+    auto_dialect: bool,
+    long_poll: LongPollConfig,
+    /// The transport of the open (or last) connection, for `status`.
+    in_use: Option<&'static str>,
+    /// Why the WebSocket upgrade failed, when the connection fell back to long polling.
+    upgrade_error: Option<String>,
 }
 
 /// The writer of the open connection: a future the loop polls in its `select!`, so a
@@ -561,8 +623,9 @@ fn now() -> std::time::Instant {
 /// What woke the driver's loop.
 enum Wake {
     Stop,
-    Connected(Box<Result<Ws, ConnectError>>),
+    Connected(Box<Result<Opened, ConnectError>>),
     Message(Option<Result<Message, WsError>>),
+    Polled(Result<String, String>),
     Command(Option<Command>),
     Timer,
     WriteFailed(String),
@@ -602,6 +665,9 @@ impl Driver {
                 msg = async { self.reader.as_mut().expect("guarded").next().await }, if reading => {
                     Wake::Message(msg)
                 }
+                res = async { self.poll.as_mut().expect("guarded").recv().await }, if self.poll.is_some() && self.held.is_empty() => {
+                    Wake::Polled(res)
+                }
                 res = async { self.writer.as_mut().expect("guarded").task.as_mut().await }, if self.writer.is_some() => {
                     Wake::WriteFailed(match res {
                         Ok(()) => "the connection's writer ended".to_owned(),
@@ -619,8 +685,22 @@ impl Driver {
                 Wake::Connected(res) => {
                     self.connecting = None;
                     match *res {
-                        Ok(ws) => {
-                            self.open(ws);
+                        Ok(Opened::Ws(ws)) => {
+                            self.open(*ws);
+                            self.in_use = Some("websocket");
+                            self.upgrade_error = None;
+                            self.session.handle_connected(now());
+                        }
+                        Ok(Opened::LongPoll(poll, why)) => {
+                            if let Some(why) = &why {
+                                tracing::warn!(
+                                    "the WebSocket upgrade failed ({why}); using HTTP long polling \
+                                     until this connection ends"
+                                );
+                            }
+                            self.poll = Some(poll);
+                            self.in_use = Some("long-poll");
+                            self.upgrade_error = why;
                             self.session.handle_connected(now());
                         }
                         Err(e) if e.wrong_dialect => {
@@ -630,6 +710,11 @@ impl Driver {
                     }
                 }
                 Wake::Message(msg) => self.on_message(msg),
+                Wake::Polled(Ok(text)) => self.session.handle_frame(now(), &text),
+                Wake::Polled(Err(reason)) => {
+                    self.drop_connection();
+                    self.session.handle_closed(now(), &reason);
+                }
                 Wake::WriteFailed(reason) => {
                     // The writer has ended: there is no goodbye left for it to say.
                     self.writer = None;
@@ -735,7 +820,10 @@ impl Driver {
             Command::Want { path, data, gen } => self.session.want(&path, data.as_deref(), gen),
             Command::Unwant { path, gen } => self.session.unwant(&path, gen),
             Command::Status { reply } => {
-                let _ = reply.send(self.session.status(now));
+                let mut status = self.session.status(now);
+                status.transport = self.in_use;
+                status.upgrade_error = self.upgrade_error.clone();
+                let _ = reply.send(status);
             }
             Command::SetServers { servers } => self.session.set_servers(now, servers),
         }
@@ -753,8 +841,16 @@ impl Driver {
         match out {
             Output::Connect { url, dialect } => {
                 self.drop_connection();
-                let tls = self.tls.clone();
-                self.connecting = Some(Box::pin(connect(url, dialect, self.ws_config, tls)));
+                let attempt = Attempt {
+                    url,
+                    dialect,
+                    config: self.ws_config,
+                    tls: self.tls.clone(),
+                    transport: self.transport,
+                    auto_dialect: self.auto_dialect,
+                    long_poll: self.long_poll.clone(),
+                };
+                self.connecting = Some(Box::pin(attempt.run()));
             }
             Output::Send(text) => self.send(text),
             Output::Close => self.drop_connection(),
@@ -818,6 +914,13 @@ impl Driver {
     /// in flight, as after any break). One frame larger than the whole bound is let in
     /// when the queue is empty.
     fn send(&mut self, text: String) {
+        if let Some(poll) = self.poll.as_mut() {
+            if let Err(reason) = poll.send(text) {
+                self.drop_connection();
+                self.session.handle_closed(now(), &reason);
+            }
+            return;
+        }
         let Some(writer) = self.writer.as_ref() else {
             return;
         };
@@ -862,6 +965,13 @@ impl Driver {
     fn drop_connection(&mut self) {
         self.connecting = None;
         self.reader = None;
+        // Closes every socket, the held poll's too, and makes sure the session on the server
+        // ends (in a task of its own, bounded like a WebSocket's goodbye).
+        if let Some(bye) = self.poll.take().and_then(|poll| poll.goodbye()) {
+            self.writers.spawn(async move {
+                let _ = tokio::time::timeout(GOODBYE, bye).await;
+            });
+        }
         if let Some(writer) = self.writer.take() {
             // Say goodbye politely without holding up the loop on a stalled server: the
             // writer finishes in a task of its own.
@@ -966,46 +1076,123 @@ fn log_state(state: &StateChange, repeats: &mut Repeats) {
     }
 }
 
-/// Opens the WebSocket; 0.2 asks for the `quickio` subprotocol, 0.1 must not (a 0.1
-/// server never echoes one, and the upgrade would then fail).
-///
-/// tungstenite writes the canonical header spellings (`Host`, `Connection`, `Upgrade`,
-/// `Sec-WebSocket-Version`, `Sec-WebSocket-Key`) that the 0.1 server insists on; the
-/// end-to-end tests check the exact bytes.
-///
-/// `wss://` goes through `tls` ([`tls_config`]): an untrusted certificate or a name
-/// mismatch fails the attempt like any other connection error. `ws://` ignores it.
-async fn connect(
+/// One connection attempt, carried out off the loop (a future the loop polls).
+struct Attempt {
     url: Url,
     dialect: Dialect,
     config: WebSocketConfig,
     tls: Arc<rustls::ClientConfig>,
-) -> Result<Ws, ConnectError> {
-    let mut request = url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| ConnectError {
-            reason: format!("bad address {url}: {e}"),
-            wrong_dialect: false,
-        })?;
-    if dialect == Dialect::V02 {
-        request.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static("quickio"),
-        );
+    transport: TransportChoice,
+    auto_dialect: bool,
+    long_poll: LongPollConfig,
+}
+
+impl Attempt {
+    /// WebSocket first (unless `transport = "long-poll"`), then, when the upgrade failed
+    /// after the TCP and TLS connects succeeded, HTTP long polling at once on the same
+    /// address. Network trouble (DNS, a refused or unreachable connect) and TLS failures
+    /// are not reasons to fall back: long polling would meet the same. Neither is an
+    /// upgrade that shows a 0.1 server with `dialect = "auto"` (no `quickio` subprotocol
+    /// echoed): the session tries 0.1 then, and 0.1 has no long polling.
+    async fn run(self) -> Result<Opened, ConnectError> {
+        let long_poll_allowed =
+            self.dialect == Dialect::V02 && self.transport != TransportChoice::WebSocket;
+        if self.transport == TransportChoice::LongPoll && long_poll_allowed {
+            return self.long_poll(None).await;
+        }
+        let stream = self.transport_connect().await?;
+        match self.upgrade(stream).await {
+            Ok(ws) => Ok(Opened::Ws(Box::new(ws))),
+            Err(e) => {
+                let shows_v01 = matches!(
+                    e,
+                    WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(
+                        SubProtocolError::NoSubProtocol
+                    ))
+                );
+                let reason = e.to_string();
+                if !long_poll_allowed || (self.auto_dialect && shows_v01) {
+                    let wrong_dialect = matches!(
+                        e,
+                        WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(_))
+                    );
+                    return Err(ConnectError {
+                        reason,
+                        wrong_dialect,
+                    });
+                }
+                self.long_poll(Some(reason)).await
+            }
+        }
     }
-    let connector = Some(Connector::Rustls(tls));
-    match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), true, connector)
-        .await
-    {
-        Ok((ws, _response)) => Ok(ws),
-        Err(e) => Err(ConnectError {
-            wrong_dialect: matches!(
-                e,
-                WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(_))
-            ),
-            reason: e.to_string(),
-        }),
+
+    /// The TCP connect and, for `wss://`, the TLS handshake, with the same verification as
+    /// always ([`tls_config`]).
+    async fn transport_connect(&self) -> Result<MaybeTlsStream<TcpStream>, ConnectError> {
+        let fail = |reason: String| ConnectError {
+            reason,
+            wrong_dialect: false,
+        };
+        let host = self
+            .url
+            .host_str()
+            .ok_or_else(|| fail(format!("bad address {}: no host", self.url)))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = self
+            .url
+            .port_or_known_default()
+            .ok_or_else(|| fail(format!("bad address {}: no port", self.url)))?;
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| fail(format!("IO error: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        if self.url.scheme() != "wss" {
+            return Ok(MaybeTlsStream::Plain(tcp));
+        }
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| fail(format!("bad address {}: {e}", self.url)))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(format!("TLS error: {e}")))?;
+        Ok(MaybeTlsStream::Rustls(tls))
+    }
+
+    /// The upgrade; 0.2 asks for the `quickio` subprotocol, 0.1 must not (a 0.1 server
+    /// never echoes one, and the upgrade would then fail).
+    ///
+    /// tungstenite writes the canonical header spellings (`Host`, `Connection`, `Upgrade`,
+    /// `Sec-WebSocket-Version`, `Sec-WebSocket-Key`) that the 0.1 server insists on; the
+    /// end-to-end tests check the exact bytes.
+    async fn upgrade(&self, stream: MaybeTlsStream<TcpStream>) -> Result<Ws, WsError> {
+        let mut request = self.url.as_str().into_client_request()?;
+        if self.dialect == Dialect::V02 {
+            request.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static("quickio"),
+            );
+        }
+        let (ws, _response) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(self.config)).await?;
+        Ok(ws)
+    }
+
+    async fn long_poll(&self, why: Option<String>) -> Result<Opened, ConnectError> {
+        let url = crate::longpoll::http_url(&self.url);
+        match crate::longpoll::connect(&url, self.tls.clone(), self.long_poll.clone()).await {
+            Ok(poll) => Ok(Opened::LongPoll(Box::new(poll), why)),
+            Err(e) => Err(ConnectError {
+                reason: match why {
+                    Some(why) => format!(
+                        "the WebSocket upgrade failed ({why}), and so did long polling: {e}"
+                    ),
+                    None => e,
+                },
+                wrong_dialect: false,
+            }),
+        }
     }
 }
 

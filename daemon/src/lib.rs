@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod driver;
 pub mod ipc;
+pub mod longpoll;
 mod repeats;
 pub mod session;
 pub mod socket;

@@ -94,7 +94,22 @@ pub async fn supervise(
             _ = shutdown.cancelled() => break,
             change = states.recv(), if states_open => match change {
                 Some(change) => {
-                    if let Some(text) = status.update(&change) {
+                    if let Some(mut text) = status.update(&change) {
+                        if matches!(change, StateChange::Open { .. }) {
+                            // The transport is the driver's fact, not the state change's.
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                st = tokio::time::timeout(TRANSPORT_LIMIT, session.status()) => {
+                                    if let Ok(Some(st)) = st {
+                                        text = with_transport(
+                                            text,
+                                            st.transport,
+                                            st.upgrade_error.as_deref(),
+                                        );
+                                    }
+                                }
+                            }
+                        }
                         send(&[NotifyState::Status(&text)]);
                     }
                 }
@@ -149,6 +164,21 @@ impl Keepalive {
             }
             None => std::future::pending().await,
         }
+    }
+}
+
+/// How long the status line for an open connection waits to learn its transport.
+const TRANSPORT_LIMIT: Duration = Duration::from_secs(1);
+
+/// An "open" status line with the transport, when it is not plain WebSocket, and why the
+/// upgrade failed.
+fn with_transport(text: String, transport: Option<&str>, why: Option<&str>) -> String {
+    match (transport, why) {
+        (Some("long-poll"), Some(why)) => {
+            format!("{text} over HTTP long polling (the WebSocket upgrade failed: {why})")
+        }
+        (Some("long-poll"), None) => format!("{text} over HTTP long polling"),
+        _ => text,
     }
 }
 
@@ -241,6 +271,23 @@ mod tests {
 
     fn url(s: &str) -> Url {
         Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn open_lines_name_a_long_poll_fallback() {
+        let open = || "open ws://a/".to_owned();
+        assert_eq!(
+            with_transport(open(), Some("websocket"), None),
+            "open ws://a/"
+        );
+        assert_eq!(
+            with_transport(open(), Some("long-poll"), Some("HTTP error: 200 OK")),
+            "open ws://a/ over HTTP long polling (the WebSocket upgrade failed: HTTP error: 200 OK)"
+        );
+        assert_eq!(
+            with_transport(open(), Some("long-poll"), None),
+            "open ws://a/ over HTTP long polling"
+        );
     }
 
     #[test]

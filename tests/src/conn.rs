@@ -12,6 +12,7 @@
 use crate::app::{self, reply, Action, AppState};
 use crate::codec::{callback_id, snippet, Dialect, Frame, Reply};
 use crate::handshake::{self, Io, V02Refusal, MAX_HEAD};
+use crate::longpoll::{self, HttpSession};
 use crate::server::{CallbackKind, CloseReason, Inner, LogEntry, Out, Received};
 use crate::ws;
 use bytes::BytesMut;
@@ -74,7 +75,14 @@ pub(crate) async fn run(
         _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => Err(CloseReason::Shutdown),
     };
     let transport = match started {
-        Ok(t) => t,
+        Ok(Started::Ws(t)) => t,
+        Ok(Started::Http(io, buf)) => {
+            // A long-poll socket: its requests go to sessions, which are connections of
+            // their own.
+            let reason = longpoll::serve_socket(inner.clone(), id, io, buf).await;
+            inner.remove_conn(id, reason);
+            return;
+        }
         Err(reason) => {
             inner.remove_conn(id, reason);
             return;
@@ -88,6 +96,34 @@ pub(crate) async fn run(
     inner.remove_conn(id, reason.clone());
     drop(rx);
     conn.finish(&reason).await;
+}
+
+/// Runs one long-poll session to its end (see [`crate::longpoll`]): the same frame loop as
+/// a WebSocket connection, open from the start (the `/qio/hostname` request is its
+/// handshake, and there is no greeting).
+pub(crate) async fn run_session(
+    inner: Arc<Inner>,
+    id: u64,
+    sid: String,
+    session: HttpSession,
+    mut rx: mpsc::Receiver<Out>,
+) {
+    let mut stall = inner.stall_rx();
+    inner.mark_opened(id);
+    let mut conn = Conn::new(inner.clone(), id, Transport::Http(Box::new(session)));
+    let reason = conn.serve(&mut rx, &mut stall).await;
+    inner.end_session(&sid);
+    inner.remove_conn(id, reason.clone());
+    drop(rx);
+    conn.finish(&reason).await;
+}
+
+/// How an accepted connection goes on after its first request head.
+enum Started {
+    /// An upgraded WebSocket.
+    Ws(Transport),
+    /// 0.2: a long-poll socket, with what was read of its first request.
+    Http(Io, Vec<u8>),
 }
 
 /// The tungstenite settings for the configured payload limit; `None` keeps tungstenite's
@@ -121,12 +157,12 @@ async fn start_tls(inner: &Inner, id: u64, stream: TcpStream) -> Result<Io, Clos
 
 /// The HTTP upgrade, the dialect's way. Failures are logged as [`LogEntry::UpgradeRejected`]
 /// and end the connection (0.2 answers some with an HTTP status first).
-async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Transport, CloseReason> {
+async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Started, CloseReason> {
     let res = match inner.dialect {
         Dialect::V01 => upgrade_v01(inner, id, stream)
             .await
-            .map(|ws| Transport::Lib(Box::new(ws))),
-        Dialect::V02 => upgrade_v02(inner, id, stream).await.map(Transport::Raw),
+            .map(|ws| Started::Ws(Transport::Lib(Box::new(ws)))),
+        Dialect::V02 => upgrade_v02(inner, id, stream).await,
     };
     res.map_err(|(request, reason)| {
         inner.push_log(LogEntry::UpgradeRejected {
@@ -142,7 +178,7 @@ async fn upgrade(inner: &Inner, id: u64, stream: Io) -> Result<Transport, CloseR
 /// the `quickio` subprotocol is required, refusals are answered `HTTP/1.0 400` or `426`
 /// (then the socket is closed), and the 101 carries the real server's headers. Bytes the
 /// client sent after the head are kept for the frames.
-async fn upgrade_v02(inner: &Inner, id: u64, mut stream: Io) -> Result<RawWs, (String, String)> {
+async fn upgrade_v02(inner: &Inner, id: u64, mut stream: Io) -> Result<Started, (String, String)> {
     let mut buf = Vec::with_capacity(1024);
     let read = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_head(&mut stream, &mut buf)).await;
     let end = match read {
@@ -151,6 +187,9 @@ async fn upgrade_v02(inner: &Inner, id: u64, mut stream: Io) -> Result<RawWs, (S
     }
     .map_err(|reason| (handshake::head_text(&buf), reason))?;
     let request = handshake::head_text(&buf[..end]);
+    if longpoll::is_long_poll(&request) {
+        return Ok(Started::Http(stream, buf));
+    }
     let req = match handshake::check_v02(&request) {
         Ok(req) => req,
         Err(V02Refusal::Drop(reason)) => return Err((request, reason)),
@@ -180,14 +219,14 @@ async fn upgrade_v02(inner: &Inner, id: u64, mut stream: Io) -> Result<RawWs, (S
         .cfg
         .effective_max_frame_bytes()
         .unwrap_or(DEFAULT_MAX_FRAME_V02);
-    Ok(RawWs {
+    Ok(Started::Ws(Transport::Raw(RawWs {
         io: stream,
         buf: BytesMut::from(&buf[end..]),
         out: BytesMut::new(),
         max,
         client_timeout: inner.cfg.client_timeout,
         partial_since: None,
-    })
+    })))
 }
 
 /// 0.1: the upgrade by hand, because the real 0.1 server matches header names
@@ -396,12 +435,15 @@ fn classify_raw(f: ws::RawFrame) -> In {
 enum Transport {
     Lib(Box<WebSocketStream<Io>>),
     Raw(RawWs),
+    /// 0.2 over HTTP long polling: a session, not a socket.
+    Http(Box<HttpSession>),
 }
 
 impl Transport {
     async fn next(&mut self) -> Result<In, CloseReason> {
         match self {
             Transport::Raw(raw) => raw.next().await,
+            Transport::Http(s) => s.next().await.map(In::Text),
             Transport::Lib(ws) => loop {
                 return match ws.next().await {
                     None => Err(CloseReason::ClientGone),
@@ -424,6 +466,10 @@ impl Transport {
                 Ok(())
             }
             Transport::Lib(ws) => ws.feed(Message::Text(text)).await.map_err(classify),
+            Transport::Http(s) => {
+                s.feed(text.as_str());
+                Ok(())
+            }
         }
     }
 
@@ -431,6 +477,7 @@ impl Transport {
         match self {
             Transport::Raw(raw) => raw.flush().await,
             Transport::Lib(ws) => ws.flush().await.map_err(classify),
+            Transport::Http(_) => Ok(()),
         }
     }
 
@@ -444,7 +491,7 @@ impl Transport {
                 raw.partial_since = None;
                 n
             }
-            Transport::Lib(_) => 0,
+            Transport::Lib(_) | Transport::Http(_) => 0,
         }
     }
 }
@@ -486,18 +533,22 @@ struct Conn {
     /// evicted: the client can then no longer answer it, and is dropped).
     challenges: HashMap<u64, Instant>,
     app: AppState,
+    /// A long-poll session: no heartbeats and no 15-minute challenges (the empty 200 to a
+    /// held poll stands in for them), and `/qio/hostname` names the public address.
+    http: bool,
 }
 
 impl Conn {
     fn new(inner: Arc<Inner>, id: u64, t: Transport) -> Conn {
         let now = Instant::now();
         let dialect = inner.dialect;
+        let http = matches!(t, Transport::Http(_));
         Conn {
             inner,
             id,
             dialect,
             t,
-            opened: dialect.greeting().is_none(),
+            opened: http || dialect.greeting().is_none(),
             started: now,
             last_sent: now,
             last_recv: now,
@@ -512,6 +563,7 @@ impl Conn {
             ],
             challenges: HashMap::new(),
             app: AppState::default(),
+            http,
         }
     }
 
@@ -579,14 +631,14 @@ impl Conn {
         if !self.opened {
             return after(self.started, cfg.client_timeout);
         }
-        let heartbeat = if self.dialect.global_heartbeat() {
+        let heartbeat = if self.dialect.global_heartbeat() || self.http {
             far_future()
         } else {
             after(self.last_sent, cfg.heartbeat_interval)
         };
         let challenge = match self.challenges.values().min() {
             Some(deadline) => *deadline,
-            None if self.dialect.heartbeat_challenges() => {
+            None if self.dialect.heartbeat_challenges() && !self.http => {
                 after(self.last_recv, cfg.challenge_after)
             }
             None => far_future(),
@@ -629,6 +681,7 @@ impl Conn {
         }
         self.expire_callbacks(now);
         if self.dialect.heartbeat_challenges()
+            && !self.http
             && self.challenges.is_empty()
             && after(self.last_recv, cfg.challenge_after) <= now
         {
@@ -636,6 +689,7 @@ impl Conn {
                 .await?;
         }
         if !self.dialect.global_heartbeat()
+            && !self.http
             && after(self.last_sent, self.inner.cfg.heartbeat_interval) <= now
         {
             let text = self.dialect.encode("/qio/heartbeat", 0, &Value::Null);
@@ -736,6 +790,10 @@ impl Conn {
         }
         match path {
             "/qio/ping" => vec![reply(f.cb, Reply::ok(d.ping_answer(&f.data)))],
+            "/qio/hostname" if self.http => vec![reply(
+                f.cb,
+                Reply::ok(Value::String(self.inner.public_address())),
+            )],
             "/qio/hostname" if d.has_hostname() => vec![reply(
                 f.cb,
                 Reply::ok(Value::String(self.inner.addr().to_string())),
@@ -935,8 +993,10 @@ impl Conn {
     /// reply to the client's close, which tungstenite queued but is never flushed): always a
     /// bare TCP drop.
     async fn finish(self, reason: &CloseReason) {
-        let Transport::Raw(mut raw) = self.t else {
-            return;
+        let mut raw = match self.t {
+            Transport::Raw(raw) => raw,
+            Transport::Http(session) => return session.finish(reason),
+            Transport::Lib(_) => return,
         };
         let code: Option<(u16, &str)> = match reason {
             CloseReason::ClientClose { .. } | CloseReason::ServerClose | CloseReason::Moved => None,

@@ -40,6 +40,8 @@ mod app;
 pub mod codec;
 mod conn;
 mod handshake;
+mod longpoll;
+pub mod proxy;
 mod server;
 mod ws;
 

@@ -7,6 +7,7 @@
 use crate::app;
 use crate::codec::{clean_path, Dialect};
 use crate::conn;
+use crate::longpoll;
 use futures_util::future::join_all;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -67,6 +68,20 @@ pub struct ServerConfig {
     /// TLS handshake first, and [`TestServer::url`] names `localhost`, so issue the
     /// certificate for that name. `None` (the default): plain `ws://`.
     pub tls: Option<TlsIdentity>,
+    /// 0.2: serve HTTP long polling on the same port (true). False is the real server
+    /// without `public-address`: every plain HTTP request gets `501 Not Implemented`.
+    pub long_poll: bool,
+    /// What `/qio/hostname` answers over long polling: a bare host, as the real server's
+    /// `public-address` setting. `None` (the default): the host of [`TestServer::url`]
+    /// (`127.0.0.1`, or `localhost` with TLS).
+    pub public_address: Option<String>,
+    /// How long a held poll waits before its empty answer (the real server: 45-55 s,
+    /// compiled in; this takes 50 s).
+    pub poll_hold: Duration,
+    /// A long-poll session with no poll held and nothing sent to it for this long ends
+    /// (the real server: its `timeout`, 5 s on the stand-in event library, plus up to 10 s
+    /// of its periodic check; this takes 15 s).
+    pub poll_session_timeout: Duration,
 }
 
 /// A server certificate chain and its private key, PEM-encoded, for
@@ -131,6 +146,10 @@ impl Default for ServerConfig {
             callback_timeout: Duration::from_secs(15),
             client_timeout: Duration::from_secs(10),
             tls: None,
+            long_poll: true,
+            public_address: None,
+            poll_hold: Duration::from_secs(50),
+            poll_session_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -147,6 +166,8 @@ impl ServerConfig {
             &mut self.broadcast_interval,
             &mut self.callback_timeout,
             &mut self.client_timeout,
+            &mut self.poll_hold,
+            &mut self.poll_session_timeout,
         ] {
             *d = (*d).max(min);
         }
@@ -258,6 +279,9 @@ pub enum CloseReason {
     Killed,
     /// The server shut down.
     Shutdown,
+    /// A long-poll session held no poll and was sent nothing for
+    /// [`ServerConfig::poll_session_timeout`].
+    PollTimeout,
 }
 
 /// Notable happenings, in order, for tests to assert on (see [`TestServer::log`]).
@@ -373,6 +397,25 @@ pub enum LogEntry {
         /// Connection id.
         conn: u64,
     },
+    /// A long-poll request (`POST /?sid=...&connect=true`) started a session, which is a
+    /// connection with this id from then on.
+    PollSession {
+        /// The session's connection id.
+        conn: u64,
+        /// Its sid (lower case).
+        sid: String,
+    },
+    /// A long-poll socket wrote an answer (every answer is `HTTP/1.0`).
+    PollAnswered {
+        /// The socket's connection id (not the session's).
+        socket: u64,
+        /// The request's sid, if it named one.
+        sid: Option<String>,
+        /// The status code.
+        status: u16,
+        /// The body.
+        body: String,
+    },
     /// [`TestServer::kill`] ran.
     Killed,
     /// [`TestServer::restart`] is listening again.
@@ -430,6 +473,8 @@ pub(crate) struct Inner {
     bytes_sent: AtomicU64,
     next_conn: AtomicU64,
     ticker_wakeup: Notify,
+    /// Live long-poll sessions by sid.
+    sessions: Mutex<HashMap<String, mpsc::Sender<longpoll::Request>>>,
 }
 
 /// Locks a mutex, ignoring poisoning: the state stays usable for the assertions of a test even
@@ -511,6 +556,78 @@ impl Inner {
             Some(entry) => entry.task = Some(task),
             None => drop(task), // already finished: detach
         }
+    }
+
+    /// The host `/qio/hostname` names over long polling.
+    pub(crate) fn public_address(&self) -> String {
+        match (&self.cfg.public_address, &self.tls) {
+            (Some(a), _) => a.clone(),
+            (None, Some(_)) => "localhost".to_owned(),
+            (None, None) => self.addr.ip().to_string(),
+        }
+    }
+
+    /// The live session `sid` names; with `connect`, a new one when there is none.
+    pub(crate) fn poll_session(
+        self: &Arc<Self>,
+        sid: &str,
+        connect: bool,
+    ) -> Option<mpsc::Sender<longpoll::Request>> {
+        {
+            let mut sessions = lock(&self.sessions);
+            match sessions.get(sid) {
+                Some(tx) if !tx.is_closed() => return Some(tx.clone()),
+                Some(_) => {
+                    sessions.remove(sid);
+                }
+                None => {}
+            }
+        }
+        if !connect {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(self.cfg.max_queued_frames);
+        let (req_tx, req_rx) = mpsc::channel(longpoll::SESSION_REQUESTS);
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = lock(&self.state);
+            if st.shut {
+                return None;
+            }
+            st.conns.insert(
+                id,
+                ConnEntry {
+                    tx,
+                    task: None,
+                    opened: false,
+                    subs: HashSet::new(),
+                },
+            );
+        }
+        lock(&self.sessions).insert(sid.to_owned(), req_tx.clone());
+        self.push_log(LogEntry::PollSession {
+            conn: id,
+            sid: sid.to_owned(),
+        });
+        let session =
+            longpoll::HttpSession::new(req_rx, self.cfg.poll_hold, self.cfg.poll_session_timeout);
+        let task = tokio::spawn(conn::run_session(
+            self.clone(),
+            id,
+            sid.to_owned(),
+            session,
+            rx,
+        ));
+        match lock(&self.state).conns.get_mut(&id) {
+            Some(entry) => entry.task = Some(task),
+            None => drop(task),
+        }
+        Some(req_tx)
+    }
+
+    /// Forgets session `sid` (its task is ending).
+    pub(crate) fn end_session(&self, sid: &str) {
+        lock(&self.sessions).remove(sid);
     }
 
     pub(crate) fn mark_opened(&self, id: u64) {
@@ -802,6 +919,7 @@ impl TestServer {
             bytes_sent: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
             ticker_wakeup: Notify::new(),
+            sessions: Mutex::new(HashMap::new()),
         });
         *lock(&inner.accept_task) = Some(tokio::spawn(accept_loop(inner.clone(), listener)));
         *lock(&inner.ticker_task) = Some(tokio::spawn(app::broadcast_ticker(inner.clone())));

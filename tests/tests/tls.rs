@@ -289,3 +289,32 @@ async fn regression_issue13_a_move_from_wss_to_ws_is_refused_unless_allowed() {
     assert!(url.starts_with("ws://"), "{url}");
     assert!(plain_seen);
 }
+
+#[tokio::test]
+async fn long_polling_over_https_verifies_like_wss() {
+    let pki = pki(&["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = file(&dir, "ca.pem", &pki.ca_pem);
+    let server = tls_server(pki.server, Dialect::V02).await;
+    let mut cfg = config_with_ca(&server.url(), Some(&ca));
+    cfg.transport = driver::TransportChoice::LongPoll;
+    cfg.long_poll.delay_max = std::time::Duration::from_millis(5);
+    let up = Upstream::start_with(cfg).await;
+    assert_eq!(
+        up.handle.status().await.unwrap().transport,
+        Some("long-poll")
+    );
+    let out = up.handle.request("/clienttest/echo", raw("\"tls\"")).await;
+    assert_eq!((out.code, out.data.get()), (200, "\"tls\""));
+    assert!(server
+        .log()
+        .iter()
+        .any(|e| matches!(e, LogEntry::PollSession { .. })));
+    up.stop().await;
+
+    // Without the CA the certificate is refused, and that is no reason to fall back.
+    let mut up = Upstream::spawn(config_with_ca(&server.url(), None));
+    let reason = wait_refused(&mut up).await;
+    assert!(!reason.contains("long polling"), "{reason}");
+    up.stop().await;
+}

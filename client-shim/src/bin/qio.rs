@@ -544,6 +544,14 @@ fn describe_status(st: &Value, socket: &Path) -> String {
             None => "not connected".into(),
         },
     );
+    row(
+        "transport",
+        match (st["transport"].as_str(), st["upgrade_error"].as_str()) {
+            (Some(t), Some(why)) => format!("{t} (the WebSocket upgrade failed: {why})"),
+            (Some(t), None) => t.to_owned(),
+            (None, _) => "none yet".into(),
+        },
+    );
     row("reconnects", num("reconnects"));
     row(
         "last error",

@@ -435,6 +435,8 @@ impl Conn {
             "state": st.state,
             "url": st.url.as_ref().map(|u| u.as_str()),
             "dialect": st.dialect,
+            "transport": st.transport,
+            "upgrade_error": st.upgrade_error,
             "connected_since_ms": connected_since,
             "open_for_ms": st.open_for.map(|d| d.as_millis() as u64),
             "reconnects": st.reconnects,

@@ -337,6 +337,8 @@ impl<T> Session<T> {
             events_in: self.events_in,
             events_out: self.events_out,
             events_dropped: self.events_dropped,
+            transport: None,
+            upgrade_error: None,
         }
     }
 

@@ -384,6 +384,12 @@ pub struct SessionStatus {
     pub events_out: u64,
     /// Accepted fire-and-forget events that were dropped afterwards (each sender told).
     pub events_dropped: u64,
+    /// The transport of the open (or last) connection, `websocket` or `long-poll`; the
+    /// driver fills it in (the session does not know transports).
+    pub transport: Option<&'static str>,
+    /// Why the WebSocket upgrade failed, when the connection fell back to long polling;
+    /// filled in by the driver.
+    pub upgrade_error: Option<String>,
 }
 
 /// One subscription in [`SessionStatus`].
