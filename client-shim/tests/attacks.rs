@@ -168,6 +168,8 @@ fn text(b: &[u8]) -> String {
 struct Running {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The threads reading its output; joined once it exits, so its last lines are in.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -178,6 +180,7 @@ impl Running {
             .spawn()
             .expect("spawn");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for pipe in [
             child
                 .stdout
@@ -192,14 +195,18 @@ impl Running {
         .flatten()
         {
             let sink = lines.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
                     sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
                 }
-            });
+            }));
         }
-        Running { child, lines }
+        Running {
+            child,
+            lines,
+            readers,
+        }
     }
 
     fn text(&self) -> String {
@@ -247,6 +254,10 @@ impl Running {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
+                // Its output ends with it: read to the end before anyone looks at it.
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return status;
             }
             assert!(
