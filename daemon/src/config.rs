@@ -155,14 +155,14 @@ pub struct Args {
     pub dialect: Option<String>,
     /// Transport: auto (WebSocket, falling back to HTTP long polling when the upgrade
     /// fails), websocket or long-poll
-    #[arg(long, env = "QIOD_TRANSPORT", value_name = "TRANSPORT")]
+    #[arg(long, env = "QIOD_TRANSPORT", value_name = "TRANSPORT", help_heading = SERVERS)]
     pub transport: Option<String>,
     /// Longest random wait before the next long poll, in ms
-    #[arg(long, env = "QIOD_LONG_POLL_DELAY_MAX_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_LONG_POLL_DELAY_MAX_MS", value_name = "MS", help_heading = TIMING)]
     pub long_poll_delay_max_ms: Option<String>,
     /// How long a long-poll request may go unanswered before the connection counts as dead,
     /// in ms
-    #[arg(long, env = "QIOD_LONG_POLL_TIMEOUT_MS", value_name = "MS")]
+    #[arg(long, env = "QIOD_LONG_POLL_TIMEOUT_MS", value_name = "MS", help_heading = TIMING)]
     pub long_poll_timeout_ms: Option<String>,
     /// Largest frame the server accepts, in bytes; larger sends are refused locally
     #[arg(long, env = "QIOD_MAX_FRAME_BYTES", value_name = "BYTES", help_heading = SERVERS)]
