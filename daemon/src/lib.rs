@@ -118,7 +118,12 @@ pub async fn run_with(
     let hub = Arc::new(ipc::Hub::new(&settings.ipc, request_timeout));
     let notice_task = essential(
         Task::Notices,
-        Box::pin(ipc::run_notices(hub.clone(), session.clone(), notices)),
+        Box::pin(ipc::run_notices(
+            hub.clone(),
+            session.clone(),
+            notices,
+            tasks.clone(),
+        )),
     );
     let clients_stop = CancellationToken::new();
     let accepting_stop = CancellationToken::new();

@@ -148,30 +148,7 @@ async fn long_poll_conformance_in_progress_and_unsubscribed() {
     let server = lp_server().await;
     let cfg = lp_config(&server.url(), TransportChoice::LongPoll);
     let mut up = Upstream::start_with(cfg).await;
-    // on, then off before the server answers: the session stops wanting it.
-    let first = up.want("/clienttest/in-progress", None).await;
-    until_received(&server, "/qio/on").await;
-    up.handle.unwant("/clienttest/in-progress", first).await;
-    until_received(&server, "/qio/off").await;
-    // on again: the server answers 202, and the final answer comes for the first on.
-    let second = up.want("/clienttest/in-progress", None).await;
-    until("the second on reached the server", || async {
-        server
-            .received()
-            .iter()
-            .filter(|r| r.path == "/qio/on")
-            .count()
-            == 2
-    })
-    .await;
-    up.handle
-        .emit("/clienttest/in-progress", raw("null"))
-        .await
-        .unwrap();
-    let out = up
-        .wait_subscription("/clienttest/in-progress", second)
-        .await;
-    assert_eq!(out.code, 200);
+    up.in_progress_on_off_on(&server).await;
     up.handle
         .emit("/clienttest/send-unsubscribed", raw("null"))
         .await

@@ -157,30 +157,7 @@ async fn conformance_heartbeat_challenge_is_answered() {
 async fn conformance_in_progress_on_off_on_then_approval() {
     let server = server().await;
     let mut up = Upstream::start(&server.url()).await;
-    // on: the server holds it pending; every waiter gives up, which sends off.
-    let first = up.want("/clienttest/in-progress", None).await;
-    until_received(&server, "/qio/on").await;
-    up.handle.unwant("/clienttest/in-progress", first).await;
-    until_received(&server, "/qio/off").await;
-    // on again: the server answers 202, and the final answer comes for the first on.
-    let second = up.want("/clienttest/in-progress", None).await;
-    until("the second on reached the server", || async {
-        server
-            .received()
-            .iter()
-            .filter(|r| r.path == "/qio/on")
-            .count()
-            == 2
-    })
-    .await;
-    up.handle
-        .emit("/clienttest/in-progress", raw("null"))
-        .await
-        .unwrap();
-    let out = up
-        .wait_subscription("/clienttest/in-progress", second)
-        .await;
-    assert_eq!(out.code, 200);
+    up.in_progress_on_off_on(&server).await;
     let st = up.handle.status().await.unwrap();
     assert_eq!(st.subscriptions[0].state, "active");
     assert_eq!(

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A local client as the hub knows it.
 #[derive(Debug)]
@@ -928,11 +929,13 @@ impl Hub {
     }
 }
 
-/// Runs the fan-out until the session's notice channel closes.
+/// Runs the fan-out until the session's notice channel closes; the switches it cannot
+/// await run in `tasks` (the daemon's tracker), so `run` waits for them too.
 pub async fn run_notices(
     hub: Arc<Hub>,
     session: SessionHandle,
     mut notices: mpsc::Receiver<Notice>,
+    tasks: TaskTracker,
 ) {
     while let Some(notice) = notices.recv().await {
         let unwants = hub.dispatch(notice);
@@ -941,7 +944,7 @@ pub async fn run_notices(
             // switching paths off must not be awaited here. Arriving late is harmless:
             // the session ignores an unwant for a generation that is no longer current.
             let session = session.clone();
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 for (path, gen) in unwants {
                     session.unwant(&path, gen).await;
                 }

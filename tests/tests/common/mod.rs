@@ -194,6 +194,33 @@ impl Upstream {
         self.handle.unwant(path, gen).await;
     }
 
+    /// The conformance app's in-progress exchange, whatever the transport: `on` (the
+    /// server holds it pending), `off` before any answer, `on` again (answered 202), then
+    /// the approval, which must confirm the second `on`.
+    pub async fn in_progress_on_off_on(&mut self, server: &TestServer) {
+        let path = "/clienttest/in-progress";
+        let first = self.want(path, None).await;
+        until_received(server, "/qio/on").await;
+        self.handle.unwant(path, first).await;
+        until_received(server, "/qio/off").await;
+        let second = self.want(path, None).await;
+        until("the second on reached the server", || async {
+            server
+                .received()
+                .iter()
+                .filter(|r| r.path == "/qio/on")
+                .count()
+                == 2
+        })
+        .await;
+        self.handle
+            .emit(path, raw("null"))
+            .await
+            .expect("the approval is accepted");
+        let out = self.wait_subscription(path, second).await;
+        assert_eq!(out.code, 200, "the approval confirms the second on");
+    }
+
     /// Stops the session and waits for its task.
     pub async fn stop(self) {
         self.stop.cancel();
