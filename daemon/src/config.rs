@@ -513,7 +513,7 @@ impl Config {
         if old.dialect != new_s.dialect {
             keys.push("dialect");
         }
-        if self.settings.driver.transport != new.settings.driver.transport {
+        if self.settings.driver.session.transport != new.settings.driver.session.transport {
             keys.push("transport");
         }
         if old.max_frame_bytes != new_s.max_frame_bytes {
@@ -635,7 +635,7 @@ fn load_from(
         layers.file.transport.as_ref(),
     )? {
         let (text, origin) = found.text("transport")?;
-        settings.driver.transport = match text.trim() {
+        settings.driver.session.transport = match text.trim() {
             "auto" => TransportChoice::Auto,
             "websocket" => TransportChoice::WebSocket,
             "long-poll" => TransportChoice::LongPoll,

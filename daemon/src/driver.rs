@@ -23,7 +23,7 @@ use crate::longpoll::{LongPoll, LongPollConfig};
 use crate::repeats::Repeats;
 use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
-    StateChange,
+    StateChange, Transport,
 };
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -54,38 +54,17 @@ type Connecting = Pin<Box<dyn Future<Output = Result<Opened, ConnectError>> + Se
 /// A connection that finished its upgrade (WebSocket) or its handshake (long polling).
 enum Opened {
     Ws(Box<Ws>),
-    /// With why the WebSocket upgrade failed, when this is a fallback.
-    LongPoll(Box<LongPoll>, Option<String>),
+    LongPoll(Box<LongPoll>),
 }
 
-/// The `transport` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TransportChoice {
-    /// WebSocket first on every attempt; HTTP long polling at once when the upgrade fails
-    /// after the TCP (and TLS) connect succeeded, as the Quick.IO client documents require.
-    #[default]
-    Auto,
-    /// WebSocket only.
-    WebSocket,
-    /// HTTP long polling only (0.2 only: 0.1 servers have none).
-    LongPoll,
-}
+pub use crate::session::TransportChoice;
 
-impl TransportChoice {
-    /// The setting's spelling.
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportChoice::Auto => "auto",
-            TransportChoice::WebSocket => "websocket",
-            TransportChoice::LongPoll => "long-poll",
-        }
-    }
-}
-
-/// Why an upgrade failed, and whether the failure points at the other dialect.
+/// Why an attempt failed.
 struct ConnectError {
     reason: String,
-    wrong_dialect: bool,
+    /// Whether the server had been reached (TCP and TLS), with whether the failure shows
+    /// the other dialect.
+    upgrade: Option<bool>,
 }
 
 /// Settings of the driver around the session's own.
@@ -109,8 +88,6 @@ pub struct DriverConfig {
     /// A PEM file of CA certificates that `wss://` servers may chain to, trusted in
     /// addition to the built-in web roots (`webpki-roots`). Read once, by [`spawn`].
     pub ca_file: Option<PathBuf>,
-    /// Which transports to use.
-    pub transport: TransportChoice,
     /// The long-poll transport's settings (its `queue_bytes` is `write_queue_bytes`, its
     /// `max_body_bytes` a multiple of `max_message_bytes`).
     pub long_poll: LongPollConfig,
@@ -127,7 +104,6 @@ impl DriverConfig {
             write_queue_bytes: 32 * 1024 * 1024,
             max_message_bytes: 16 * 1024 * 1024,
             ca_file: None,
-            transport: TransportChoice::Auto,
             long_poll: LongPollConfig::default(),
         }
     }
@@ -531,8 +507,7 @@ pub fn prepare(
         repeats: Repeats::new(LOG_REPEATS_EVERY),
         tls,
         poll: None,
-        transport: cfg.transport,
-        auto_dialect: cfg.session.dialect == crate::session::DialectChoice::Auto,
+        reached: None,
         long_poll: LongPollConfig {
             queue_bytes: cfg.write_queue_bytes.max(1),
             // One answer carries everything the server gathered while we were between
@@ -540,8 +515,6 @@ pub fn prepare(
             max_body_bytes: cfg.max_message_bytes.saturating_mul(4),
             ..cfg.long_poll.clone()
         },
-        in_use: None,
-        upgrade_error: None,
         // tungstenite zero-fills its whole read buffer before every read (128 KiB by
         // default): 32 KiB took a request's cost from 281 k to 70 k instructions.
         ws_config: WebSocketConfig::default()
@@ -586,15 +559,10 @@ struct Driver {
     ws_config: WebSocketConfig,
     /// The open long-poll connection, instead of `reader` and `writer`.
     poll: Option<Box<LongPoll>>,
-    transport: TransportChoice,
-    /// Whether `dialect = "auto"`: a WebSocket upgrade that shows a 0.1 server then goes
-    /// to the session (which tries 0.1) instead of to long polling.
-    auto_dialect: bool,
+    /// Told by the attempt in progress when the server answered its TCP (and TLS)
+    /// connect, which the session must know to tell network trouble from a broken upgrade.
+    reached: Option<oneshot::Receiver<()>>,
     long_poll: LongPollConfig,
-    /// The transport of the open (or last) connection, for `status`.
-    in_use: Option<&'static str>,
-    /// Why the WebSocket upgrade failed, when the connection fell back to long polling.
-    upgrade_error: Option<String>,
 }
 
 /// The writer of the open connection: a future the loop polls in its `select!`, so a
@@ -624,6 +592,7 @@ fn now() -> std::time::Instant {
 enum Wake {
     Stop,
     Connected(Box<Result<Opened, ConnectError>>),
+    Reached(bool),
     Message(Option<Result<Message, WsError>>),
     Polled(Result<String, String>),
     Command(Option<Command>),
@@ -662,6 +631,9 @@ impl Driver {
                 res = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
                     Wake::Connected(Box::new(res))
                 }
+                res = async { self.reached.as_mut().expect("guarded").await }, if self.reached.is_some() => {
+                    Wake::Reached(res.is_ok())
+                }
                 msg = async { self.reader.as_mut().expect("guarded").next().await }, if reading => {
                     Wake::Message(msg)
                 }
@@ -684,29 +656,32 @@ impl Driver {
                 Wake::Stop | Wake::Command(None) => break,
                 Wake::Connected(res) => {
                     self.connecting = None;
+                    self.reached = None;
                     match *res {
                         Ok(Opened::Ws(ws)) => {
                             self.open(*ws);
-                            self.in_use = Some("websocket");
-                            self.upgrade_error = None;
                             self.session.handle_connected(now());
                         }
-                        Ok(Opened::LongPoll(poll, why)) => {
-                            if let Some(why) = &why {
-                                tracing::warn!(
-                                    "the WebSocket upgrade failed ({why}); using HTTP long polling \
-                                     until this connection ends"
-                                );
-                            }
+                        Ok(Opened::LongPoll(poll)) => {
                             self.poll = Some(poll);
-                            self.in_use = Some("long-poll");
-                            self.upgrade_error = why;
                             self.session.handle_connected(now());
                         }
-                        Err(e) if e.wrong_dialect => {
-                            self.session.handle_wrong_dialect(now(), &e.reason)
-                        }
-                        Err(e) => self.session.handle_connect_failed(now(), &e.reason),
+                        Err(ConnectError {
+                            reason,
+                            upgrade: Some(other_dialect),
+                        }) => self
+                            .session
+                            .handle_upgrade_failed(now(), &reason, other_dialect),
+                        Err(ConnectError {
+                            reason,
+                            upgrade: None,
+                        }) => self.session.handle_connect_failed(now(), &reason),
+                    }
+                }
+                Wake::Reached(reached) => {
+                    self.reached = None;
+                    if reached {
+                        self.session.handle_reached();
                     }
                 }
                 Wake::Message(msg) => self.on_message(msg),
@@ -820,10 +795,7 @@ impl Driver {
             Command::Want { path, data, gen } => self.session.want(&path, data.as_deref(), gen),
             Command::Unwant { path, gen } => self.session.unwant(&path, gen),
             Command::Status { reply } => {
-                let mut status = self.session.status(now);
-                status.transport = self.in_use;
-                status.upgrade_error = self.upgrade_error.clone();
-                let _ = reply.send(status);
+                let _ = reply.send(self.session.status(now));
             }
             Command::SetServers { servers } => self.session.set_servers(now, servers),
         }
@@ -839,18 +811,23 @@ impl Driver {
     /// Carries out one instruction of the session.
     fn act(&mut self, out: Output<Reply>) {
         match out {
-            Output::Connect { url, dialect } => {
+            Output::Connect {
+                url,
+                dialect,
+                transport,
+            } => {
                 self.drop_connection();
+                let (reached, told) = oneshot::channel();
                 let attempt = Attempt {
                     url,
                     dialect,
                     config: self.ws_config,
                     tls: self.tls.clone(),
-                    transport: self.transport,
-                    auto_dialect: self.auto_dialect,
                     long_poll: self.long_poll.clone(),
+                    reached: Some(reached),
                 };
-                self.connecting = Some(Box::pin(attempt.run()));
+                self.reached = Some(told);
+                self.connecting = Some(Box::pin(attempt.run(transport)));
             }
             Output::Send(text) => self.send(text),
             Output::Close => self.drop_connection(),
@@ -964,6 +941,7 @@ impl Driver {
 
     fn drop_connection(&mut self) {
         self.connecting = None;
+        self.reached = None;
         self.reader = None;
         // Closes every socket, the held poll's too, and makes sure the session on the server
         // ends (in a task of its own, bounded like a WebSocket's goodbye).
@@ -1076,54 +1054,61 @@ fn log_state(state: &StateChange, repeats: &mut Repeats) {
     }
 }
 
-/// One connection attempt, carried out off the loop (a future the loop polls).
+/// One connection attempt, carried out off the loop (a future the loop polls). Which
+/// transport to use, and whether to fall back, is the session's decision.
 struct Attempt {
     url: Url,
     dialect: Dialect,
     config: WebSocketConfig,
     tls: Arc<rustls::ClientConfig>,
-    transport: TransportChoice,
-    auto_dialect: bool,
     long_poll: LongPollConfig,
+    /// Told when the TCP (and TLS) connect succeeded.
+    reached: Option<oneshot::Sender<()>>,
 }
 
 impl Attempt {
-    /// WebSocket first (unless `transport = "long-poll"`), then, when the upgrade failed
-    /// after the TCP and TLS connects succeeded, HTTP long polling at once on the same
-    /// address. Network trouble (DNS, a refused or unreachable connect) and TLS failures
-    /// are not reasons to fall back: long polling would meet the same. Neither is an
-    /// upgrade that shows a 0.1 server with `dialect = "auto"` (no `quickio` subprotocol
-    /// echoed): the session tries 0.1 then, and 0.1 has no long polling.
-    async fn run(self) -> Result<Opened, ConnectError> {
-        let long_poll_allowed =
-            self.dialect == Dialect::V02 && self.transport != TransportChoice::WebSocket;
-        if self.transport == TransportChoice::LongPoll && long_poll_allowed {
-            return self.long_poll(None).await;
+    /// Network trouble (DNS, a refused or unreachable connect, TLS) ends the attempt as
+    /// not reached; any failure after it as a failed upgrade.
+    async fn run(mut self, transport: Transport) -> Result<Opened, ConnectError> {
+        if transport == Transport::LongPoll {
+            let url = crate::longpoll::http_url(&self.url);
+            return match crate::longpoll::connect(&url, self.tls.clone(), self.long_poll.clone())
+                .await
+            {
+                Ok(poll) => Ok(Opened::LongPoll(Box::new(poll))),
+                Err(reason) => Err(ConnectError {
+                    reason,
+                    upgrade: None,
+                }),
+            };
         }
         let stream = self.transport_connect().await?;
-        match self.upgrade(stream).await {
-            Ok(ws) => Ok(Opened::Ws(Box::new(ws))),
-            Err(e) => {
-                let shows_v01 = matches!(
-                    e,
-                    WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(
-                        SubProtocolError::NoSubProtocol
-                    ))
-                );
-                let reason = e.to_string();
-                if !long_poll_allowed || (self.auto_dialect && shows_v01) {
-                    let wrong_dialect = matches!(
+        if let Some(reached) = self.reached.take() {
+            let _ = reached.send(());
+        }
+        self.upgrade(stream)
+            .await
+            .map(|ws| Opened::Ws(Box::new(ws)))
+            .map_err(|e| {
+                // A 0.1 server never echoes the subprotocol that 0.2 asks for, and a 0.2
+                // server always does; 0.1 asks for none, so any subprotocol shows 0.2.
+                let other_dialect = match self.dialect {
+                    Dialect::V02 => matches!(
+                        e,
+                        WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(
+                            SubProtocolError::NoSubProtocol
+                        ))
+                    ),
+                    Dialect::V01 => matches!(
                         e,
                         WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(_))
-                    );
-                    return Err(ConnectError {
-                        reason,
-                        wrong_dialect,
-                    });
+                    ),
+                };
+                ConnectError {
+                    reason: e.to_string(),
+                    upgrade: Some(other_dialect),
                 }
-                self.long_poll(Some(reason)).await
-            }
-        }
+            })
     }
 
     /// The TCP connect and, for `wss://`, the TLS handshake, with the same verification as
@@ -1131,7 +1116,7 @@ impl Attempt {
     async fn transport_connect(&self) -> Result<MaybeTlsStream<TcpStream>, ConnectError> {
         let fail = |reason: String| ConnectError {
             reason,
-            wrong_dialect: false,
+            upgrade: None,
         };
         let host = self
             .url
@@ -1177,22 +1162,6 @@ impl Attempt {
         let (ws, _response) =
             tokio_tungstenite::client_async_with_config(request, stream, Some(self.config)).await?;
         Ok(ws)
-    }
-
-    async fn long_poll(&self, why: Option<String>) -> Result<Opened, ConnectError> {
-        let url = crate::longpoll::http_url(&self.url);
-        match crate::longpoll::connect(&url, self.tls.clone(), self.long_poll.clone()).await {
-            Ok(poll) => Ok(Opened::LongPoll(Box::new(poll), why)),
-            Err(e) => Err(ConnectError {
-                reason: match why {
-                    Some(why) => format!(
-                        "the WebSocket upgrade failed ({why}), and so did long polling: {e}"
-                    ),
-                    None => e,
-                },
-                wrong_dialect: false,
-            }),
-        }
     }
 }
 

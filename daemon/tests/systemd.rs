@@ -416,7 +416,8 @@ async fn demo_broadcasts_ticks_without_a_server_setting() {
     let answer = client
         .until("the subscription's answer", |v| v["id"] == 1)
         .await;
-    assert_eq!(answer["code"], 200, "{answer}");
+    // 202 when the client came before the daemon's connection opened: held, then asked.
+    assert!(answer["code"] == 200 || answer["code"] == 202, "{answer}");
     let is_tick = |v: &Value| v["event"] == "/demo/tick";
     let first = client.until("a tick", is_tick).await;
     let second = client.until("a second tick", is_tick).await;

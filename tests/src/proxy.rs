@@ -108,9 +108,33 @@ impl Rule {
     }
 }
 
+/// What the proxy does to a WebSocket after passing its upgrade through untouched: the
+/// breakages that only show as a missing `/qio/ohai`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Both sockets close right after the 101.
+    Close,
+    /// The client's socket is reset (RST) right after the 101.
+    Reset,
+    /// The client gets a text frame that is not `/qio/ohai`; the server is cut off.
+    NotOhai,
+    /// Nothing more reaches the client, and nothing the client sends reaches the server.
+    Silent,
+}
+
+impl After {
+    /// All four.
+    pub const ALL: [After; 4] = [After::Close, After::Reset, After::NotOhai, After::Silent];
+}
+
 /// Which rule each upgrade gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// The upgrade passes, then the WebSocket is broken this way.
+    AfterUpgrade(After),
+    /// Upgrade requests never get an answer (the proxy holds them until the client gives
+    /// up); they are counted in [`ManglingProxy::unanswered`].
+    Unanswered,
     /// One of the ten, chosen at random per connection (from a seed: reproducible).
     Random(u64),
     /// Always this one.
@@ -126,6 +150,10 @@ struct State {
     broken: Vec<Rule>,
     /// Connections that were not upgrades (passed through).
     plain: usize,
+    /// The breakage of every WebSocket broken after its upgrade, in order.
+    after: Vec<After>,
+    /// Upgrade requests held without an answer.
+    unanswered: usize,
 }
 
 /// A running mangling proxy in front of one server. Dropping it stops it (connections in
@@ -164,6 +192,8 @@ impl ManglingProxy {
             rng,
             broken: Vec::new(),
             plain: 0,
+            after: Vec::new(),
+            unanswered: 0,
         }));
         let conns = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn(accept(listener, upstream, state.clone(), conns.clone()));
@@ -195,6 +225,16 @@ impl ManglingProxy {
         lock(&self.state).broken.clone()
     }
 
+    /// The breakage of every WebSocket broken after its upgrade so far, in order.
+    pub fn broken_after(&self) -> Vec<After> {
+        lock(&self.state).after.clone()
+    }
+
+    /// How many upgrade requests were held without an answer.
+    pub fn unanswered(&self) -> usize {
+        lock(&self.state).unanswered
+    }
+
     /// How many connections were passed through untouched because they were not upgrades.
     pub fn plain_connections(&self) -> usize {
         lock(&self.state).plain
@@ -222,7 +262,7 @@ async fn accept(
 fn pick(state: &Arc<Mutex<State>>) -> Option<Rule> {
     let mut st = lock(state);
     let rule = match st.mode {
-        Mode::PassThrough => return None,
+        Mode::PassThrough | Mode::AfterUpgrade(_) | Mode::Unanswered => return None,
         Mode::Forced(rule) => rule,
         Mode::Random(_) => {
             let mut x = st.rng;
@@ -249,6 +289,16 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, state: Arc<Mutex<Sta
         .to_ascii_lowercase()
         .contains("sec-websocket-key");
     let rule = if upgrade { pick(&state) } else { None };
+    let mode = lock(&state).mode;
+    if upgrade && mode == Mode::Unanswered {
+        lock(&state).unanswered += 1;
+        let _ = tokio::io::copy(&mut client, &mut tokio::io::sink()).await;
+        return;
+    }
+    let after = match mode {
+        Mode::AfterUpgrade(after) if upgrade => Some(after),
+        _ => None,
+    };
     if !upgrade {
         lock(&state).plain += 1;
     }
@@ -278,6 +328,38 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, state: Arc<Mutex<Sta
         if client.write_all(&reply).await.is_err() {
             return;
         }
+    }
+    if let Some(after) = after {
+        let mut reply = vec![0u8; 4096];
+        let n = match server.read(&mut reply).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if client.write_all(&reply[..n]).await.is_err() {
+            return;
+        }
+        lock(&state).after.push(after);
+        match after {
+            After::Close => {}
+            After::Reset => {
+                let _ = client.set_zero_linger();
+            }
+            After::NotOhai | After::Silent => {
+                drop(server);
+                if after == After::NotOhai {
+                    // An unmasked text frame, as a server sends it.
+                    let text = b"/qio/nope:0=null";
+                    let mut frame = vec![0x81, text.len() as u8];
+                    frame.extend_from_slice(text);
+                    if client.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+                // Swallow whatever the client sends until it gives up.
+                let _ = tokio::io::copy(&mut client, &mut tokio::io::sink()).await;
+            }
+        }
+        return;
     }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
 }

@@ -1642,7 +1642,7 @@ async fn soak(seed: u64, faults: u64, delivery: FireAndForget, transport: Transp
     };
     let servers = [server_with(hold).await, server_with(hold).await];
     let mut settings = chaos_settings(&servers[0].url(), seed, delivery);
-    settings.driver.transport = transport;
+    settings.driver.session.transport = transport;
     settings.driver.long_poll.delay_max = Duration::from_millis(5);
     settings.driver.long_poll.request_timeout = Duration::from_millis(400);
     let daemon = Daemon::start_with(settings).await;

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use qio_testserver::proxy::{ManglingProxy, Mode, Rule};
+use qio_testserver::proxy::{After, ManglingProxy, Mode, Rule};
 use qio_testserver::{CallbackKind, LogEntry, ServerConfig, TestServer};
 use qiod::driver::{DriverConfig, Notice, TransportChoice};
 use qiod::session::{code, StateChange};
@@ -26,7 +26,7 @@ fn lp_timings(cfg: &mut ServerConfig) {
 /// Fast session settings with millisecond polls.
 fn lp_config(url: &str, transport: TransportChoice) -> DriverConfig {
     let mut cfg = fast_config(&[url.to_owned()]);
-    cfg.transport = transport;
+    cfg.session.transport = transport;
     cfg.long_poll.delay_max = Duration::from_millis(5);
     cfg.long_poll.request_timeout = Duration::from_secs(2);
     cfg
@@ -221,6 +221,61 @@ async fn falls_back_on_every_rule_of_the_mangling_proxy() {
     for rule in Rule::ALL {
         falls_back(rule).await;
     }
+}
+
+/// Through the proxy with the upgrade passed and the WebSocket broken right after it, qiod
+/// opens over long polling on the same address at once, and says why.
+async fn falls_back_after_the_upgrade(after: After) {
+    let server = lp_server().await;
+    let proxy = ManglingProxy::start(server.addr(), Mode::AfterUpgrade(after))
+        .await
+        .unwrap();
+    let mut cfg = lp_config(&proxy.url(), TransportChoice::Auto);
+    // The silent WebSocket waits out the handshake deadline.
+    cfg.session.handshake_timeout = Duration::from_millis(300);
+    // A long backoff: falling back must not wait for it.
+    cfg.session.backoff_initial = Duration::from_secs(600);
+    cfg.session.backoff_max = Duration::from_secs(600);
+    let up = Upstream::start_with(cfg).await;
+    let st = up.handle.status().await.unwrap();
+    assert_eq!(st.transport, Some("long-poll"), "{after:?}");
+    assert!(st.upgrade_error.is_some(), "{after:?}: the reason is shown");
+    assert_eq!(
+        proxy.broken_after(),
+        [after],
+        "{after:?}: one WebSocket tried"
+    );
+    assert_eq!(upgrades(&server), 1, "{after:?}");
+    let out = up.handle.request("/clienttest/echo", raw("\"hi\"")).await;
+    assert_eq!((out.code, out.data.get()), (200, "\"hi\""), "{after:?}");
+    up.stop().await;
+}
+
+#[tokio::test]
+async fn falls_back_when_the_websocket_breaks_after_its_upgrade() {
+    for after in After::ALL {
+        falls_back_after_the_upgrade(after).await;
+    }
+}
+
+#[tokio::test]
+async fn falls_back_when_the_upgrade_gets_no_answer() {
+    let server = lp_server().await;
+    let proxy = ManglingProxy::start(server.addr(), Mode::Unanswered)
+        .await
+        .unwrap();
+    let mut cfg = lp_config(&proxy.url(), TransportChoice::Auto);
+    cfg.session.handshake_timeout = Duration::from_millis(300);
+    cfg.session.backoff_initial = Duration::from_secs(600);
+    cfg.session.backoff_max = Duration::from_secs(600);
+    let up = Upstream::start_with(cfg).await;
+    let st = up.handle.status().await.unwrap();
+    assert_eq!(st.transport, Some("long-poll"));
+    let why = st.upgrade_error.unwrap_or_default();
+    assert!(why.contains("timed out"), "{why}");
+    assert_eq!(proxy.unanswered(), 1);
+    assert_eq!(upgrades(&server), 0);
+    up.stop().await;
 }
 
 #[tokio::test]

@@ -297,7 +297,7 @@ async fn long_polling_over_https_verifies_like_wss() {
     let ca = file(&dir, "ca.pem", &pki.ca_pem);
     let server = tls_server(pki.server, Dialect::V02).await;
     let mut cfg = config_with_ca(&server.url(), Some(&ca));
-    cfg.transport = driver::TransportChoice::LongPoll;
+    cfg.session.transport = driver::TransportChoice::LongPoll;
     cfg.long_poll.delay_max = std::time::Duration::from_millis(5);
     let up = Upstream::start_with(cfg).await;
     assert_eq!(

@@ -6,14 +6,27 @@
 use super::*;
 
 impl<T> Session<T> {
+    /// The server answered the TCP (and TLS) connect of the current attempt: from here on
+    /// a failing WebSocket is a broken upgrade (see [`Session::handle_upgrade_failed`]),
+    /// not network trouble.
+    pub fn handle_reached(&mut self) {
+        if let Phase::Connecting { reached, .. } = &mut self.phase {
+            *reached = true;
+        }
+    }
+
     /// The transport connected; the session starts the Quick.IO handshake (0.2), or is
     /// open at once (0.1 has no handshake beyond the upgrade).
     pub fn handle_connected(&mut self, now: Instant) {
-        if let Phase::Connecting { url, deadline } = &self.phase {
+        if let Phase::Connecting { url, deadline, .. } = &self.phase {
             self.phase = Phase::Handshaking {
                 url: url.clone(),
                 deadline: *deadline,
             };
+            self.in_use = Some(self.transport);
+            if self.transport == Transport::WebSocket {
+                self.upgrade_error = None;
+            }
             match self.dialect {
                 Dialect::V02 => self.out.push_back(Output::Send(codec::OHAI.to_owned())),
                 Dialect::V01 => self.go_open(now),
@@ -21,7 +34,8 @@ impl<T> Session<T> {
         }
     }
 
-    /// The connection attempt failed before it connected.
+    /// The connection attempt failed before it reached the server: network trouble (DNS,
+    /// a refused or unreachable connect, TLS), which long polling would meet too.
     pub fn handle_connect_failed(&mut self, now: Instant, reason: &str) {
         if matches!(
             self.phase,
@@ -31,14 +45,20 @@ impl<T> Session<T> {
         }
     }
 
-    /// The upgrade failed in a way that shows the other dialect, such as a server that
-    /// does not echo the `quickio` subprotocol (a 0.1 server never does).
-    pub fn handle_wrong_dialect(&mut self, now: Instant, reason: &str) {
-        if matches!(
-            self.phase,
-            Phase::Connecting { .. } | Phase::Handshaking { .. }
-        ) {
+    /// The server was reached but the upgrade failed. `other_dialect` says the failure
+    /// shows the other dialect, such as a server that does not echo the `quickio`
+    /// subprotocol (a 0.1 server never does): with `dialect = "auto"` the session tries
+    /// 0.1 then. Otherwise, with `transport = "auto"`, it falls back to long polling at
+    /// once on the same address.
+    pub fn handle_upgrade_failed(&mut self, now: Instant, reason: &str, other_dialect: bool) {
+        let url = match &self.phase {
+            Phase::Connecting { url, .. } | Phase::Handshaking { url, .. } => url.clone(),
+            _ => return,
+        };
+        if other_dialect && self.may_try_v01(&url) {
             self.attempt_failed(now, reason.to_owned(), true);
+        } else {
+            self.upgrade_failed(now, reason.to_owned(), other_dialect);
         }
     }
 
@@ -46,10 +66,10 @@ impl<T> Session<T> {
     pub fn handle_closed(&mut self, now: Instant, reason: &str) {
         match self.phase {
             Phase::Connecting { .. } => self.attempt_failed(now, reason.to_owned(), false),
-            // A 0.1 server drops a connection whose first frame is /qio/ohai.
             Phase::Handshaking { .. } => {
+                // A 0.1 server drops a connection whose first frame is /qio/ohai.
                 let reason = format!("closed during the handshake: {reason}");
-                self.attempt_failed(now, reason, true)
+                self.handshake_failed(now, reason, true)
             }
             Phase::Open { .. } => {
                 self.lose(now, reason.to_owned(), false);
@@ -252,16 +272,73 @@ impl<T> Session<T> {
         self.connect_to(now, url, dialect);
     }
 
+    /// A new attempt: WebSocket first, unless `transport = "long-poll"` (0.2 only).
     pub(super) fn connect_to(&mut self, now: Instant, url: Url, dialect: Dialect) {
+        let transport = match (self.cfg.transport, dialect) {
+            (TransportChoice::LongPoll, Dialect::V02) => Transport::LongPoll,
+            _ => Transport::WebSocket,
+        };
         self.dialect = dialect;
         self.last_url = Some(url.clone());
+        self.out
+            .push_back(Output::State(StateChange::Connecting { url: url.clone() }));
+        self.attempt(now, url, transport);
+    }
+
+    fn attempt(&mut self, now: Instant, url: Url, transport: Transport) {
+        self.transport = transport;
         self.phase = Phase::Connecting {
             url: url.clone(),
             deadline: now + self.cfg.handshake_timeout,
+            reached: false,
         };
-        self.out
-            .push_back(Output::State(StateChange::Connecting { url: url.clone() }));
-        self.out.push_back(Output::Connect { url, dialect });
+        let dialect = self.dialect;
+        self.out.push_back(Output::Connect {
+            url,
+            dialect,
+            transport,
+        });
+    }
+
+    /// Whether a failure that shows the other dialect should make the session try 0.1.
+    fn may_try_v01(&self, url: &Url) -> bool {
+        self.cfg.dialect == DialectChoice::Auto
+            && self.dialect == Dialect::V02
+            && !self.detected.contains_key(url)
+    }
+
+    /// The 0.2 handshake failed after the transport connected (closed, broke, a frame
+    /// other than `/qio/ohai`, or none in time). Over a WebSocket the upgrade did succeed,
+    /// so the server is not 0.1 (a 0.1 server never echoes the subprotocol): something
+    /// between us breaks the WebSocket after its upgrade, and long polling may pass.
+    pub(super) fn handshake_failed(&mut self, now: Instant, reason: String, dialect_sign: bool) {
+        self.out.push_back(Output::Close);
+        self.upgrade_failed(now, reason, dialect_sign);
+    }
+
+    /// Falls back to long polling at once on the same address when the rules allow it
+    /// (0.2, `transport = "auto"`, and this attempt was a WebSocket); otherwise the
+    /// attempt failed, `dialect_sign` as for [`Session::attempt_failed`].
+    pub(super) fn upgrade_failed(&mut self, now: Instant, reason: String, dialect_sign: bool) {
+        let url = match &self.phase {
+            Phase::Connecting { url, .. } | Phase::Handshaking { url, .. } => url.clone(),
+            _ => return,
+        };
+        let may_long_poll = self.dialect == Dialect::V02
+            && self.cfg.transport == TransportChoice::Auto
+            && self.transport == Transport::WebSocket;
+        if !may_long_poll {
+            self.attempt_failed(now, reason, dialect_sign);
+            return;
+        }
+        tracing::warn!(
+            %url,
+            "the WebSocket upgrade failed ({reason}); using HTTP long polling until this \
+             connection ends"
+        );
+        self.upgrade_error = Some(reason);
+        self.fallback_sign = dialect_sign;
+        self.attempt(now, url, Transport::LongPoll);
     }
 
     /// An attempt failed; `dialect_sign` says the failure looks like the other dialect.
@@ -270,16 +347,22 @@ impl<T> Session<T> {
             Phase::Connecting { url, .. } | Phase::Handshaking { url, .. } => url.clone(),
             _ => return,
         };
-        let fall_back = dialect_sign
-            && self.cfg.dialect == DialectChoice::Auto
-            && self.dialect == Dialect::V02
-            && !self.detected.contains_key(&url);
-        if fall_back {
+        // A fallback that failed too keeps the sign of the WebSocket failure that caused
+        // it: a handshake dropped after the upgrade may still be a 0.1 server behind
+        // something that added the subprotocol, and 0.1 has no long polling.
+        let fell_back = self.transport == Transport::LongPoll && self.upgrade_error.is_some();
+        let dialect_sign = dialect_sign || (fell_back && self.fallback_sign);
+        if dialect_sign && self.may_try_v01(&url) {
             tracing::info!(%url, "not a Quick.IO 0.2 server ({reason}); trying 0.1");
             self.connect_to(now, url, Dialect::V01);
             return;
         }
-        let mut reason = reason;
+        let mut reason = match &self.upgrade_error {
+            Some(why) if fell_back => {
+                format!("the WebSocket upgrade failed ({why}), and so did long polling: {reason}")
+            }
+            _ => reason,
+        };
         if self.dialect == Dialect::V01 && !url.path().contains("/qio") {
             reason.push_str(
                 " (a Quick.IO 0.1 server needs /qio in the address, like ws://host:port/qio)",

@@ -31,7 +31,7 @@ pub use backoff::Backoff;
 pub use queue::{OfflineQueue, Queued, Unconfirmed};
 pub use types::{
     code, CbHandle, DialectChoice, Event, FireAndForget, Outcome, Output, SessionConfig,
-    SessionError, SessionStatus, StateChange, SubStatus,
+    SessionError, SessionStatus, StateChange, SubStatus, Transport, TransportChoice,
 };
 
 use crate::codec::{self, DecodeError, Dialect};
@@ -55,10 +55,24 @@ pub const V01_MAX_FRAME_BYTES: usize = 1024;
 
 #[derive(Debug)]
 enum Phase {
-    Waiting { until: Instant },
-    Connecting { url: Url, deadline: Instant },
-    Handshaking { url: Url, deadline: Instant },
-    Open { url: Url, since: Instant },
+    Waiting {
+        until: Instant,
+    },
+    /// `reached`: the server answered the TCP (and TLS) connect, so a WebSocket that fails
+    /// from here on is a broken upgrade, not network trouble.
+    Connecting {
+        url: Url,
+        deadline: Instant,
+        reached: bool,
+    },
+    Handshaking {
+        url: Url,
+        deadline: Instant,
+    },
+    Open {
+        url: Url,
+        since: Instant,
+    },
     Stopped,
 }
 
@@ -122,6 +136,14 @@ pub struct Session<T> {
     last_error: Option<String>,
     events_in: u64,
     events_out: u64,
+    /// The transport of the current attempt or connection.
+    transport: Transport,
+    /// The transport of the open (or last) connection, for `status`.
+    in_use: Option<Transport>,
+    /// Why the WebSocket upgrade failed, while the fallback it caused lasts.
+    upgrade_error: Option<String>,
+    /// Whether that failure looked like the other dialect.
+    fallback_sign: bool,
 }
 
 impl<T> Session<T> {
@@ -161,6 +183,10 @@ impl<T> Session<T> {
             last_error: None,
             events_in: 0,
             events_out: 0,
+            transport: Transport::WebSocket,
+            in_use: None,
+            upgrade_error: None,
+            fallback_sign: false,
             cfg,
         };
         s.start_connect(now);
@@ -209,9 +235,8 @@ impl<T> Session<T> {
                 if text == codec::OHAI {
                     self.go_open(now);
                 } else {
-                    self.out.push_back(Output::Close);
                     let shown: String = text.chars().take(64).collect();
-                    self.attempt_failed(
+                    self.handshake_failed(
                         now,
                         format!("server answered {shown:?} instead of /qio/ohai: is it a Quick.IO 0.2 server?"),
                         true,
@@ -234,12 +259,20 @@ impl<T> Session<T> {
     pub fn handle_timeout(&mut self, now: Instant) {
         match &self.phase {
             Phase::Waiting { until } if *until <= now => self.start_connect(now),
-            Phase::Connecting { deadline, .. } | Phase::Handshaking { deadline, .. }
-                if *deadline <= now =>
-            {
+            Phase::Connecting {
+                deadline, reached, ..
+            } if *deadline <= now => {
+                let reason = format!("handshake timed out after {:?}", self.cfg.handshake_timeout);
                 self.out.push_back(Output::Close);
+                if *reached {
+                    self.upgrade_failed(now, reason, false);
+                } else {
+                    self.attempt_failed(now, reason, false);
+                }
+            }
+            Phase::Handshaking { deadline, .. } if *deadline <= now => {
                 let after = self.cfg.handshake_timeout;
-                self.attempt_failed(now, format!("handshake timed out after {after:?}"), false);
+                self.handshake_failed(now, format!("no /qio/ohai within {after:?}"), false);
             }
             Phase::Open { .. } => {
                 if self.ping_deadline.is_some_and(|d| d <= now) {
@@ -337,8 +370,8 @@ impl<T> Session<T> {
             events_in: self.events_in,
             events_out: self.events_out,
             events_dropped: self.events_dropped,
-            transport: None,
-            upgrade_error: None,
+            transport: self.in_use.map(Transport::name),
+            upgrade_error: self.upgrade_error.clone(),
         }
     }
 

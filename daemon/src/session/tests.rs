@@ -150,6 +150,7 @@ fn opens_only_after_ohai() {
 fn a_server_that_does_not_say_ohai_fails_the_attempt() {
     let mut c = cfg(&["ws://a.test/"]);
     c.dialect = DialectChoice::Fixed(Dialect::V02);
+    c.transport = TransportChoice::WebSocket;
     let mut h = Harness::new(c);
     h.drain();
     h.s.handle_connected(h.now);
@@ -167,7 +168,9 @@ fn a_server_that_does_not_say_ohai_fails_the_attempt() {
 
 #[test]
 fn handshake_timeout_fails_the_attempt() {
-    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    let mut c = cfg(&["ws://a.test/"]);
+    c.transport = TransportChoice::WebSocket;
+    let mut h = Harness::new(c);
     h.drain();
     h.s.handle_connected(h.now);
     h.drain();
@@ -779,6 +782,162 @@ fn cfg_v01() -> SessionConfig {
     c
 }
 
+fn connect_transport(outs: &[Output<u32>]) -> Option<Transport> {
+    outs.iter().find_map(|o| match o {
+        Output::Connect { transport, .. } => Some(*transport),
+        _ => None,
+    })
+}
+
+/// How a WebSocket attempt that reached the server can fail before `/qio/ohai`.
+#[derive(Debug, Clone, Copy)]
+enum Broken {
+    /// The upgrade itself failed (a mangled 101, EOF or reset during it).
+    Upgrade,
+    /// The upgrade hung until the handshake deadline.
+    UpgradeHung,
+    /// Upgraded, then closed or reset.
+    Closed,
+    /// Upgraded, then a frame other than `/qio/ohai`.
+    NotOhai,
+    /// Upgraded, then silence until the handshake deadline.
+    Silent,
+}
+
+impl Broken {
+    const ALL: [Broken; 5] = [
+        Broken::Upgrade,
+        Broken::UpgradeHung,
+        Broken::Closed,
+        Broken::NotOhai,
+        Broken::Silent,
+    ];
+
+    fn apply(self, h: &mut Harness) {
+        h.s.handle_reached();
+        match self {
+            Broken::Upgrade => {
+                h.s.handle_upgrade_failed(h.now, "HTTP error: 200 OK", false)
+            }
+            Broken::UpgradeHung | Broken::Silent => {
+                if let Broken::Silent = self {
+                    h.s.handle_connected(h.now);
+                }
+                let deadline = h.s.poll_timeout().expect("a handshake deadline");
+                h.now = deadline;
+                h.s.handle_timeout(h.now);
+            }
+            Broken::Closed => {
+                h.s.handle_connected(h.now);
+                h.s.handle_closed(h.now, "connection reset");
+            }
+            Broken::NotOhai => {
+                h.s.handle_connected(h.now);
+                h.frame("/qio/heartbeat:0=null");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_websocket_that_reached_the_server_but_gave_no_ohai_falls_back_to_long_polling_at_once() {
+    for broken in Broken::ALL {
+        let mut h = Harness::new(cfg(&["ws://a.test/"]));
+        assert_eq!(connect_transport(&h.drain()), Some(Transport::WebSocket));
+        broken.apply(&mut h);
+        let outs = h.drain();
+        let next = outs.iter().find_map(|o| match o {
+            Output::Connect {
+                url,
+                dialect,
+                transport,
+            } => Some((url.as_str(), *dialect, *transport)),
+            _ => None,
+        });
+        assert_eq!(
+            next,
+            Some(("ws://a.test/", Dialect::V02, Transport::LongPoll)),
+            "{broken:?}: {:?}",
+            kinds(&outs)
+        );
+        assert!(
+            !kinds(&outs).contains(&"failed") && !kinds(&outs).contains(&"reconnecting"),
+            "{broken:?}: at once, no failure: {:?}",
+            kinds(&outs)
+        );
+        h.handshake();
+        assert!(h.s.is_open(), "{broken:?}");
+        let st = h.s.status(h.now);
+        assert_eq!(st.transport, Some("long-poll"), "{broken:?}");
+        assert!(
+            st.upgrade_error.is_some(),
+            "{broken:?}: the reason is shown"
+        );
+        // The next reconnect tries WebSocket first again, and one that opens clears the
+        // reason.
+        h.s.handle_closed(h.now, "dropped");
+        h.reconnect();
+        h.handshake();
+        let st = h.s.status(h.now);
+        assert_eq!(
+            (st.transport, st.upgrade_error),
+            (Some("websocket"), None),
+            "{broken:?}"
+        );
+    }
+}
+
+#[test]
+fn no_fallback_without_reaching_the_server_or_when_the_settings_forbid_it() {
+    // Network trouble: the connect timed out before the server answered it.
+    let mut h = Harness::new(cfg(&["ws://a.test/"]));
+    h.drain();
+    h.at(Duration::from_secs(10));
+    assert_eq!(kinds(&h.drain()), ["close", "failed", "reconnecting"]);
+    // transport = "websocket", and the 0.1 dialect (which has no long polling).
+    for (transport, dialect) in [
+        (TransportChoice::WebSocket, Dialect::V02),
+        (TransportChoice::Auto, Dialect::V01),
+    ] {
+        for broken in Broken::ALL {
+            let mut c = cfg(&["ws://a.test/qio"]);
+            c.transport = transport;
+            c.dialect = DialectChoice::Fixed(dialect);
+            let mut h = Harness::new(c);
+            h.drain();
+            broken.apply(&mut h);
+            let outs = h.drain();
+            if dialect == Dialect::V01 && !matches!(broken, Broken::Upgrade | Broken::UpgradeHung) {
+                // 0.1 is open at once after its upgrade: nothing to fail before ohai.
+                continue;
+            }
+            assert!(
+                kinds(&outs).contains(&"failed") && connect_transport(&outs).is_none(),
+                "{transport:?} {dialect:?} {broken:?}: {:?}",
+                kinds(&outs)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_failed_fallback_says_both_reasons_and_backs_off() {
+    let mut c = cfg(&["ws://a.test/"]);
+    c.dialect = DialectChoice::Fixed(Dialect::V02);
+    let mut h = Harness::new(c);
+    h.drain();
+    Broken::NotOhai.apply(&mut h);
+    h.drain();
+    h.s.handle_connect_failed(h.now, "501 Not Implemented");
+    assert_eq!(kinds(&h.drain()), ["failed", "reconnecting"]);
+    let err = h.s.status(h.now).last_error.unwrap();
+    assert!(
+        err.contains("instead of /qio/ohai") && err.contains("and so did long polling: 501"),
+        "{err}"
+    );
+    h.reconnect();
+}
+
 fn connect_dialect(outs: &[Output<u32>]) -> Option<Dialect> {
     outs.iter().find_map(|o| match o {
         Output::Connect { dialect, .. } => Some(*dialect),
@@ -860,7 +1019,7 @@ fn dialect_01_refuses_oversized_frames_and_subscription_data() {
 fn auto_detection_falls_back_to_01_at_once_and_remembers_it() {
     let mut h = Harness::new(cfg(&["ws://old.test/qio"]));
     assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V02));
-    h.s.handle_wrong_dialect(h.now, "server sent no subprotocol");
+    h.s.handle_upgrade_failed(h.now, "server sent no subprotocol", true);
     let outs = h.drain();
     assert_eq!(
         kinds(&outs),
@@ -883,6 +1042,9 @@ fn auto_detection_also_falls_back_when_the_handshake_is_dropped() {
     h.s.handle_connected(h.now);
     h.drain();
     h.s.handle_closed(h.now, "connection reset");
+    // Long polling first (the upgrade did succeed); 0.1 has none, so that fails too.
+    assert_eq!(connect_transport(&h.drain()), Some(Transport::LongPoll));
+    h.s.handle_connect_failed(h.now, "no long polling here");
     assert_eq!(connect_dialect(&h.drain()), Some(Dialect::V01));
     // A 0.1 attempt that fails too is an ordinary failure, and the next try is 0.2 again.
     h.s.handle_connect_failed(h.now, "refused");
@@ -896,9 +1058,10 @@ fn auto_detection_also_falls_back_when_the_handshake_is_dropped() {
 fn a_fixed_02_dialect_never_falls_back() {
     let mut c = cfg(&["ws://a.test/"]);
     c.dialect = DialectChoice::Fixed(Dialect::V02);
+    c.transport = TransportChoice::WebSocket;
     let mut h = Harness::new(c);
     h.drain();
-    h.s.handle_wrong_dialect(h.now, "server sent no subprotocol");
+    h.s.handle_upgrade_failed(h.now, "server sent no subprotocol", true);
     assert_eq!(kinds(&h.drain()), ["failed", "reconnecting"]);
 }
 
@@ -1174,7 +1337,7 @@ fn regression_bug5_a_queued_event_too_big_for_the_detected_dialect_is_told_to_it
     h.s.emit_from(h.now, "/big", &raw(&big), Some(7)).unwrap();
     h.s.emit_from(h.now, "/small", &raw("1"), Some(8)).unwrap();
     // The server turns out to speak 0.1, whose frames stop at 1 KiB.
-    h.s.handle_wrong_dialect(h.now, "server sent no subprotocol");
+    h.s.handle_upgrade_failed(h.now, "server sent no subprotocol", true);
     h.drain();
     h.s.handle_connected(h.now);
     let outs = h.drain();

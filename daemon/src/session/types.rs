@@ -59,6 +59,52 @@ pub struct SessionConfig {
     /// Whether a `/qio/move` from a `wss://` server to a `ws://` address is followed.
     /// Off by default: a move must not silently drop TLS.
     pub allow_insecure_move: bool,
+    /// Which transports to use (the `transport` setting).
+    pub transport: TransportChoice,
+}
+
+/// The `transport` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// WebSocket first on every attempt; HTTP long polling at once, on the same address,
+    /// when the server was reached but the WebSocket gave no `/qio/ohai`, as the Quick.IO
+    /// client documents require.
+    #[default]
+    Auto,
+    /// WebSocket only.
+    WebSocket,
+    /// HTTP long polling only (0.2 only: 0.1 servers have none).
+    LongPoll,
+}
+
+impl TransportChoice {
+    /// The setting's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::WebSocket => "websocket",
+            TransportChoice::LongPoll => "long-poll",
+        }
+    }
+}
+
+/// How one connection moves frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A WebSocket.
+    WebSocket,
+    /// HTTP long polling.
+    LongPoll,
+}
+
+impl Transport {
+    /// The name `status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::LongPoll => "long-poll",
+        }
+    }
 }
 
 /// The delivery promise for events sent without a callback (the `fire_and_forget` setting).
@@ -117,6 +163,7 @@ impl SessionConfig {
             stable_after: Duration::from_secs(10),
             fire_and_forget: FireAndForget::Once,
             allow_insecure_move: false,
+            transport: TransportChoice::Auto,
         }
     }
 
@@ -264,15 +311,17 @@ pub enum StateChange {
 /// Instructions for the driver, in the order they must be carried out.
 #[derive(Debug)]
 pub enum Output<T> {
-    /// Open a WebSocket to this address (dropping any previous one) and report back with
-    /// [`Session::handle_connected`], [`Session::handle_connect_failed`] or
-    /// [`Session::handle_wrong_dialect`].
+    /// Open a connection to this address (dropping any previous one or the attempt in
+    /// progress) and report back with [`Session::handle_connected`],
+    /// [`Session::handle_connect_failed`] or [`Session::handle_upgrade_failed`].
     Connect {
         /// Where to.
         url: Url,
         /// Which dialect's upgrade request to send (0.2 asks for the `quickio` subprotocol,
         /// 0.1 must not).
         dialect: Dialect,
+        /// Over which transport.
+        transport: Transport,
     },
     /// Send this text frame on the current connection.
     Send(String),
