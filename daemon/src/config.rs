@@ -10,32 +10,29 @@
 //! disagree. Every error names the key, where the value came from and what is accepted,
 //! in one line, because it is what an operator sees when the daemon refuses to start.
 
-use crate::codec::Dialect;
+pub mod value;
+
 use crate::driver::{DriverConfig, TransportChoice};
 use crate::ipc::{IpcConfig, SlowClientPolicy};
-use crate::session::{parse_server_url, DialectChoice, FireAndForget, SessionConfig};
+use crate::session::{DialectChoice, FireAndForget, SessionConfig};
 use crate::socket;
 use crate::Settings;
-use clap::builder::{TypedValueParser, ValueParserFactory};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
-use serde::{Deserialize, Deserializer};
-use std::ffi::{CString, OsStr, OsString};
+use serde::Deserialize;
+use std::ffi::{CString, OsString};
 use std::fmt;
 use std::io;
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use thiserror::Error;
-use tracing_subscriber::EnvFilter;
 use url::Url;
+use value::{
+    list, origin, CaFile, Count, Group, LogFilter, Millis, Server, Setting, Size, SocketPath,
+    Switch,
+};
 
 /// The log filter when neither `log` nor `RUST_LOG` says otherwise.
 const DEFAULT_LOG: &str = "info";
-
-/// Longest accepted duration: a day is far past any sane timeout, and the cap keeps
-/// deadline arithmetic (`Instant + Duration`) far from overflowing.
-const MAX_MILLIS: u64 = 86_400_000;
 
 const AFTER_HELP: &str = "\
 Every option is also a key of the config file, spelled with underscores (ping_timeout_ms = 5000,
@@ -312,6 +309,11 @@ fn default_text(key: &str) -> Option<String> {
     Some(text.into())
 }
 
+/// The default `setting` as `--help` shows it, read as the key's value type `V`.
+fn shown<V, S: Setting<V>>(_key: &Option<V>, setting: &S) -> Option<String> {
+    setting.shown()
+}
+
 fn default_settings() -> Settings {
     Settings {
         driver: DriverConfig::new(SessionConfig::new(Vec::new())),
@@ -332,7 +334,7 @@ macro_rules! keys {
         /// chose) beats the file, which beats the default already in `settings`.
         fn apply(cli: &Args, file: &Args, settings: &mut Settings) {
             $(if let Some(value) = cli.$key.clone().or_else(|| file.$key.clone()) {
-                settings.$($field).+ = value.into();
+                settings.$($field).+ = Setting::from_value(value);
             })*
         }
 
@@ -347,7 +349,7 @@ macro_rules! keys {
 
         fn default_of(key: &str, defaults: &Settings) -> Option<String> {
             match key {
-                $(stringify!($key) => defaults.$($field).+.shown(),)*
+                $(stringify!($key) => shown(&Args::default().$key, &defaults.$($field).+),)*
                 _ => None,
             }
         }
@@ -652,476 +654,6 @@ fn first<T: Clone>(cli: &[T], file: Vec<T>) -> Vec<T> {
     }
 }
 
-/// A setting's value type, read the same way from every layer: from text (a flag, a
-/// variable, a string in the file) and from the file's other TOML values. An error says
-/// what is accepted and what was given; the caller adds the key and where it came from.
-pub trait Value: Sized + Clone + Send + Sync + 'static {
-    /// Reads a flag's or variable's text, or a string in the file.
-    fn from_text(text: &str) -> Result<Self, String>;
-
-    /// Reads a value of the file; only strings unless the type says otherwise.
-    fn from_toml(value: &toml::Value) -> Result<Self, String> {
-        match value {
-            toml::Value::String(text) => Self::from_text(text),
-            other => Err(format!("expected a string, got {other}")),
-        }
-    }
-}
-
-/// clap's parser for a [`Value`]. It knows whether the text came from the flag or from
-/// its variable, so the error can say which.
-#[derive(Debug)]
-pub struct Parse<T>(PhantomData<fn() -> T>);
-
-impl<T> Clone for Parse<T> {
-    fn clone(&self) -> Self {
-        Parse(PhantomData)
-    }
-}
-
-impl<T: Value> TypedValueParser for Parse<T> {
-    type Value = T;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &OsStr,
-    ) -> Result<T, clap::Error> {
-        self.parse_ref_(cmd, arg, value, ValueSource::CommandLine)
-    }
-
-    fn parse_ref_(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &OsStr,
-        source: ValueSource,
-    ) -> Result<T, clap::Error> {
-        let parsed = match value.to_str() {
-            Some(text) => T::from_text(text),
-            None => Err(format!("{value:?} is not valid UTF-8")),
-        };
-        parsed.map_err(|message| {
-            let bad = Invalid {
-                key: arg.map(|a| a.get_id().to_string()).unwrap_or_default(),
-                origin: arg.map_or(Origin::Flag(String::new()), |a| origin(a, source)),
-                message,
-            };
-            // clap's own error for a bad value, carrying ours as its source (which
-            // `invalid_value` finds): a parser given as a closure is clap's public way to
-            // build one.
-            let carry = move |_: &str| Err::<(), Invalid>(bad.clone());
-            let shown = value.to_string_lossy();
-            match carry.parse_ref(cmd, arg, OsStr::new(shown.as_ref())) {
-                Err(e) => e,
-                Ok(()) => clap::Error::new(clap::error::ErrorKind::ValueValidation),
-            }
-        })
-    }
-}
-
-/// Where clap took a value from: the flag, or its variable.
-fn origin(arg: &clap::Arg, source: ValueSource) -> Origin {
-    match (source, arg.get_env()) {
-        (ValueSource::EnvVariable, Some(var)) => Origin::Env(var.to_string_lossy().into_owned()),
-        _ => Origin::Flag(format!("--{}", arg.get_long().unwrap_or_default())),
-    }
-}
-
-/// A list in the file: an array, or one string as a list of one. Numbers are taken as
-/// text, since a gid is one.
-fn list<'de, D: Deserializer<'de>, T: Value>(d: D) -> Result<Vec<T>, D::Error> {
-    let value = toml::Value::deserialize(d)?;
-    let items = match &value {
-        toml::Value::Array(items) => items.as_slice(),
-        toml::Value::String(_) => std::slice::from_ref(&value),
-        other => return Err(list_error(other)),
-    };
-    items
-        .iter()
-        .map(|item| match item {
-            toml::Value::String(text) => T::from_text(text),
-            toml::Value::Integer(i) => T::from_text(&i.to_string()),
-            other => Err(format!("expected a list of strings, got {other}")),
-        })
-        .collect::<Result<_, _>>()
-        .map_err(serde::de::Error::custom)
-}
-
-fn list_error<E: serde::de::Error>(got: &toml::Value) -> E {
-    E::custom(format!("expected a list of strings, got {got}"))
-}
-
-/// clap and serde read every [`Value`] through it.
-macro_rules! value_types {
-    ($($t:ty),* $(,)?) => {$(
-        impl ValueParserFactory for $t {
-            type Parser = Parse<$t>;
-            fn value_parser() -> Parse<$t> {
-                Parse(PhantomData)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $t {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let value = toml::Value::deserialize(d)?;
-                <$t as Value>::from_toml(&value).map_err(serde::de::Error::custom)
-            }
-        }
-    )*};
-}
-
-value_types!(
-    Millis,
-    Count,
-    Size,
-    Switch,
-    Server,
-    Group,
-    LogFilter,
-    CaFile,
-    SocketPath,
-    SlowClientPolicy,
-    DialectChoice,
-    TransportChoice,
-    FireAndForget,
-);
-
-/// A whole number written as text (`_` allowed, as in TOML).
-fn whole(text: &str) -> Option<u64> {
-    let digits: String = text.trim().chars().filter(|c| *c != '_').collect();
-    digits.parse().ok()
-}
-
-/// A whole number in the file.
-fn integer(value: &toml::Value) -> Option<u64> {
-    value.as_integer().and_then(|i| u64::try_from(i).ok())
-}
-
-/// A duration in whole milliseconds, from 1 to [`MAX_MILLIS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Millis(pub Duration);
-
-impl Millis {
-    fn check(n: Option<u64>, shown: impl fmt::Display) -> Result<Self, String> {
-        n.filter(|n| (1..=MAX_MILLIS).contains(n))
-            .map(|n| Millis(Duration::from_millis(n)))
-            .ok_or_else(|| {
-                format!(
-                    "expected a whole number of milliseconds from 1 to {MAX_MILLIS}, got {shown}"
-                )
-            })
-    }
-}
-
-impl Value for Millis {
-    fn from_text(text: &str) -> Result<Self, String> {
-        Millis::check(whole(text), format_args!("{text:?}"))
-    }
-    fn from_toml(value: &toml::Value) -> Result<Self, String> {
-        Millis::check(integer(value), value)
-    }
-}
-
-impl From<Millis> for Duration {
-    fn from(m: Millis) -> Duration {
-        m.0
-    }
-}
-
-/// A count, at least 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Count(pub usize);
-
-impl Count {
-    fn check(n: Option<u64>, shown: impl fmt::Display) -> Result<Self, String> {
-        n.and_then(|n| usize::try_from(n).ok())
-            .filter(|n| *n > 0)
-            .map(Count)
-            .ok_or_else(|| format!("expected a whole number greater than 0, got {shown}"))
-    }
-}
-
-impl Value for Count {
-    fn from_text(text: &str) -> Result<Self, String> {
-        Count::check(whole(text), format_args!("{text:?}"))
-    }
-    fn from_toml(value: &toml::Value) -> Result<Self, String> {
-        Count::check(integer(value), value)
-    }
-}
-
-impl From<Count> for usize {
-    fn from(c: Count) -> usize {
-        c.0
-    }
-}
-
-/// How sizes may be written, for messages.
-const SIZE_FORMS: &str =
-    "a whole number of bytes, optionally with a unit B, KiB, MiB or GiB (like 1024, 4KiB, \"16 MiB\")";
-
-/// A size in bytes, at least 1; it takes a unit ([`parse_size`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Size(pub usize);
-
-impl Size {
-    fn check(n: Option<u64>, shown: impl fmt::Display) -> Result<Self, String> {
-        n.and_then(|n| usize::try_from(n).ok())
-            .filter(|n| *n > 0)
-            .map(Size)
-            .ok_or_else(|| format!("expected a size greater than 0: {SIZE_FORMS}, got {shown}"))
-    }
-}
-
-impl Value for Size {
-    fn from_text(text: &str) -> Result<Self, String> {
-        Size::check(parse_size(text), format_args!("{text:?}"))
-    }
-    fn from_toml(value: &toml::Value) -> Result<Self, String> {
-        match value {
-            toml::Value::String(text) => Size::from_text(text),
-            other => Size::check(integer(other), other),
-        }
-    }
-}
-
-impl From<Size> for usize {
-    fn from(s: Size) -> usize {
-        s.0
-    }
-}
-
-impl From<Size> for Option<usize> {
-    fn from(s: Size) -> Option<usize> {
-        Some(s.0)
-    }
-}
-
-/// A size: a whole number (`_` allowed between digits), optionally followed by a binary
-/// unit, with or without a space (`1024`, `4KiB`, `16 MiB`); `None` when malformed or
-/// too large.
-fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '_'))
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    if digits.is_empty() || digits.starts_with('_') {
-        return None;
-    }
-    let n: u64 = digits.replace('_', "").parse().ok()?;
-    let scale: u64 = match unit.trim_start().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(scale)
-}
-
-/// `true` or `false` (a TOML boolean in the file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Switch(pub bool);
-
-impl Value for Switch {
-    fn from_text(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "true" => Ok(Switch(true)),
-            "false" => Ok(Switch(false)),
-            _ => Err(format!("expected true or false, got {text:?}")),
-        }
-    }
-    fn from_toml(value: &toml::Value) -> Result<Self, String> {
-        value
-            .as_bool()
-            .map(Switch)
-            .ok_or_else(|| format!("expected true or false, got {value}"))
-    }
-}
-
-impl From<Switch> for bool {
-    fn from(s: Switch) -> bool {
-        s.0
-    }
-}
-
-/// A Quick.IO server address ([`parse_server_url`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Server(pub Url);
-
-impl Value for Server {
-    fn from_text(text: &str) -> Result<Self, String> {
-        parse_server_url(text).map(Server)
-    }
-}
-
-/// A group, by name or number, as its gid: names are looked up when the value is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Group(pub u32);
-
-impl Value for Group {
-    fn from_text(text: &str) -> Result<Self, String> {
-        resolve_group(text).map(Group)
-    }
-}
-
-/// A tracing filter, like `info` or `qiod=debug,warn`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogFilter(pub String);
-
-impl Value for LogFilter {
-    fn from_text(text: &str) -> Result<Self, String> {
-        match EnvFilter::builder().parse(text) {
-            Ok(_) => Ok(LogFilter(text.to_owned())),
-            Err(e) => Err(format!(
-                "{text:?} is not a log filter ({e}); expected something like info or qiod=debug,warn"
-            )),
-        }
-    }
-}
-
-/// The path of a PEM file of CA certificates; the file itself is read at start
-/// ([`crate::tls`]), not here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaFile(pub PathBuf);
-
-impl Value for CaFile {
-    fn from_text(text: &str) -> Result<Self, String> {
-        if text.trim().is_empty() {
-            return Err(format!(
-                "expected the path of a PEM file of CA certificates, got {text:?}"
-            ));
-        }
-        Ok(CaFile(PathBuf::from(text)))
-    }
-}
-
-impl From<CaFile> for Option<PathBuf> {
-    fn from(c: CaFile) -> Option<PathBuf> {
-        Some(c.0)
-    }
-}
-
-/// The socket's path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SocketPath(pub PathBuf);
-
-impl Value for SocketPath {
-    fn from_text(text: &str) -> Result<Self, String> {
-        if text.is_empty() {
-            return Err("expected a non-empty path, got \"\"".into());
-        }
-        Ok(SocketPath(PathBuf::from(text)))
-    }
-}
-
-impl Value for SlowClientPolicy {
-    fn from_text(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "drop-oldest" | "drop_oldest" => Ok(SlowClientPolicy::DropOldest),
-            "disconnect" => Ok(SlowClientPolicy::Disconnect),
-            _ => Err(format!("expected drop-oldest or disconnect, got {text:?}")),
-        }
-    }
-}
-
-impl Value for DialectChoice {
-    fn from_text(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "auto" => Ok(DialectChoice::Auto),
-            "0.2" => Ok(DialectChoice::Fixed(Dialect::V02)),
-            "0.1" => Ok(DialectChoice::Fixed(Dialect::V01)),
-            _ => Err(format!("expected auto, 0.2 or 0.1, got {text:?}")),
-        }
-    }
-}
-
-impl Value for TransportChoice {
-    fn from_text(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "auto" => Ok(TransportChoice::Auto),
-            "websocket" => Ok(TransportChoice::WebSocket),
-            "long-poll" => Ok(TransportChoice::LongPoll),
-            _ => Err(format!(
-                "expected auto, websocket or long-poll, got {text:?}"
-            )),
-        }
-    }
-}
-
-impl Value for FireAndForget {
-    fn from_text(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "once" => Ok(FireAndForget::Once),
-            "at-least-once" => Ok(FireAndForget::AtLeastOnce),
-            _ => Err(format!("expected once or at-least-once, got {text:?}")),
-        }
-    }
-}
-
-/// A default as `--help` shows it; `None` for those written out in [`default_text`].
-trait Shown {
-    fn shown(&self) -> Option<String>;
-}
-
-impl Shown for Duration {
-    fn shown(&self) -> Option<String> {
-        Some(self.as_millis().to_string())
-    }
-}
-
-impl Shown for usize {
-    fn shown(&self) -> Option<String> {
-        Some(self.to_string())
-    }
-}
-
-impl Shown for bool {
-    fn shown(&self) -> Option<String> {
-        Some(self.to_string())
-    }
-}
-
-impl<T> Shown for Option<T> {
-    fn shown(&self) -> Option<String> {
-        None
-    }
-}
-
-impl Shown for SlowClientPolicy {
-    fn shown(&self) -> Option<String> {
-        Some(match self {
-            SlowClientPolicy::DropOldest => "drop-oldest".into(),
-            SlowClientPolicy::Disconnect => "disconnect".into(),
-        })
-    }
-}
-
-impl Shown for DialectChoice {
-    fn shown(&self) -> Option<String> {
-        Some(match self {
-            DialectChoice::Auto => "auto".into(),
-            DialectChoice::Fixed(Dialect::V02) => "0.2".into(),
-            DialectChoice::Fixed(Dialect::V01) => "0.1".into(),
-        })
-    }
-}
-
-impl Shown for TransportChoice {
-    fn shown(&self) -> Option<String> {
-        Some(self.name().into())
-    }
-}
-
-impl Shown for FireAndForget {
-    fn shown(&self) -> Option<String> {
-        Some(self.name().into())
-    }
-}
-
 /// A group name or numeric gid, as a gid.
 fn resolve_group(name: &str) -> Result<u32, String> {
     let name = name.trim();
@@ -1169,6 +701,10 @@ fn group_id(name: &str) -> io::Result<Option<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::Dialect;
+    use clap::builder::TypedValueParser;
+    use std::ffi::OsStr;
+    use std::time::Duration;
 
     /// The command line `qiod ARGS...`, with the variables of the test process (none of
     /// qiod's are set where the tests run).
@@ -1321,7 +857,7 @@ mod tests {
             .find(|a| a.get_id() == "max_clients")
             .unwrap();
         let bad = |source| {
-            let err = Parse::<Count>(PhantomData)
+            let err = value::Parse::<Count>::new()
                 .parse_ref_(&cmd, Some(arg), OsStr::new("many"), source)
                 .unwrap_err();
             invalid_value(&err).unwrap().to_string()
@@ -1766,24 +1302,6 @@ mod tests {
     /// writes them; a bad one names the key, where it came from and what is accepted.
     #[test]
     fn sizes_take_units_in_the_file_variables_and_flags() {
-        assert_eq!(parse_size("1024"), Some(1024));
-        assert_eq!(parse_size("1_024"), Some(1024));
-        assert_eq!(parse_size("4KiB"), Some(4096));
-        assert_eq!(parse_size(" 16 MiB "), Some(16 << 20));
-        assert_eq!(parse_size("2gib"), Some(2 << 30));
-        assert_eq!(parse_size("7 B"), Some(7));
-        for bad in [
-            "",
-            "MiB",
-            "16 MB",
-            "1.5 MiB",
-            "-1",
-            "_1",
-            "16 MiB x",
-            "99999999999 GiB",
-        ] {
-            assert_eq!(parse_size(bad), None, "{bad:?}");
-        }
         let dir = tempfile::tempdir().unwrap();
         let path = write(
             &dir,
