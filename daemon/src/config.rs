@@ -94,10 +94,10 @@ pub struct Args {
     pub servers: Vec<Server>,
     /// PEM file of extra CA certificates to trust for wss:// servers, besides the built-in
     /// web roots (read at start; certificates are always verified)
-    #[arg(long, env = "QIOD_CA_FILE", value_name = "PATH", help_heading = SERVERS)]
+    #[arg(long, env = "QIOD_CA_FILE", value_name = "PATH", value_hint = clap::ValueHint::FilePath, help_heading = SERVERS)]
     pub ca_file: Option<CaFile>,
     /// Unix socket to listen on
-    #[arg(long, env = "QIOD_SOCKET", value_name = "PATH", help_heading = ACCESS)]
+    #[arg(long, env = "QIOD_SOCKET", value_name = "PATH", value_hint = clap::ValueHint::AnyPath, help_heading = ACCESS)]
     pub socket: Option<SocketPath>,
     /// Log filter, like info or qiod=debug,warn (RUST_LOG wins when set)
     #[arg(long, env = "QIOD_LOG", value_name = "FILTER", help_heading = LOGGING)]
