@@ -25,12 +25,13 @@ use crate::session::{
     CbHandle, Event, Outcome, Output, Session, SessionConfig, SessionError, SessionStatus,
     StateChange, Transport,
 };
+use crate::tls;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -338,105 +339,7 @@ pub enum SpawnError {
     Session(#[from] SessionError),
     /// The TLS settings are unusable (`ca_file`).
     #[error("ca_file: {0}")]
-    Tls(#[from] TlsError),
-}
-
-/// Why the TLS client settings could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// The CA file cannot be read.
-    #[error("cannot read {}: {source}", .path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The system's answer.
-        source: std::io::Error,
-    },
-    /// The CA file holds no certificate, or one that cannot be a trust anchor.
-    #[error("{}: {reason}", .path.display())]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// rustls refused the protocol settings (a build without TLS 1.2 and 1.3).
-    #[error("cannot set up TLS: {0}")]
-    Setup(String),
-}
-
-/// The TLS client settings for `wss://`: the built-in web roots plus, when `ca_file` is
-/// given, every PEM certificate in it. Certificates and host names are always verified;
-/// there is no way to turn that off.
-///
-/// The ring provider is named here rather than taken from the process default, because
-/// nothing installs one (a default lookup would panic in the connecting task).
-pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let roots = root_store(ca_file)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Setup(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
-/// The trust anchors: the built-in web roots, then every certificate of `ca_file`.
-fn root_store(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        for (i, cert) in read_ca_file(path)?.into_iter().enumerate() {
-            roots.add(cert).map_err(|e| TlsError::Invalid {
-                path: path.to_owned(),
-                reason: format!("certificate {} is not a usable CA certificate: {e}", i + 1),
-            })?;
-        }
-    }
-    Ok(roots)
-}
-
-/// The certificates of a PEM file; other PEM sections (a key, say) are skipped, a file
-/// with no certificate at all is an error.
-fn read_ca_file(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    use std::io::Read;
-    // A CA bundle is a few hundred KiB; the cap keeps a wrong path (a device, a huge
-    // file) from eating memory at start.
-    const MAX_BYTES: u64 = 16 * 1024 * 1024;
-    let read_err = |source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(read_err)?;
-    if bytes.len() as u64 > MAX_BYTES {
-        return Err(TlsError::Invalid {
-            path: path.to_owned(),
-            reason: format!(
-                "larger than {MAX_BYTES} bytes; expected a PEM file of CA certificates"
-            ),
-        });
-    }
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Invalid {
-            path: path.to_owned(),
-            reason: format!("not a valid PEM file: {e}"),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Invalid {
-            path: path.to_owned(),
-            reason: "holds no certificate; expected PEM blocks starting with \
-                     -----BEGIN CERTIFICATE-----"
-                .into(),
-        });
-    }
-    Ok(certs)
+    Tls(#[from] tls::TlsError),
 }
 
 /// Starts the driver task; it runs until `shutdown` is cancelled or every handle is
@@ -484,7 +387,7 @@ pub fn prepare(
         }
     }
     let session = Session::new(cfg.session.clone(), cfg.seed, Instant::now().into_std())?;
-    let tls = tls_config(cfg.ca_file.as_deref())?;
+    let tls = tls::client_config(cfg.ca_file.as_deref())?;
     if let Some(path) = &cfg.ca_file {
         tracing::info!(
             path = %path.display(),
@@ -1112,7 +1015,7 @@ impl Attempt {
     }
 
     /// The TCP connect and, for `wss://`, the TLS handshake, with the same verification as
-    /// always ([`tls_config`]).
+    /// always ([`tls::client_config`]).
     async fn transport_connect(&self) -> Result<MaybeTlsStream<TcpStream>, ConnectError> {
         let fail = |reason: String| ConnectError {
             reason,
@@ -1169,32 +1072,6 @@ impl Attempt {
 mod tests {
     use super::*;
 
-    fn ca_pem(name: &str) -> String {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.self_signed(&key).unwrap().pem()
-    }
-
-    #[test]
-    fn ca_file_adds_to_the_web_roots() {
-        let web = webpki_roots::TLS_SERVER_ROOTS.len();
-        assert!(web > 50, "the built-in roots are there: {web}");
-        assert_eq!(root_store(None).unwrap().len(), web);
-
-        // Every certificate of the file counts, whatever else the file holds.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ca.pem");
-        let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
-        let text = format!("# ours\n{}{key}{}", ca_pem("one"), ca_pem("two"));
-        std::fs::write(&path, text).unwrap();
-        assert_eq!(root_store(Some(&path)).unwrap().len(), web + 2);
-        tls_config(Some(&path)).unwrap();
-    }
-
     #[tokio::test]
     async fn a_zero_capacity_is_refused_with_its_name_not_a_panic() {
         let url = Url::parse("ws://127.0.0.1:9/").unwrap();
@@ -1212,25 +1089,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn tls_errors_name_the_file() {
+    #[tokio::test]
+    async fn an_unusable_ca_file_is_refused_naming_the_key_and_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
-        let err = tls_config(Some(&missing)).unwrap_err();
-        assert!(matches!(err, TlsError::Read { .. }), "{err}");
-        assert!(err.to_string().contains("missing.pem"), "{err}");
-        let empty = dir.path().join("empty.pem");
-        std::fs::write(&empty, "").unwrap();
-        let err = tls_config(Some(&empty)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "{}: holds no certificate; expected PEM blocks starting with \
-                 -----BEGIN CERTIFICATE-----",
-                empty.display()
-            )
-        );
-        let spawn_err = SpawnError::from(err).to_string();
-        assert!(spawn_err.starts_with("ca_file: "), "{spawn_err}");
+        let mut cfg = DriverConfig::new(SessionConfig::new(vec![
+            Url::parse("wss://127.0.0.1:9/").unwrap()
+        ]));
+        cfg.ca_file = Some(missing.clone());
+        let Err(err) = prepare(cfg, CancellationToken::new()) else {
+            panic!("a missing ca_file was accepted");
+        };
+        let msg = err.to_string();
+        assert!(msg.starts_with("ca_file: cannot read "), "{msg}");
+        assert!(msg.contains(missing.to_str().unwrap()), "{msg}");
     }
 }

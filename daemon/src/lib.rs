@@ -14,6 +14,7 @@ pub mod longpoll;
 mod repeats;
 pub mod session;
 pub mod socket;
+pub mod tls;
 
 use std::sync::Arc;
 use tokio::net::UnixListener;

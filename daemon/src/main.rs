@@ -10,7 +10,7 @@ mod assets;
 mod notify;
 
 use anyhow::Context;
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use qiod::config::{self, Args, Config};
 use qiod::demo;
 use qiod::socket::{self, SocketGuard};
@@ -37,7 +37,17 @@ fn main() -> ExitCode {
             }
         };
     }
-    let args = Args::parse();
+    let args = match Args::from_command_line(std::env::args_os()) {
+        Ok(args) => args,
+        Err(e) => match config::invalid_value(&e) {
+            Some(bad) => {
+                eprintln!("qiod: {bad}");
+                return ExitCode::from(2);
+            }
+            // Help, version, or a usage error: clap prints it and exits 0 or 2.
+            None => e.exit(),
+        },
+    };
     let config = match config::load(args) {
         Ok(config) => config,
         Err(e) => {
@@ -45,6 +55,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(bad) = check_tls(&config) {
+        eprintln!("qiod: {bad}");
+        return ExitCode::from(2);
+    }
     let filter = match log_filter(&config.log) {
         Ok(filter) => filter,
         Err(e) => {
@@ -61,6 +75,23 @@ fn main() -> ExitCode {
             notify::failed(&e);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Builds the TLS client settings once, as the session will: a `ca_file` that cannot be
+/// read or holds no usable certificate is then a configuration error (exit 2, naming the
+/// key, where it was set and the file) rather than a failure after binding the socket.
+fn check_tls(config: &Config) -> Result<(), config::Invalid> {
+    let Some(path) = &config.settings.driver.ca_file else {
+        return Ok(());
+    };
+    match qiod::tls::client_config(Some(path)) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(config::Invalid {
+            key: "ca_file".into(),
+            origin: config.origin("ca_file"),
+            message: e.to_string(),
+        }),
     }
 }
 
@@ -311,8 +342,14 @@ async fn handle_signals(
 async fn reload(running: &Running, filter: &FilterHandle, reload_tx: &mpsc::Sender<qiod::Reload>) {
     tracing::info!("SIGHUP: reloading the configuration");
     let current = running.config.clone();
-    // Group names may be resolved over the network (NSS), so off the async threads.
-    let new = match tokio::task::spawn_blocking(move || current.reload()).await {
+    // Group names may be resolved over the network (NSS) and the CA file is read, so off
+    // the async threads.
+    let reloaded = move || {
+        let new = current.reload().map_err(|e| e.to_string())?;
+        check_tls(&new).map_err(|e| e.to_string())?;
+        Ok::<_, String>(new)
+    };
+    let new = match tokio::task::spawn_blocking(reloaded).await {
         Ok(Ok(new)) => new,
         Ok(Err(e)) => {
             tracing::error!("reload failed, keeping the running configuration: {e}");

@@ -429,3 +429,224 @@ fn the_sample_config_has_every_key_and_is_valid_uncommented() {
     let config = qiod::config::load(args).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
     assert_eq!(config.settings.ipc.max_clients, 16384);
 }
+
+/// Runs qiod to its end with `config` as its file, only the `QIOD_*` variables given, and
+/// `args`; for configurations it refuses.
+fn run_refused(args: &[&str], vars: &[(&str, &str)], config: &Path) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qiod"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("QIOD_") {
+            cmd.env_remove(key);
+        }
+    }
+    let out = cmd
+        .args(args)
+        .env("QIOD_CONFIG", config)
+        .envs(vars.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err
+}
+
+/// A bad value names the key, where it came from (the flag, its variable or the file)
+/// and what is accepted, and exits 2; an empty variable counts as unset.
+#[test]
+fn a_bad_value_names_its_key_and_source_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("qiod.toml");
+    std::fs::write(&config, "servers = [\"ws://127.0.0.1:1/\"]\n").unwrap();
+    let err = run_refused(&[], &[("QIOD_MAX_CLIENTS", "many")], &config);
+    assert_eq!(
+        err.trim_end(),
+        "qiod: max_clients (from QIOD_MAX_CLIENTS): expected a whole number greater than 0, got \"many\""
+    );
+    let err = run_refused(
+        &["--max-clients", "0"],
+        &[("QIOD_MAX_CLIENTS", "5")],
+        &config,
+    );
+    assert!(
+        err.starts_with("qiod: max_clients (from --max-clients): expected a whole number"),
+        "the flag is read, not the variable: {err}"
+    );
+    let err = run_refused(&[], &[("QIOD_SERVER", "http://h:1/")], &config);
+    assert!(
+        err.starts_with("qiod: servers (from QIOD_SERVER): "),
+        "{err}"
+    );
+    let err = run_refused(&[], &[("QIOD_PING_TIMEOUT_MS", "99999999999")], &config);
+    assert!(
+        err.contains("expected a whole number of milliseconds from 1 to 86400000"),
+        "{err}"
+    );
+
+    // An empty variable is unset: the file's value (here a bad one) is used.
+    std::fs::write(
+        &config,
+        "servers = [\"ws://127.0.0.1:1/\"]\nnotice_capacity = 0\n",
+    )
+    .unwrap();
+    let err = run_refused(&[], &[("QIOD_NOTICE_CAPACITY", "")], &config);
+    assert!(
+        err.starts_with(&format!(
+            "qiod: notice_capacity (in {}): expected a whole number greater than 0, got 0",
+            config.display()
+        )),
+        "{err}"
+    );
+
+    // An unknown key is named with its line.
+    std::fs::write(
+        &config,
+        "servers = [\"ws://127.0.0.1:1/\"]\nmax_client = 5\n",
+    )
+    .unwrap();
+    let err = run_refused(&[], &[], &config);
+    assert!(
+        err.starts_with(&format!(
+            "qiod: {}:2: unknown field `max_client`",
+            config.display()
+        )),
+        "{err}"
+    );
+}
+
+/// The CA file is read at start: one that cannot be used is a configuration error naming
+/// the key, where it was set and the file, before the socket is bound.
+#[test]
+fn an_unusable_ca_file_exits_2_naming_the_key_its_source_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("qiod.toml");
+    let socket = dir.path().join("qiod.sock");
+    let missing = dir.path().join("missing.pem");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "servers = [\"wss://127.0.0.1:1/\"]\nca_file = {:?}\n",
+            missing.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let sock = socket.to_str().unwrap();
+    let err = run_refused(&["--socket", sock], &[], &config);
+    assert!(
+        err.starts_with(&format!(
+            "qiod: ca_file (in {}): cannot read {}: ",
+            config.display(),
+            missing.display()
+        )),
+        "{err}"
+    );
+    let err = run_refused(
+        &["--socket", sock],
+        &[("QIOD_CA_FILE", empty.to_str().unwrap())],
+        &config,
+    );
+    assert!(
+        err.starts_with(&format!(
+            "qiod: ca_file (from QIOD_CA_FILE): {}: holds no certificate",
+            empty.display()
+        )),
+        "{err}"
+    );
+    let err = run_refused(
+        &["--socket", sock, "--ca-file", missing.to_str().unwrap()],
+        &[("QIOD_CA_FILE", empty.to_str().unwrap())],
+        &config,
+    );
+    assert!(
+        err.starts_with("qiod: ca_file (from --ca-file): cannot read"),
+        "{err}"
+    );
+    assert!(!socket.exists(), "refused before binding");
+}
+
+/// Which layer wins, seen from outside: the socket qiod listens on comes from the flag,
+/// else the variable (unless empty), else the file.
+#[tokio::test]
+async fn a_flag_beats_its_variable_which_beats_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("qiod.toml");
+    let (file, var, flag) = (
+        dir.path().join("file.sock"),
+        dir.path().join("var.sock"),
+        dir.path().join("flag.sock"),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "servers = [\"ws://127.0.0.1:1/\"]\nsocket = {:?}\n",
+            file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let start = |args: &[&str], var: &Path| {
+        let child = Command::new(env!("CARGO_BIN_EXE_qiod"))
+            .args(args)
+            .env("QIOD_CONFIG", &config)
+            .env("QIOD_SOCKET", var)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qiod starts");
+        Qiod { child }
+    };
+    for (args, var_value, expect) in [
+        (
+            vec!["--socket", flag.to_str().unwrap()],
+            var.as_path(),
+            &flag,
+        ),
+        (vec![], var.as_path(), &var),
+        (vec![], Path::new(""), &file),
+    ] {
+        let mut qiod = start(&args, var_value);
+        let _ = connect(expect).await;
+        for other in [&flag, &var, &file] {
+            assert_eq!(other.exists(), other == expect, "{other:?}");
+        }
+        qiod.signal(libc::SIGTERM);
+        assert!(qiod.wait_exit().success());
+    }
+}
+
+/// A reload whose CA file cannot be used is refused like any bad reload: the running
+/// configuration stays and the log says why.
+#[tokio::test]
+async fn a_reload_with_an_unusable_ca_file_keeps_the_running_configuration() {
+    let server = TestServer::start(ServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qiod.sock");
+    let config = dir.path().join("qiod.toml");
+    std::fs::write(&config, format!("servers = [\"{}\"]\n", server.url())).unwrap();
+    let mut qiod = Qiod::spawn(&[], &socket, &config);
+    let (mut r, _w) = connect(&socket).await;
+    until_open(&mut r).await;
+    let missing = dir.path().join("missing.pem");
+    std::fs::write(
+        &config,
+        format!(
+            "servers = [\"{}\"]\nca_file = {:?}\n",
+            server.url(),
+            missing.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    qiod.signal(libc::SIGHUP);
+    let seen = stderr_until(&mut qiod.child, "reload failed").expect("the reload is refused");
+    let line = seen.lines().last().unwrap_or_default();
+    assert!(
+        line.contains("keeping the running configuration: ca_file (in "),
+        "{line}"
+    );
+    assert!(line.contains("missing.pem"), "{line}");
+    qiod.signal(libc::SIGTERM);
+    assert!(qiod.wait_exit().success());
+}
