@@ -248,7 +248,7 @@ impl Rules {
 
 /// The real uid of this process.
 pub fn own_uid() -> u32 {
-    rustix::process::getuid().as_raw()
+    crate::users::own_uid()
 }
 
 /// An opened, checked folder: the socket goes (or is) in it.
@@ -512,31 +512,7 @@ pub fn client_rules(daemon_user: Option<&str>) -> Rules {
 
 /// The uid of the user `name`, from the user database.
 pub fn uid_of(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: zeroed passwd is a valid out-value (null pointers, zero ids).
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer refers to a live local of the right size.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 || result.is_null() {
-            return None;
-        }
-        return Some(pwd.pw_uid);
-    }
+    crate::users::uid_of(name)
 }
 
 /// The device and inode of `name` in `folder`, not following a symlink.

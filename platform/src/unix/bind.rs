@@ -1,4 +1,4 @@
-//! The local socket: where it lives, binding it safely, and who may connect.
+//! The daemon's socket file: binding it safely, and noticing when it goes.
 //!
 //! Binding is careful because the socket is the daemon's only access control besides the
 //! peer check: the folder is created private and checked without following symlinks, a
@@ -6,10 +6,12 @@
 //! is not a socket is ever deleted, and a socket deleted or replaced while the daemon runs
 //! is noticed ([`SocketGuard::check`]).
 
-use qio_platform::trust::{self, Rules, TrustError};
-use std::ffi::CStr;
+//! interprocess cannot express this (it binds by path; there is no binding through an
+//! opened folder, no probe of a stale socket, no mode), so the socket is made here as a
+//! std listener and converted into interprocess's by [`crate::local::listener_from_std`].
+
+use crate::trust::{self, Rules, TrustError};
 use std::io;
-use std::os::fd::FromRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -73,8 +75,6 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-pub use qio_platform::paths::{default_socket_path, socket_path_from};
-
 /// Binds a listening socket at `path` that only our user (and root) can reach, creating its
 /// folder (mode 0700) when missing.
 ///
@@ -91,7 +91,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 ///
 /// Group members cannot connect through a 0600 socket in a 0700 folder, and one file group
 /// cannot stand for several allowed groups, so the socket is made 0666 and a created
-/// folder 0711 (enterable, not listable); [`peer_verdict`] is then what keeps others out.
+/// folder 0711 (enterable, not listable); the daemon's peer check is then what keeps others out.
 pub fn bind_shared(path: &Path) -> Result<UnixListener, SocketError> {
     bind_with(
         path,
@@ -132,7 +132,7 @@ impl BindOptions {
 
 /// Binds the socket at `path` so that no other user can stand in for it.
 ///
-/// The folder is walked from `/` without following symlinks ([`qio_platform::trust`]): every
+/// The folder is walked from `/` without following symlinks ([`crate::trust`]): every
 /// level must belong to us or root and not be writable by group or others (sticky levels
 /// above, like `/tmp`, are fine); the socket's own folder must not be a symlink and must
 /// not be writable by group or others even when sticky, unless it is one of
@@ -285,250 +285,10 @@ impl Drop for SocketGuard {
     }
 }
 
-/// The first socket passed by systemd socket activation, if we were started that way.
-///
-/// Follows `sd_listen_fds`: the fds are ours only when `LISTEN_PID` is our pid, they start
-/// at 3, and the variables are removed so children do not take them too. Call it before
-/// starting threads: removing environment variables races with threads reading them.
-pub fn from_systemd() -> Option<UnixListener> {
-    let pid = std::env::var("LISTEN_PID").ok();
-    let fds = std::env::var("LISTEN_FDS").ok();
-    for key in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(key);
-    }
-    let count = listen_fds(pid.as_deref(), fds.as_deref(), std::process::id())?;
-    if count > 1 {
-        tracing::warn!("systemd passed {count} sockets; using the first one only");
-    }
-    const FD: libc::c_int = 3;
-    if let Err(why) = check_listening_unix(FD) {
-        tracing::warn!("ignoring the socket systemd passed (fd 3): {why}");
-        return None;
-    }
-    // systemd passes the fds without close-on-exec.
-    // SAFETY: fcntl on an fd number is always safe to call; errors are reported.
-    unsafe {
-        let flags = libc::fcntl(FD, libc::F_GETFD);
-        if flags >= 0 {
-            libc::fcntl(FD, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        }
-    }
-    // SAFETY: systemd handed fd 3 to this process alone (LISTEN_PID matched) and we just
-    // removed the variables, so no second call can wrap it again.
-    Some(unsafe { UnixListener::from_raw_fd(FD) })
-}
-
-/// How many fds systemd passed to `own_pid`, per the `LISTEN_*` variables.
-fn listen_fds(pid: Option<&str>, fds: Option<&str>, own_pid: u32) -> Option<u32> {
-    let pid: u32 = pid?.trim().parse().ok()?;
-    let fds: u32 = fds?.trim().parse().ok()?;
-    (pid == own_pid && fds >= 1).then_some(fds)
-}
-
-fn check_listening_unix(fd: libc::c_int) -> Result<(), String> {
-    // SAFETY: the out-pointers point at properly sized locals; the calls only fail.
-    unsafe {
-        let mut addr: libc::sockaddr_storage = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        if libc::getsockname(fd, (&raw mut addr).cast(), &mut len) != 0 {
-            return Err(format!("not a socket: {}", io::Error::last_os_error()));
-        }
-        if libc::c_int::from(addr.ss_family) != libc::AF_UNIX {
-            return Err("not a Unix socket".into());
-        }
-        let mut listening: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        if libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&raw mut listening).cast(),
-            &mut len,
-        ) != 0
-        {
-            return Err(format!("getsockopt: {}", io::Error::last_os_error()));
-        }
-        if listening == 0 {
-            return Err("not listening (use ListenStream= with Accept=no)".into());
-        }
-    }
-    Ok(())
-}
-
-/// What the peer check needs to decide on a connecting process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerVerdict {
-    /// It may use the daemon.
-    Allowed,
-    /// It may not.
-    Refused,
-    /// Its own groups are unknown (no `SO_PEERGROUPS` here): ask the group database.
-    AskDatabase,
-}
-
-/// Decides whether a connecting process may use the daemon.
-///
-/// The daemon speaks upstream with one identity, so anyone who can connect acts as the
-/// daemon's user: by default only that user and root may; `allowed_gids` widens it to
-/// processes holding one of those groups, as primary group or among `peer_groups`, the
-/// supplementary groups the process really has (`SO_PEERGROUPS`), whatever the group
-/// database says. Only when those are unknown is the database asked
-/// ([`PeerVerdict::AskDatabase`], then [`peer_allowed_by_database`]).
-pub fn peer_verdict(
-    peer_uid: u32,
-    peer_gid: u32,
-    peer_groups: Option<&[u32]>,
-    own_uid: u32,
-    allowed_gids: &[u32],
-) -> PeerVerdict {
-    if peer_uid == own_uid || peer_uid == 0 || allowed_gids.contains(&peer_gid) {
-        return PeerVerdict::Allowed;
-    }
-    if allowed_gids.is_empty() {
-        return PeerVerdict::Refused;
-    }
-    match peer_groups {
-        Some(groups) if groups.iter().any(|g| allowed_gids.contains(g)) => PeerVerdict::Allowed,
-        Some(_) => PeerVerdict::Refused,
-        None => PeerVerdict::AskDatabase,
-    }
-}
-
-/// The fallback of [`peer_verdict`]: whether the group database lists the user `uid`
-/// (primary group `gid`) in one of `allowed_gids`. A failed lookup denies. Blocking (NSS
-/// may ask the network): call it off the async threads.
-pub fn peer_allowed_by_database(uid: u32, gid: u32, allowed_gids: &[u32]) -> bool {
-    user_groups(uid, gid).is_some_and(|groups| groups.iter().any(|g| allowed_gids.contains(g)))
-}
-
-/// Why a refused peer was refused, for the log.
-pub fn refusal_reason(
-    peer_uid: u32,
-    peer_pid: Option<i32>,
-    own_uid: u32,
-    allowed_gids: &[u32],
-) -> String {
-    let who = match peer_pid {
-        Some(pid) => format!("uid {peer_uid} (pid {pid})"),
-        None => format!("uid {peer_uid}"),
-    };
-    if allowed_gids.is_empty() {
-        format!("{who} is not the daemon's user (uid {own_uid}); set allowed_groups to let other users in")
-    } else {
-        format!("{who} is not the daemon's user (uid {own_uid}) and holds none of allowed_groups")
-    }
-}
-
-/// The supplementary groups of the process at the other end of `fd` (`SO_PEERGROUPS`,
-/// Linux 4.13+), as they were when it connected; `None` where the kernel cannot tell.
-pub fn peer_groups(fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u32>> {
-    #[cfg(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86",
-            target_arch = "x86_64",
-            target_arch = "arm",
-            target_arch = "aarch64",
-            target_arch = "riscv64",
-            target_arch = "powerpc64",
-            target_arch = "loongarch64",
-            target_arch = "s390x"
-        )
-    ))]
-    {
-        use std::os::fd::AsRawFd;
-        // Not in libc's exports for these targets; the asm-generic value.
-        const SO_PEERGROUPS: libc::c_int = 59;
-        let mut groups: Vec<libc::gid_t> = vec![0; 64];
-        for _ in 0..8 {
-            let mut len =
-                libc::socklen_t::try_from(groups.len() * std::mem::size_of::<libc::gid_t>())
-                    .ok()?;
-            // SAFETY: the buffer has room for `len` bytes; the kernel writes at most that
-            // and reports what it wrote (or needs, with ERANGE) in `len`.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    SO_PEERGROUPS,
-                    groups.as_mut_ptr().cast(),
-                    &mut len,
-                )
-            };
-            let n = usize::try_from(len).ok()? / std::mem::size_of::<libc::gid_t>();
-            if rc == 0 {
-                groups.truncate(n);
-                return Some(groups);
-            }
-            if io::Error::last_os_error().raw_os_error() != Some(libc::ERANGE) {
-                return None;
-            }
-            groups.resize(n.max(groups.len() * 2), 0);
-        }
-        None
-    }
-    #[cfg(not(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86",
-            target_arch = "x86_64",
-            target_arch = "arm",
-            target_arch = "aarch64",
-            target_arch = "riscv64",
-            target_arch = "powerpc64",
-            target_arch = "loongarch64",
-            target_arch = "s390x"
-        )
-    )))]
-    {
-        let _ = fd;
-        None
-    }
-}
-
-/// All groups of the user `uid` (primary `gid` included), or `None` if unknown.
-fn user_groups(uid: u32, gid: u32) -> Option<Vec<u32>> {
-    let name = user_name(uid)?;
-    let mut groups: Vec<libc::gid_t> = vec![0; 64];
-    for _ in 0..8 {
-        let mut n = libc::c_int::try_from(groups.len()).ok()?;
-        // SAFETY: `groups` has room for `n` entries; getgrouplist writes at most that many
-        // and reports the real count in `n`.
-        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
-        let n = usize::try_from(n).ok()?;
-        if rc >= 0 {
-            groups.truncate(n);
-            return Some(groups);
-        }
-        groups.resize(n.max(groups.len() * 2), 0);
-    }
-    None
-}
-
-fn user_name(uid: u32) -> Option<std::ffi::CString> {
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: zeroed passwd is a valid out-value (null pointers, zero ids).
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer refers to a live local of the right size.
-        let rc =
-            unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
-            return None;
-        }
-        // SAFETY: on success pw_name points at a NUL-terminated string inside `buf`.
-        return Some(unsafe { CStr::from_ptr(pwd.pw_name) }.to_owned());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixStream;
     use std::os::unix::fs::PermissionsExt;
 
     fn mode(path: &Path) -> u32 {
@@ -703,71 +463,4 @@ mod tests {
         let _other = UnixListener::bind(&path).unwrap();
         drop(guard);
         assert!(path.exists());
-    }
-
-    #[test]
-    fn listen_fds_rules() {
-        assert_eq!(listen_fds(Some("42"), Some("1"), 42), Some(1));
-        assert_eq!(listen_fds(Some("42"), Some("2"), 42), Some(2));
-        assert_eq!(listen_fds(Some("41"), Some("1"), 42), None);
-        assert_eq!(listen_fds(Some("42"), Some("0"), 42), None);
-        assert_eq!(listen_fds(None, Some("1"), 42), None);
-        assert_eq!(listen_fds(Some("x"), Some("1"), 42), None);
-    }
-
-    #[test]
-    fn peer_rules() {
-        use PeerVerdict::*;
-        assert_eq!(peer_verdict(1000, 1000, None, 1000, &[]), Allowed);
-        assert_eq!(peer_verdict(0, 0, None, 1000, &[]), Allowed);
-        assert_eq!(peer_verdict(1001, 50, None, 1000, &[50]), Allowed);
-        // No allowed groups: no lookup, refused.
-        assert_eq!(peer_verdict(1001, 1001, Some(&[50]), 1000, &[]), Refused);
-        assert_eq!(peer_verdict(1001, 1001, None, 1000, &[]), Refused);
-        // The process's own supplementary groups decide when known.
-        assert_eq!(
-            peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[60]),
-            Allowed
-        );
-        assert_eq!(
-            peer_verdict(1001, 1001, Some(&[50, 60]), 1000, &[70]),
-            Refused
-        );
-        assert_eq!(peer_verdict(1001, 1001, Some(&[]), 1000, &[70]), Refused);
-        // Else the database.
-        assert_eq!(peer_verdict(1001, 1001, None, 1000, &[70]), AskDatabase);
-        assert!(!peer_allowed_by_database(u32::MAX - 7, 0, &[0]));
-        assert!(peer_allowed_by_database(0, 0, &[0]));
-        let why = refusal_reason(1001, Some(7), 1000, &[]);
-        assert!(
-            why.contains("uid 1001 (pid 7)") && why.contains("set allowed_groups"),
-            "{why}"
-        );
-    }
-
-    #[test]
-    fn peer_groups_are_the_connecting_process_own() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        use std::os::fd::AsFd;
-        let groups = peer_groups(a.as_fd());
-        if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
-            let mut own: Vec<u32> = rustix::process::getgroups()
-                .unwrap()
-                .into_iter()
-                .map(|g| g.as_raw())
-                .collect();
-            let mut got = groups.expect("SO_PEERGROUPS works on Linux");
-            own.sort_unstable();
-            got.sort_unstable();
-            assert_eq!(got, own);
-        }
-    }
-
-    #[test]
-    fn group_lookup_of_root() {
-        // Every system has root in passwd with primary group 0.
-        let groups = user_groups(0, 0).expect("root has a passwd entry");
-        assert!(groups.contains(&0), "{groups:?}");
-        assert_eq!(user_groups(u32::MAX - 7, 0), None);
-    }
-}
+    }}
