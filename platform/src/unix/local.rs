@@ -57,6 +57,15 @@ pub async fn connect(path: &Path) -> io::Result<Stream> {
     Ok(Stream::from(uds::Stream::from(stream)))
 }
 
+/// Two connected streams, as if one had connected to the other (tests, in-process use).
+pub fn pair() -> io::Result<(Stream, Stream)> {
+    let (a, b) = tokio::net::UnixStream::pair()?;
+    Ok((
+        Stream::from(uds::Stream::from(a)),
+        Stream::from(uds::Stream::from(b)),
+    ))
+}
+
 /// Whether something accepts connections at `path` right now (a blocking connect that
 /// is closed at once).
 pub fn answers(path: &Path) -> bool {
