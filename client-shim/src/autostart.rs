@@ -19,9 +19,7 @@ use rustix::fs::{FileType, Mode, OFlags};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,7 +38,7 @@ pub(crate) struct Options {
 }
 
 fn answers(socket: &Path) -> bool {
-    UnixStream::connect(socket).is_ok()
+    qio_platform::local::answers(socket)
 }
 
 fn with_suffix(socket: &Path, suffix: &str) -> PathBuf {
@@ -184,25 +182,7 @@ fn open_private(folder: &trust::Folder, name: &Path, shown: &Path) -> Result<Fil
 }
 
 fn lock_exclusive(file: &File, deadline: Instant) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) if Instant::now() < deadline => std::thread::sleep(POLL),
-            Some(libc::EWOULDBLOCK) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "another client held it too long",
-                ))
-            }
-            _ => return Err(e),
-        }
-    }
+    qio_platform::process::lock_exclusive(file, deadline, POLL)
 }
 
 /// `qiod_path`, else `qiod` on `PATH`, else `qiod` beside the current executable.
