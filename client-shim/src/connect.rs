@@ -96,8 +96,8 @@ pub(crate) async fn connect_verified(socket: &Path, rules: &Rules) -> Result<Str
     let stream = retry_backlog(socket, BACKLOG_WAIT, |p: PathBuf| async move {
         local::connect(&p).await
     })
-        .await
-        .map_err(|e| connect_error(socket, e))?;
+    .await
+    .map_err(|e| connect_error(socket, e))?;
     check_peer(socket, &stream, rules)?;
     Ok(stream)
 }

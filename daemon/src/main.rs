@@ -11,13 +11,13 @@ mod notify;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
+use qio_platform::process::{Request, Signals};
 use qiod::config::{self, Args, Config};
 use qiod::demo;
 use qiod::socket::{self, SocketGuard};
 use std::io::IsTerminal;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::process::ExitCode;
-use qio_platform::process::{Request, Signals};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
@@ -346,4 +346,3 @@ async fn reload(running: &Running, filter: &FilterHandle, reload_tx: &mpsc::Send
         tracing::debug!("the daemon is stopping; reload not applied");
     }
 }
-

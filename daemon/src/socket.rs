@@ -1,9 +1,7 @@
 //! The local socket's policy: who may connect. The socket itself (binding it, the file's
 //! guard, socket activation, the stream types) is the platform's ([`qio_platform`]).
 
-pub use qio_platform::bind::{
-    bind, bind_shared, bind_with, BindOptions, SocketError, SocketGuard,
-};
+pub use qio_platform::bind::{bind, bind_shared, bind_with, BindOptions, SocketError, SocketGuard};
 pub use qio_platform::paths::{default_socket_path, socket_path_from};
 
 /// What [`crate::run`] can serve on: interprocess's local-socket listener, or a std or

@@ -14,10 +14,10 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use qio_ipc::{events, Id, Op, RawRequest};
+use qio_platform::local::{self, Stream, WriteHalf as OwnedWriteHalf};
 use std::io::IoSlice;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
-use qio_platform::local::{self, Stream, WriteHalf as OwnedWriteHalf};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 

@@ -106,9 +106,9 @@ mod peer;
 pub use hub::{run_notices, Hub};
 
 use crate::driver::SessionHandle;
+use qio_platform::local::{self, Listener};
 use std::sync::Arc;
 use std::time::Duration;
-use qio_platform::local::{self, Listener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 

@@ -10,10 +10,10 @@
 //! counted and reported when the interval ends.
 
 use crate::socket::{self, PeerVerdict};
+use qio_platform::local::{self, Stream};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use qio_platform::local::{self, Stream};
 
 /// Uids whose refusals are counted separately; past it they are counted together.
 const MAX_TRACKED_UIDS: usize = 1024;
@@ -66,9 +66,7 @@ impl Gate {
         let (uid, gid, pid) = (cred.uid, cred.gid, cred.pid);
         // Asked only when the uid and primary group are not enough.
         let needs_groups = uid != self.own_uid && uid != 0 && !self.allowed_gids.is_empty();
-        let groups = needs_groups
-            .then(|| local::peer_groups(stream))
-            .flatten();
+        let groups = needs_groups.then(|| local::peer_groups(stream)).flatten();
         match socket::peer_verdict(
             uid,
             gid,

@@ -288,8 +288,8 @@ impl Drop for SocketGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixStream;
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -463,4 +463,5 @@ mod tests {
         let _other = UnixListener::bind(&path).unwrap();
         drop(guard);
         assert!(path.exists());
-    }}
+    }
+}

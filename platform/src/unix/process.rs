@@ -91,6 +91,26 @@ pub fn wait_stdout_closed() -> io::Result<()> {
     }
 }
 
+/// Starting the daemon from a client.
+pub trait Detach {
+    /// Runs the child in its own process group: a Ctrl-C meant for the client does not
+    /// stop the daemon it started.
+    fn detached(&mut self) -> &mut Self;
+}
+
+impl Detach for std::process::Command {
+    fn detached(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        self.process_group(0)
+    }
+}
+
+/// Whether `p` is a file someone may execute.
+pub fn is_executable(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// What a signal asks of the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {

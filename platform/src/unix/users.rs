@@ -22,15 +22,15 @@ pub fn own_euid() -> u32 {
 /// missing user or group as one of these rather than as an empty answer.
 fn means_missing(e: nix::errno::Errno) -> bool {
     use nix::errno::Errno;
-    matches!(e, Errno::ENOENT | Errno::ESRCH | Errno::EBADF | Errno::EPERM)
+    matches!(
+        e,
+        Errno::ENOENT | Errno::ESRCH | Errno::EBADF | Errno::EPERM
+    )
 }
 
 /// The uid of the user `name`, `None` when there is none or it cannot be looked up.
 pub fn uid_of(name: &str) -> Option<u32> {
-    User::from_name(name)
-        .ok()
-        .flatten()
-        .map(|u| u.uid.as_raw())
+    User::from_name(name).ok().flatten().map(|u| u.uid.as_raw())
 }
 
 /// The gid of the group `name`: `Ok(None)` when there is no such group, an error when the

@@ -38,7 +38,9 @@ pub fn split(stream: Stream) -> (ReadHalf, WriteHalf) {
 
 /// The process at the other end: not known on Windows yet.
 pub fn peer(_stream: &Stream) -> io::Result<Peer> {
-    Err(super::unsupported("checking who is at the other end of a pipe"))
+    Err(super::unsupported(
+        "checking who is at the other end of a pipe",
+    ))
 }
 
 /// The process at the other end of a connection.
