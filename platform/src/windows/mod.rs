@@ -1,5 +1,6 @@
-//! Windows: a sketch that has never been compiled (no Windows target can be fetched for
-//! this toolchain here, so CI cannot build it; README, "Platforms").
+//! Windows: a sketch that has never been built for Windows (no Windows target can be
+//! fetched for this toolchain here; README, "Platforms"). Its code is OS-neutral
+//! interprocess and tokio API, so the Unix tests compile and run it (over a Unix socket).
 //!
 //! The daemon and the clients also need, on Windows, what the Unix module's `bind`,
 //! `trust`, `users`, `activation` and `process` do; none exists yet, so neither builds

@@ -29,3 +29,37 @@ fn pipe_safe(user: &std::ffi::OsStr) -> String {
         .take(200)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn one_pipe_per_user_unless_named() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| OsString::from(v))
+            }
+        };
+        assert_eq!(
+            socket_path_from(&env(&[("USERNAME", "ann")])),
+            Path::new(r"\\.\pipe\qiod-ann")
+        );
+        assert_eq!(
+            socket_path_from(&env(&[("USERNAME", r"DOM\ann")])),
+            Path::new(r"\\.\pipe\qiod-DOM_ann")
+        );
+        assert_eq!(
+            socket_path_from(&env(&[("USERNAME", "ann"), ("QIOD_SOCKET", r"\\.\pipe\x")])),
+            Path::new(r"\\.\pipe\x")
+        );
+        assert_eq!(
+            socket_path_from(&env(&[])),
+            Path::new(r"\\.\pipe\qiod-default")
+        );
+    }
+}
