@@ -2,7 +2,7 @@
 //!
 //! The daemon accepts on a [`Listener`] and serves [`Stream`]s; clients connect with
 //! [`connect`]. Both are interprocess's tokio local-socket types, so code above this
-//! module names no Unix type. Three things interprocess cannot express are done with the
+//! module names no Unix type. Four things interprocess cannot express are done with the
 //! socket underneath (each says so where it happens):
 //!
 //! - binding: the socket is bound through its opened folder ([`crate::bind`]) or passed
@@ -10,10 +10,10 @@
 //! - connecting: interprocess counts `EAGAIN` (the daemon's backlog is full) as "in
 //!   progress", but the client must see it to retry ([`connect`]);
 //! - half-closing: interprocess's stream halves are deprecated and its `shutdown` does
-//!   nothing, while the daemon and `qio` half-close to say "no more requests" ([`split`]).
+//!   nothing, while the daemon and `qio` half-close to say "no more requests" ([`split`]);
+//! - peer credentials: interprocess refuses a peer whose pid we cannot see ([`peer`]).
 
 use interprocess::local_socket::tokio::{Listener as IpListener, Stream as IpStream};
-use interprocess::local_socket::traits::StreamCommon;
 use interprocess::os::unix::uds_local_socket::tokio as uds;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -90,15 +90,19 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-/// The credentials of the peer of `stream` (`SO_PEERCRED` on Linux), through
-/// interprocess.
+/// The credentials of the peer of `stream` (`SO_PEERCRED` on Linux).
+///
+/// Read by tokio on the socket interprocess wraps, not by interprocess's `peer_creds`:
+/// that one refuses a zero pid, which is what the kernel reports for a peer in a pid
+/// namespace we cannot see (a client in a container reaching the host's daemon), whose
+/// uid is still right.
 pub fn peer(stream: &Stream) -> io::Result<Peer> {
-    let creds = stream.peer_creds()?;
-    let missing = || io::Error::other("the kernel gave no uid or gid for the peer");
+    let Stream::UdSocket(uds) = stream;
+    let cred = uds.inner().peer_cred()?;
     Ok(Peer {
-        uid: creds.euid().ok_or_else(missing)?,
-        gid: creds.egid().ok_or_else(missing)?,
-        pid: creds.pid(),
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid().filter(|&pid| pid != 0),
     })
 }
 
