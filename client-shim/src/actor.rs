@@ -15,13 +15,12 @@ use crate::Error;
 use futures_util::StreamExt;
 use qio_ipc::clean_path;
 use qio_ipc::{code, events, ErrorData, Id, Incoming, Op, Request};
+use qio_platform::local::{self, ReadHalf as OwnedReadHalf, Stream, WriteHalf as OwnedWriteHalf};
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, LinesCodec};
@@ -58,8 +57,8 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(stream: UnixStream) -> Link {
-        let (rd, writer) = stream.into_split();
+    pub(crate) fn new(stream: Stream) -> Link {
+        let (rd, writer) = local::split(stream);
         Link {
             lines: FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE)),
             writer,

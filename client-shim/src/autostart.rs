@@ -14,15 +14,11 @@
 //! the next client finds the daemon running.
 
 use crate::Error;
+use qio_platform::process::Detach as _;
 use qio_platform::trust::{self, Rules, TrustError};
-use rustix::fs::{FileType, Mode, OFlags};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,7 +36,7 @@ pub(crate) struct Options {
 }
 
 fn answers(socket: &Path) -> bool {
-    UnixStream::connect(socket).is_ok()
+    qio_platform::local::answers(socket)
 }
 
 fn with_suffix(socket: &Path, suffix: &str) -> PathBuf {
@@ -91,10 +87,7 @@ pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>
     let log_path = with_suffix(socket, ".log");
     let log = open_private(&folder, &with_suffix(Path::new(name), ".log"), &log_path)?;
     // Only now that it is known to be our own file: empty it, and keep it private.
-    rustix::fs::ftruncate(&log, 0)
-        .map_err(|e| fail(format!("cannot empty {}: {e}", log_path.display())))?;
-    rustix::fs::fchmod(&log, Mode::from_raw_mode(0o600))
-        .map_err(|e| fail(format!("cannot chmod {}: {e}", log_path.display())))?;
+    trust::empty_private(&log, &log_path).map_err(fail)?;
     let log_out = log
         .try_clone()
         .map_err(|e| fail(format!("cannot use {}: {e}", log_path.display())))?;
@@ -105,8 +98,7 @@ pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_out)
-        // Its own process group: a Ctrl-C meant for the client does not stop the daemon.
-        .process_group(0)
+        .detached()
         .spawn()
         .map_err(|e| fail(format!("cannot run {}: {e}", qiod.display())))?;
     let pid = child.id();
@@ -146,63 +138,13 @@ pub(crate) fn ensure_daemon(socket: &Path, opts: &Options) -> Result<Option<u32>
     result
 }
 
-/// Opens (creating, 0600) `name` in `folder` for reading and writing, never through a
-/// symlink, and only if what it opened is a regular file of ours with no other link: a
-/// planted symlink or hard link to someone's file is refused, not truncated.
+/// [`trust::open_private`], its refusal as this module's error.
 fn open_private(folder: &trust::Folder, name: &Path, shown: &Path) -> Result<File, Error> {
-    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
-    let fd =
-        rustix::fs::openat(&folder.fd, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| {
-            if e == rustix::io::Errno::LOOP {
-                fail(format!(
-                    "{} is a symlink; refusing to open it: remove it",
-                    shown.display()
-                ))
-            } else {
-                fail(format!(
-                    "cannot open {}: {}",
-                    shown.display(),
-                    io::Error::from(e)
-                ))
-            }
-        })?;
-    let st = rustix::fs::fstat(&fd)
-        .map_err(|e| fail(format!("cannot inspect {}: {e}", shown.display())))?;
-    let own = trust::own_uid();
-    let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
-    if !regular || st.st_uid != own || st.st_nlink != 1 {
-        return Err(fail(format!(
-            "{} is not a plain file of ours (owner uid {}, {} links{}); refusing to use it: \
-             remove it",
-            shown.display(),
-            st.st_uid,
-            st.st_nlink,
-            if regular { "" } else { ", not a regular file" }
-        )));
-    }
-    Ok(File::from(fd))
+    trust::open_private(folder, name, shown).map_err(fail)
 }
 
 fn lock_exclusive(file: &File, deadline: Instant) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) if Instant::now() < deadline => std::thread::sleep(POLL),
-            Some(libc::EWOULDBLOCK) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "another client held it too long",
-                ))
-            }
-            _ => return Err(e),
-        }
-    }
+    qio_platform::process::lock_exclusive(file, deadline, POLL)
 }
 
 /// `qiod_path`, else `qiod` on `PATH`, else `qiod` beside the current executable.
@@ -224,7 +166,7 @@ fn find_qiod(explicit: Option<&Path>) -> Result<PathBuf, Error> {
 }
 
 fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    qio_platform::process::is_executable(p)
 }
 
 /// The last non-empty line of the log, for the error message.
@@ -242,6 +184,7 @@ fn last_line(mut log: File) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_qiod_that_fails_at_once_is_reported_with_its_last_words() {

@@ -215,15 +215,16 @@ impl Builder {
     }
 
     /// Connects and checks the daemon exactly as [`Builder::connect`] does (no auto-start),
-    /// then hands over the socket itself, for a program that speaks the line protocol
-    /// directly (`qio raw`). Nothing has been read or written on it.
+    /// then hands over the socket itself (interprocess's local-socket stream), for a
+    /// program that speaks the line protocol directly (`qio raw`). Nothing has been read
+    /// or written on it.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), qio_client::Error> {
     /// let stream = qio_client::Client::builder().connect_raw().await?;
     /// # drop(stream); Ok(()) }
     /// ```
-    pub async fn connect_raw(self) -> Result<tokio::net::UnixStream, Error> {
+    pub async fn connect_raw(self) -> Result<crate::LocalStream, Error> {
         let socket = self
             .socket
             .clone()

@@ -14,12 +14,12 @@
 //! [`Builder::daemon_user`]: crate::Builder::daemon_user
 
 use crate::Error;
+use qio_platform::local::{self, Stream};
 use qio_platform::trust::{self, Rules};
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::net::UnixStream;
 
 /// How long a connection refused for a full backlog is retried.
 pub(crate) const BACKLOG_WAIT: Duration = Duration::from_secs(2);
@@ -79,13 +79,13 @@ pub(crate) fn check_folder(socket: &Path, rules: &Rules) -> Result<(), Error> {
 }
 
 /// The listening process behind `stream` per `rules`.
-pub(crate) fn check_peer(socket: &Path, stream: &UnixStream, rules: &Rules) -> Result<(), Error> {
-    let cred = stream.peer_cred().map_err(|e| connect_error(socket, e))?;
-    trust::check_peer(socket, cred.uid(), cred.pid(), rules).map_err(|e| untrusted(socket, e))
+pub(crate) fn check_peer(socket: &Path, stream: &Stream, rules: &Rules) -> Result<(), Error> {
+    let cred = local::peer(stream).map_err(|e| connect_error(socket, e))?;
+    trust::check_peer(socket, cred.uid, cred.pid, rules).map_err(|e| untrusted(socket, e))
 }
 
 /// Connects to `socket` and checks folder and peer; nothing has been sent when it returns.
-pub(crate) async fn connect_verified(socket: &Path, rules: &Rules) -> Result<UnixStream, Error> {
+pub(crate) async fn connect_verified(socket: &Path, rules: &Rules) -> Result<Stream, Error> {
     let (path, r) = (socket.to_owned(), rules.clone());
     tokio::task::spawn_blocking(move || check_folder(&path, &r))
         .await
@@ -93,9 +93,11 @@ pub(crate) async fn connect_verified(socket: &Path, rules: &Rules) -> Result<Uni
             socket: socket.to_owned(),
             source: io::Error::other(e.to_string()),
         })??;
-    let stream = retry_backlog(socket, BACKLOG_WAIT, |p: PathBuf| UnixStream::connect(p))
-        .await
-        .map_err(|e| connect_error(socket, e))?;
+    let stream = retry_backlog(socket, BACKLOG_WAIT, |p: PathBuf| async move {
+        local::connect(&p).await
+    })
+    .await
+    .map_err(|e| connect_error(socket, e))?;
     check_peer(socket, &stream, rules)?;
     Ok(stream)
 }
@@ -172,7 +174,8 @@ mod tests {
     }
 
     /// A listener whose backlog is full answers `EAGAIN` to a non-blocking connect, which
-    /// is what [`backlog_full`] recognises.
+    /// is what [`backlog_full`] recognises (and what interprocess's own connect would
+    /// hide, taking it for a connection in progress).
     #[tokio::test]
     async fn a_real_full_backlog_is_recognised() {
         use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
@@ -183,7 +186,7 @@ mod tests {
         rustix::net::listen(&fd, 0).unwrap();
         let mut held = Vec::new();
         let err = loop {
-            match UnixStream::connect(&path).await {
+            match local::connect(&path).await {
                 Ok(s) => held.push(s),
                 Err(e) => break e,
             }

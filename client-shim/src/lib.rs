@@ -109,6 +109,10 @@ pub use client::{Builder, Client, DEFAULT_SUBSCRIPTION_BUFFER};
 pub use error::Error;
 pub use qio_ipc::clean_path;
 pub use qio_ipc::code;
+/// The connection [`Builder::connect_raw`] hands over: interprocess's tokio local-socket
+/// stream (a Unix socket here). `qio_platform::local::split` splits it into halves whose
+/// `shutdown` half-closes.
+pub use qio_platform::local::Stream as LocalStream;
 pub use stream::{ConnectionEvents, Subscription};
 pub use types::{ConnectionEvent, Event, Handle, Reply};
 

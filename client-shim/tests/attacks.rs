@@ -906,3 +906,39 @@ async fn attack6_a_deleted_or_replaced_socket_stops_qiod() {
     assert!(socket.exists(), "the replacement was removed");
     drop(other);
 }
+
+/// A client whose pid namespace cannot see the daemon (a container with the host's socket
+/// mounted in) reads the daemon's pid as 0 in `SO_PEERCRED`. The daemon is trusted by its
+/// uid, as before the move to interprocess, whose own peer credentials refuse a zero pid
+/// (`qio` then said "connection reset").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_pid_the_client_cannot_see_is_still_reached() {
+    need_root();
+    let server = test_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    chmod(dir.path(), 0o700);
+    let socket = dir.path().join("qiod.sock");
+    let daemon = Daemon::start_at(&server.url(), &socket);
+    wait_until("the daemon listens", || listening(&socket));
+    let out = finish(
+        Command::new("unshare")
+            .args(["--pid", "--fork"])
+            .arg(env!("CARGO_BIN_EXE_qio"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("status")
+            .stdin(Stdio::null()),
+    );
+    assert!(
+        out.status.success(),
+        "qio in another pid namespace: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("state:"),
+        "{}",
+        text(&out.stdout)
+    );
+    daemon.stop().await;
+}

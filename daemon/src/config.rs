@@ -20,7 +20,7 @@ use crate::Settings;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use serde::Deserialize;
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -574,8 +574,10 @@ fn load_from(args: Args, default_file: Option<PathBuf>) -> Result<Config, Config
     };
     let socket = match args.socket.clone().or(file.socket) {
         Some(SocketPath(path)) => path,
-        // SAFETY: getuid has no preconditions and cannot fail.
-        None => socket::socket_path_from(&|key| std::env::var_os(key), unsafe { libc::getuid() }),
+        None => socket::socket_path_from(
+            &|key| std::env::var_os(key),
+            qio_platform::users::own_uid(),
+        ),
     };
 
     Ok(Config {
@@ -670,32 +672,7 @@ fn resolve_group(name: &str) -> Result<u32, String> {
 }
 
 fn group_id(name: &str) -> io::Result<Option<u32>> {
-    let Ok(cname) = CString::new(name) else {
-        return Ok(None);
-    };
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: a zeroed group is a valid out-value (null pointers, gid 0).
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: every pointer refers to a live local of the stated size.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        match rc {
-            0 => return Ok((!result.is_null()).then_some(grp.gr_gid)),
-            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
-            // Several C libraries report "no such group" as one of these.
-            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
-            _ => return Err(io::Error::from_raw_os_error(rc)),
-        }
-    }
+    qio_platform::users::gid_of(name)
 }
 
 #[cfg(test)]

@@ -17,7 +17,6 @@ pub mod socket;
 pub mod tls;
 
 use std::sync::Arc;
-use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,7 +45,7 @@ pub struct Reload {
 /// lines; removing the socket file is the caller's business.
 pub async fn run(
     settings: Settings,
-    listener: UnixListener,
+    listener: impl socket::IntoListener,
     shutdown: CancellationToken,
     reload: mpsc::Receiver<Reload>,
 ) -> anyhow::Result<()> {
@@ -85,11 +84,15 @@ pub struct Observer {
 /// both consistently.
 pub async fn run_with(
     settings: Settings,
-    listener: UnixListener,
+    listener: impl socket::IntoListener,
     shutdown: CancellationToken,
     mut reload: mpsc::Receiver<Reload>,
     observer: Observer,
 ) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = listener
+        .into_listener()
+        .context("cannot register the socket with the runtime")?;
     settings
         .ipc
         .validate()
@@ -326,7 +329,7 @@ mod tests {
             (Task::Accept, true),
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let listener = UnixListener::bind(dir.path().join("qiod.sock")).unwrap();
+            let listener = tokio::net::UnixListener::bind(dir.path().join("qiod.sock")).unwrap();
             let settings = Settings {
                 driver: driver::DriverConfig::new(session::SessionConfig::new(vec![url.clone()])),
                 ipc: ipc::IpcConfig::default(),

@@ -11,13 +11,13 @@ mod notify;
 
 use anyhow::Context;
 use clap::CommandFactory;
+use qio_platform::process::{Request, Signals};
 use qiod::config::{self, Args, Config};
 use qiod::demo;
 use qiod::socket::{self, SocketGuard};
 use std::io::IsTerminal;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::process::ExitCode;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
@@ -130,14 +130,13 @@ fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
     // Before the runtime starts threads: taking the systemd socket edits the environment.
     let (listener, guard) = listen(&config)?;
     // After the socket, so that a daemon that cannot start says only why.
-    if let Some(limit) = raise_nofile_limit() {
-        let clients = u64::try_from(config.settings.ipc.max_clients).unwrap_or(u64::MAX);
-        if clients > limit {
-            tracing::warn!(
-                "max_clients ({clients}) is above the open-file limit ({limit}); \
-                 connections beyond the limit will fail"
-            );
-        }
+    let limit = qio_platform::process::raise_nofile_limit();
+    let clients = u64::try_from(config.settings.ipc.max_clients).unwrap_or(u64::MAX);
+    if clients > limit {
+        tracing::warn!(
+            "max_clients ({clients}) is above the open-file limit ({limit}); \
+             connections beyond the limit will fail"
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -149,8 +148,13 @@ fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
     result
 }
 
+/// The socket to serve on: systemd's, else one bound at the configured path. Called
+/// before the runtime starts its threads.
 fn listen(config: &Config) -> anyhow::Result<(StdUnixListener, Option<SocketGuard>)> {
-    if let Some(listener) = socket::from_systemd() {
+    // SAFETY: `start` calls this before building the runtime, and nothing before it
+    // starts a thread (logging writes from the calling thread), so no thread can read
+    // the environment while the LISTEN_* variables are removed.
+    if let Some(listener) = unsafe { qio_platform::activation::from_systemd() } {
         tracing::info!("listening on the socket passed by systemd");
         return Ok((listener, None));
     }
@@ -171,17 +175,11 @@ async fn serve(
     filter: FilterHandle,
 ) -> anyhow::Result<()> {
     let socket = guard.map(SocketGuard::path);
-    listener
-        .set_nonblocking(true)
-        .context("cannot make the socket non-blocking")?;
-    let listener = tokio::net::UnixListener::from_std(listener)
+    // interprocess's listener, non-blocking and registered with this runtime.
+    let listener = qio_platform::local::listener_from_std(listener)
         .context("cannot register the socket with the runtime")?;
     // Registered before serving so that no signal arrives to the default (fatal) action.
-    let signals = Signals {
-        term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-        int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-        hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
-    };
+    let signals = Signals::new()?;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = mpsc::channel(4);
 
@@ -302,12 +300,6 @@ struct Running {
     demo_server: Option<Url>,
 }
 
-struct Signals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
-}
-
 /// SIGTERM/SIGINT stop the daemon (a second one during shutdown exits at once);
 /// SIGHUP reloads the configuration.
 async fn handle_signals(
@@ -318,10 +310,9 @@ async fn handle_signals(
     reload_tx: mpsc::Sender<qiod::Reload>,
 ) {
     loop {
-        let name = tokio::select! {
-            _ = signals.term.recv() => "SIGTERM",
-            _ = signals.int.recv() => "SIGINT",
-            _ = signals.hup.recv() => {
+        let name = match signals.next().await {
+            Request::Stop(name) => name,
+            Request::Reload => {
                 notify::reloading();
                 reload(&running, &filter, &reload_tx).await;
                 notify::reloaded();
@@ -391,34 +382,4 @@ async fn reload(running: &Running, filter: &FilterHandle, reload_tx: &mpsc::Send
     if reload_tx.send(qiod::Reload { servers }).await.is_err() {
         tracing::debug!("the daemon is stopping; reload not applied");
     }
-}
-
-/// Raises the soft open-file limit to the hard one, since every client is an fd; returns
-/// the limit in force. The limit is news (info) only when it cannot be raised; the caller
-/// warns when it is below max_clients.
-fn raise_nofile_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid rlimit to write into.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        let e = std::io::Error::last_os_error();
-        tracing::warn!("cannot read the open-file limit: {e}");
-        return None;
-    }
-    let old = lim.rlim_cur;
-    if old >= lim.rlim_max {
-        tracing::debug!("open-file limit: {old}");
-        return Some(old);
-    }
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: `lim` is a valid rlimit; raising the soft limit up to the hard one is allowed.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-        let e = std::io::Error::last_os_error();
-        tracing::warn!("cannot raise the open-file limit from {old}: {e}");
-        return Some(old);
-    }
-    tracing::debug!("open-file limit raised from {old} to {}", lim.rlim_cur);
-    Some(lim.rlim_cur)
 }

@@ -383,39 +383,16 @@ async fn stdout_closed() {
     let watched = std::thread::Builder::new()
         .name("stdout-watch".into())
         .spawn(move || {
-            if !stdout_is_pipe() {
+            if !qio_platform::process::stdout_is_pipe() {
                 return;
             }
-            let mut fd = libc::pollfd {
-                fd: libc::STDOUT_FILENO,
-                events: 0,
-                revents: 0,
-            };
-            loop {
-                // SAFETY: one valid pollfd, and its count.
-                let rc = unsafe { libc::poll(&mut fd, 1, -1) };
-                if rc > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-                    let _ = tx.send(());
-                    return;
-                }
-                if rc < 0
-                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-                {
-                    return;
-                }
+            if qio_platform::process::wait_stdout_closed().is_ok() {
+                let _ = tx.send(());
             }
         });
     if watched.is_err() || rx.await.is_err() {
         std::future::pending::<()>().await;
     }
-}
-
-fn stdout_is_pipe() -> bool {
-    // SAFETY: fstat fills the zeroed struct it is given.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::fstat(libc::STDOUT_FILENO, &mut st) };
-    let kind = st.st_mode & libc::S_IFMT;
-    rc == 0 && (kind == libc::S_IFIFO || kind == libc::S_IFSOCK)
 }
 
 /// The data to send, from the argument or stdin.
@@ -623,7 +600,7 @@ const RAW_QUIET: Duration = Duration::from_secs(1);
 
 async fn raw(socket: &Target) -> Outcome {
     let stream = socket.builder().connect_raw().await.map_err(lib_failure)?;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = qio_platform::local::split(stream);
     // stdin on a thread of its own: a blocking read must not hold up the exit.
     let (tx, mut input) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let _ = std::thread::Builder::new()

@@ -14,11 +14,10 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use qio_ipc::{events, Id, Op, RawRequest};
+use qio_platform::local::{self, Stream, WriteHalf as OwnedWriteHalf};
 use std::io::IoSlice;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
@@ -50,14 +49,14 @@ struct Conn {
 
 /// Serves one client until it leaves, is kicked, or the daemon stops.
 pub async fn serve_client(
-    stream: UnixStream,
+    stream: Stream,
     id: u64,
     hub: Arc<Hub>,
     session: SessionHandle,
     cfg: Arc<IpcConfig>,
     stop: CancellationToken,
 ) {
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = local::split(stream);
     let grace = cfg.client_close_grace;
     let client = Arc::new(ClientRef::new(
         id,
@@ -554,8 +553,8 @@ mod tests {
 
     #[tokio::test]
     async fn partial_writes_resume_where_they_stopped() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let (_ra, mut wa) = a.into_split();
+        let (a, b) = local::pair().unwrap();
+        let (_ra, mut wa) = local::split(a);
         let segments: Vec<Bytes> = (0..3000u32)
             .map(|i| Bytes::from(format!("{i:0>3000}\n")))
             .collect();

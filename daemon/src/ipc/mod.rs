@@ -1,4 +1,5 @@
-//! The IPC server: local processes speak line-JSON over a Unix socket.
+//! The IPC server: local processes speak line-JSON over the local socket
+//! ([`qio_platform::local`]: a Unix socket, through interprocess's types).
 
 /// What to do with a client whose outbound buffer is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +106,9 @@ mod peer;
 pub use hub::{run_notices, Hub};
 
 use crate::driver::SessionHandle;
+use qio_platform::local::{self, Listener};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -118,7 +119,7 @@ use tokio_util::task::TaskTracker;
 /// even if this loop itself fails; `clients` only counts the client tasks for
 /// `max_clients`.
 pub async fn serve(
-    listener: UnixListener,
+    listener: Listener,
     cfg: IpcConfig,
     session: SessionHandle,
     hub: Arc<Hub>,
@@ -128,8 +129,7 @@ pub async fn serve(
 ) {
     let cfg = Arc::new(cfg);
     let clients = TaskTracker::new();
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let own_uid = unsafe { libc::geteuid() };
+    let own_uid = qio_platform::users::own_euid();
     let mut next_id = 0u64;
     let gate = peer::Gate::new(own_uid, cfg.allowed_gids.clone(), cfg.refusal_log_interval);
     let mut flush = tokio::time::interval(gate.flush_interval().max(Duration::from_millis(1)));
@@ -141,10 +141,10 @@ pub async fn serve(
                 gate.flush();
                 continue;
             }
-            accepted = listener.accept() => accepted,
+            accepted = local::accept(&listener) => accepted,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok(stream) => stream,
             Err(e) => {
                 // Usually EMFILE: wait a little rather than spin, the clients will leave.
                 tracing::warn!("accepting a local client failed: {e}");

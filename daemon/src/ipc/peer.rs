@@ -3,17 +3,17 @@
 //!
 //! A user outside `allowed_groups` can connect in a loop as fast as the kernel lets him.
 //! Each refusal must therefore cost almost nothing: the decision comes from the
-//! connection's own credentials (`SO_PEERCRED`, `SO_PEERGROUPS`), the group database is
+//! connection's own credentials (`SO_PEERCRED`, `SO_PEERGROUPS`, read by
+//! [`qio_platform::local`]), the group database is
 //! asked only where the kernel cannot give the groups, on a blocking thread, through a
 //! small cache; and the log gets one line per uid per `refusal_log_interval`, the others
 //! counted and reported when the interval ends.
 
 use crate::socket::{self, PeerVerdict};
+use qio_platform::local::{self, Stream};
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::net::UnixStream;
 
 /// Uids whose refusals are counted separately; past it they are counted together.
 const MAX_TRACKED_UIDS: usize = 1024;
@@ -55,20 +55,18 @@ impl Gate {
     }
 
     /// Decides on `stream` from its credentials alone; never blocks.
-    pub(crate) fn check(&self, stream: &UnixStream) -> Door {
-        let cred = match stream.peer_cred() {
+    pub(crate) fn check(&self, stream: &Stream) -> Door {
+        let cred = match local::peer(stream) {
             Ok(cred) => cred,
             Err(e) => {
                 tracing::warn!("refused a local client whose credentials cannot be read: {e}");
                 return Door::Shut;
             }
         };
-        let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+        let (uid, gid, pid) = (cred.uid, cred.gid, cred.pid);
         // Asked only when the uid and primary group are not enough.
         let needs_groups = uid != self.own_uid && uid != 0 && !self.allowed_gids.is_empty();
-        let groups = needs_groups
-            .then(|| socket::peer_groups(stream.as_fd()))
-            .flatten();
+        let groups = needs_groups.then(|| local::peer_groups(stream)).flatten();
         match socket::peer_verdict(
             uid,
             gid,
@@ -277,8 +275,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_peer_of_our_own_uid_is_let_in_from_its_credentials() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        let own = rustix::process::geteuid().as_raw();
+        let (a, _b) = local::pair().unwrap();
+        let own = qio_platform::users::own_euid();
         let gate = Gate::new(own, Vec::new(), Duration::from_secs(60));
         assert!(matches!(gate.check(&a), Door::Open));
         let gate = Gate::new(own.wrapping_add(1), Vec::new(), Duration::from_secs(60));

@@ -20,6 +20,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -248,7 +249,7 @@ impl Rules {
 
 /// The real uid of this process.
 pub fn own_uid() -> u32 {
-    rustix::process::getuid().as_raw()
+    crate::users::own_uid()
 }
 
 /// An opened, checked folder: the socket goes (or is) in it.
@@ -512,31 +513,48 @@ pub fn client_rules(daemon_user: Option<&str>) -> Rules {
 
 /// The uid of the user `name`, from the user database.
 pub fn uid_of(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    let mut buf: Vec<libc::c_char> = vec![0; 1024];
-    loop {
-        // SAFETY: zeroed passwd is a valid out-value (null pointers, zero ids).
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer refers to a live local of the right size.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 || result.is_null() {
-            return None;
-        }
-        return Some(pwd.pw_uid);
+    crate::users::uid_of(name)
+}
+
+/// Opens (creating, 0600) `name` in `folder` for reading and writing, never through a
+/// symlink, and only if what it opened is a regular file of ours with no other link: a
+/// planted symlink or hard link to someone's file is refused, not truncated. The error
+/// is a message naming `shown`.
+pub fn open_private(folder: &Folder, name: &Path, shown: &Path) -> Result<File, String> {
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let fd =
+        rustix::fs::openat(&folder.fd, name, flags, Mode::from_raw_mode(0o600)).map_err(|e| {
+            if e == rustix::io::Errno::LOOP {
+                format!(
+                    "{} is a symlink; refusing to open it: remove it",
+                    shown.display()
+                )
+            } else {
+                format!("cannot open {}: {}", shown.display(), io::Error::from(e))
+            }
+        })?;
+    let st =
+        rustix::fs::fstat(&fd).map_err(|e| format!("cannot inspect {}: {e}", shown.display()))?;
+    let own = own_uid();
+    let regular = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile;
+    if !regular || st.st_uid != own || st.st_nlink != 1 {
+        return Err(format!(
+            "{} is not a plain file of ours (owner uid {}, {} links{}); refusing to use it: \
+             remove it",
+            shown.display(),
+            st.st_uid,
+            st.st_nlink,
+            if regular { "" } else { ", not a regular file" }
+        ));
     }
+    Ok(File::from(fd))
+}
+
+/// Empties a file [`open_private`] returned and makes it 0600, whatever the umask left.
+pub fn empty_private(file: &File, shown: &Path) -> Result<(), String> {
+    rustix::fs::ftruncate(file, 0).map_err(|e| format!("cannot empty {}: {e}", shown.display()))?;
+    rustix::fs::fchmod(file, Mode::from_raw_mode(0o600))
+        .map_err(|e| format!("cannot chmod {}: {e}", shown.display()))
 }
 
 /// The device and inode of `name` in `folder`, not following a symlink.
