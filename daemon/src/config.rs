@@ -48,7 +48,7 @@ See also: qio(1), the client; man qiod.";
 
 /// What `-h` adds below the common options: where the rest is, and the exit codes.
 const AFTER_SHORT_HELP: &str = "\
-Try it without a server: qiod --demo, then qio sub /demo/tick in another terminal.
+No server to try it with? In qiod's source tree, cargo run --bin qiod-demo brings one.
 qiod --help lists every option (timing, bounds), their defaults and QIOD_* variables.
 
 Exit codes: 0 clean shutdown, 1 could not start or failed, 2 configuration or usage error";
@@ -217,11 +217,6 @@ pub struct Args {
         help_heading = ACCESS
     )]
     pub allowed_groups: Vec<String>,
-    /// Try qiod without a server: run a Quick.IO test server in-process on a free loopback
-    /// port, use it as the only server, broadcast a counter on /demo/tick every 500 ms and ask
-    /// the subscribers of /demo/question a question every 2 s
-    #[arg(long, display_order = 0)]
-    pub demo: bool,
 }
 
 /// Keeps `-h` to the options most runs need, and gives `--help` each option's default
@@ -474,12 +469,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Whether `--demo` was given: the binary then starts a test server and uses it as the
-    /// only server, whatever `servers` says.
-    pub fn demo(&self) -> bool {
-        self.args.demo
-    }
-
     /// Loads the configuration again (for SIGHUP): the file and environment are read
     /// anew, the command line is the one the daemon started with.
     pub fn reload(&self) -> Result<Config, ConfigError> {
@@ -583,8 +572,7 @@ fn load_from(
     }
 
     let servers = layers.servers()?;
-    // The demo supplies its own server once it has started it.
-    if servers.is_empty() && !args.demo {
+    if servers.is_empty() {
         let file = explicit
             .or(default_file)
             .map(|p| p.display().to_string())
@@ -1578,13 +1566,6 @@ mod tests {
         let path = write(&dir, "servers = []\n");
         let err = load_env(args_with_file(&path), &[]).unwrap_err();
         assert!(matches!(err, ConfigError::NoServers { .. }), "{err}");
-    }
-
-    #[test]
-    fn demo_needs_no_server() {
-        let args = Args::try_parse_from(["qiod", "--demo"]).unwrap();
-        let cfg = load_env(args, &[]).unwrap();
-        assert!(cfg.settings.driver.session.servers.is_empty());
     }
 
     #[test]

@@ -7,7 +7,6 @@
 
 pub mod codec;
 pub mod config;
-pub mod demo;
 pub mod driver;
 pub mod ipc;
 pub mod longpoll;

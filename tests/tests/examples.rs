@@ -249,17 +249,17 @@ async fn python_answer_requests_answers_the_server() {
     daemon.stop().await;
 }
 
-/// README and examples/README show answer_requests.py against `qiod --demo`: the demo's
+/// README and examples/README show answer_requests.py against `qiod-demo`: the demo's
 /// server asks the subscribers of /demo/question, the script answers, the server gets it.
 #[tokio::test]
 async fn python_answer_requests_answers_the_demo_question() {
-    use qiod::demo::{Demo, Timing, QUESTION_PATH};
+    use qio_testserver::demo::{Demo, Timing, QUESTION_PATH};
     let timing = Timing {
         tick: Duration::from_secs(3600),
         question: Duration::from_millis(20),
     };
     let demo = Demo::start_with(timing).await.expect("the demo starts");
-    let daemon = Daemon::start(demo.url().as_str()).await;
+    let daemon = Daemon::start(&demo.url()).await;
     let mut ex = Example::start(
         &daemon,
         "python3",
