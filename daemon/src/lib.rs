@@ -9,6 +9,7 @@ pub mod codec;
 pub mod config;
 pub mod driver;
 pub mod ipc;
+pub mod json;
 pub mod longpoll;
 mod repeats;
 pub mod session;
