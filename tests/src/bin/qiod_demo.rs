@@ -20,11 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// Runs qiod against its own Quick.IO test server: a counter on /demo/tick every 500 ms and
 /// a question to the subscribers of /demo/question every 2 s.
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about,
-    after_help = "Then, in another terminal: qio sub /demo/tick"
-)]
+#[command(version, after_help = "Then, in another terminal: qio sub /demo/tick")]
 struct Args {
     /// Unix socket for local clients (default: where qiod and qio look,
     /// $XDG_RUNTIME_DIR/qiod/qiod.sock or /tmp/qiod-<uid>/qiod.sock)
