@@ -13,17 +13,17 @@ wait_socket() { for _ in $(seq 1200); do [ -S "$1" ] && return 0; sleep 0.05; do
 # README's one build. Every later command names a binary, not a package, so cargo resolves
 # features for the whole workspace each time and must find everything built already:
 # a `Compiling` line from the client's first run means README's promise is broken.
-cargo build -q --locked --bin qiod --bin qio
+cargo build -q --locked --bin qiod-demo --bin qio
 cargo run --locked --bin qio -- --help >/dev/null 2>"$tmp/first-qio.log" || fail "qio --help"
 if grep -q Compiling "$tmp/first-qio.log"; then
   fail "README's second command compiled again: $(grep Compiling "$tmp/first-qio.log" | tr '\n' ' ')"
 fi
-cargo build -q --locked --bin qio-testserver
+cargo build -q --locked --bin qio-testserver --bin qiod
 qio() { cargo run -q --locked --bin qio -- "$@"; }
 
 echo "== the demo"
 sock="$tmp/qiod-demo.sock"
-cargo run -q --locked --bin qiod -- --demo --socket "$sock" >"$tmp/demo.log" 2>&1 &
+cargo run -q --locked --bin qiod-demo -- --socket "$sock" >"$tmp/demo.log" 2>&1 &
 pids+=($!)
 wait_socket "$sock"
 ticks=$(qio --socket "$sock" sub /demo/tick --count 2)

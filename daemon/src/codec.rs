@@ -6,6 +6,9 @@
 //! Nothing here touches a socket, so every rule of the wire format is unit tested in
 //! isolation, including hostile input.
 
+use crate::json;
+// The path rule is shared with the local protocol; its one copy is in that crate.
+use qio_ipc::clean_path;
 use serde_json::value::RawValue;
 use thiserror::Error;
 
@@ -101,9 +104,9 @@ impl Dialect {
     /// The frame that subscribes to `path`; `data` only exists in 0.2.
     pub fn subscribe(self, cb: u64, path: &str, data: Option<&RawValue>) -> String {
         match (self, data) {
-            (Dialect::V02, None) => encode("/qio/on", cb, &json_string(path)),
+            (Dialect::V02, None) => encode("/qio/on", cb, &json::string(path)),
             (Dialect::V02, Some(d)) => {
-                format!("/qio/on:{cb}=[{},{}]", json_string(path).get(), d.get())
+                format!("/qio/on:{cb}=[{},{}]", json::string(path).get(), d.get())
             }
             (Dialect::V01, _) => format!("/qio/sub:{cb}:plain={path}"),
         }
@@ -112,7 +115,7 @@ impl Dialect {
     /// The frame that unsubscribes from `path`, asking for no callback.
     pub fn unsubscribe(self, path: &str) -> String {
         match self {
-            Dialect::V02 => encode("/qio/off", 0, &json_string(path)),
+            Dialect::V02 => encode("/qio/off", 0, &json::string(path)),
             Dialect::V01 => format!("/qio/unsub:0:plain={path}"),
         }
     }
@@ -131,7 +134,7 @@ fn decode_v01(text: &str) -> Result<Frame, DecodeError> {
         return Err(DecodeError::EmptyPath);
     }
     let data = match kind {
-        "plain" => json_string(data),
+        "plain" => json::string(data),
         "json" => raw_json(data)?,
         other => return Err(DecodeError::BadType(truncate(other))),
     };
@@ -162,8 +165,6 @@ fn parse_cb(cb: &str) -> Result<u64, DecodeError> {
         .map_err(|_| DecodeError::BadCallbackId(truncate(cb)))
 }
 
-pub use qio_ipc::clean_path;
-
 /// Decodes one `<path>:<cb>=<json>` text frame.
 pub fn decode(text: &str) -> Result<Frame, DecodeError> {
     let (raw_path, rest) = text.split_once(':').ok_or(DecodeError::MissingColon)?;
@@ -189,17 +190,6 @@ pub fn encode(path: &str, cb: u64, data: &RawValue) -> String {
     out
 }
 
-/// The JSON `null`, used where a frame carries no data.
-pub fn null() -> Box<RawValue> {
-    // A literal that is valid JSON by construction.
-    RawValue::from_string("null".to_owned()).expect("null is valid JSON")
-}
-
-/// Wraps a string as a JSON string value.
-pub fn json_string(s: &str) -> Box<RawValue> {
-    serde_json::value::to_raw_value(s).expect("a string always serializes")
-}
-
 /// Keeps error messages short when the server sends something huge.
 fn truncate(s: &str) -> String {
     s.chars().take(32).collect()
@@ -208,24 +198,6 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn clean_path_table() {
-        let cases = [
-            ("/app/user/new", "/app/user/new"),
-            ("/app/@user/(new)>>>>", "/app/user/new"),
-            ("//a//b/", "/a/b"),
-            ("a/b", "/a/b"),
-            ("", "/"),
-            ("///", "/"),
-            ("/qio/callback/12", "/qio/callback/12"),
-            ("/ünï/çödé", "/n/d"),
-            ("/with space/and-dash_1", "/withspace/and-dash_1"),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(clean_path(raw), want, "clean_path({raw:?})");
-        }
-    }
 
     #[test]
     fn decode_valid_frames() {

@@ -51,7 +51,7 @@ See also: qio(1), the client; man qiod.";
 
 /// What `-h` adds below the common options: where the rest is, and the exit codes.
 const AFTER_SHORT_HELP: &str = "\
-Try it without a server: qiod --demo, then qio sub /demo/tick in another terminal.
+No server to try it with? In qiod's source tree, cargo run --bin qiod-demo brings one.
 qiod --help lists every option (timing, bounds), their defaults and QIOD_* variables.
 
 Exit codes: 0 clean shutdown, 1 could not start or failed, 2 configuration or usage error";
@@ -224,12 +224,6 @@ pub struct Args {
     )]
     #[serde(deserialize_with = "list")]
     pub allowed_groups: Vec<Group>,
-    /// Try qiod without a server: run a Quick.IO test server in-process on a free loopback
-    /// port, use it as the only server, broadcast a counter on /demo/tick every 500 ms and ask
-    /// the subscribers of /demo/question a question every 2 s
-    #[arg(long, display_order = 0)]
-    #[serde(skip)]
-    pub demo: bool,
     /// Where each value the command line set came from (its flag or its variable), by key;
     /// filled by [`Args::from_command_line`], for messages about values checked later.
     #[arg(skip)]
@@ -484,12 +478,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// Whether `--demo` was given: the binary then starts a test server and uses it as the
-    /// only server, whatever `servers` says.
-    pub fn demo(&self) -> bool {
-        self.args.demo
-    }
-
     /// Where `key`'s value came from, for a message about a value checked after loading
     /// (the CA file's contents): the command line's record, else the file. A value in
     /// hand-built [`Args`] without a file counts as its flag's.
@@ -549,8 +537,7 @@ fn load_from(args: Args, default_file: Option<PathBuf>) -> Result<Config, Config
         .into_iter()
         .map(|s| s.0)
         .collect();
-    // The demo supplies its own server once it has started it.
-    if servers.is_empty() && !args.demo {
+    if servers.is_empty() {
         let file = args
             .config
             .clone()
@@ -574,10 +561,9 @@ fn load_from(args: Args, default_file: Option<PathBuf>) -> Result<Config, Config
     };
     let socket = match args.socket.clone().or(file.socket) {
         Some(SocketPath(path)) => path,
-        None => socket::socket_path_from(
-            &|key| std::env::var_os(key),
-            qio_platform::users::own_uid(),
-        ),
+        None => {
+            socket::socket_path_from(&|key| std::env::var_os(key), qio_platform::users::own_uid())
+        }
     };
 
     Ok(Config {
@@ -641,7 +627,7 @@ fn read_file(
 
 /// Whether `key` is one of the file's: every option but those of the command line alone.
 fn is_file_key(key: &str) -> bool {
-    !matches!(key, "config" | "demo")
+    key != "config"
         && Args::command()
             .get_arguments()
             .any(|arg| arg.get_id() == key)
@@ -933,7 +919,7 @@ mod tests {
         assert!(msg.contains("pingtimeout_ms"), "{msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");
         // Nor are the command line's own options keys of the file.
-        let path = write(&dir, "servers = ['ws://h:1/']\ndemo = true\n");
+        let path = write(&dir, "servers = ['ws://h:1/']\nconfig = 'x.toml'\n");
         assert!(matches!(
             load_file(&path).unwrap_err(),
             ConfigError::Syntax { line: 2, .. }
@@ -1007,7 +993,10 @@ mod tests {
         assert_eq!(s.fire_and_forget, FireAndForget::AtLeastOnce);
         assert!(s.allow_insecure_move);
         assert_eq!(s.stable_after, Duration::from_millis(250));
-        assert_eq!(cfg.settings.driver.session.transport, TransportChoice::LongPoll);
+        assert_eq!(
+            cfg.settings.driver.session.transport,
+            TransportChoice::LongPoll
+        );
         let path = write(
             &dir,
             "servers = ['ws://h:1/']\nallow_insecure_move = 'no'\n",
@@ -1040,7 +1029,7 @@ mod tests {
         let keys: Vec<String> = Args::command()
             .get_arguments()
             .map(|a| a.get_id().to_string())
-            .filter(|k| !matches!(k.as_str(), "config" | "demo" | "help" | "version"))
+            .filter(|k| !matches!(k.as_str(), "config" | "help" | "version"))
             .collect();
         assert!(keys.len() > 30, "{keys:?}");
         for key in keys {
@@ -1121,13 +1110,6 @@ mod tests {
         let path = write(&dir, "servers = []\n");
         let err = load_file(&path).unwrap_err();
         assert!(matches!(err, ConfigError::NoServers { .. }), "{err}");
-    }
-
-    #[test]
-    fn demo_needs_no_server() {
-        let cfg = load_args(&["--demo"]).unwrap();
-        assert!(cfg.demo());
-        assert!(cfg.settings.driver.session.servers.is_empty());
     }
 
     #[test]

@@ -7,9 +7,9 @@
 
 pub mod codec;
 pub mod config;
-pub mod demo;
 pub mod driver;
 pub mod ipc;
+pub mod json;
 pub mod longpoll;
 mod repeats;
 pub mod session;

@@ -4,7 +4,8 @@
 //! stderr), 1 for anything else that stops the daemon.
 //!
 //! Under systemd (`Type=notify`, see `systemd/`) it reports readiness, status and watchdog
-//! keep-alives ([`notify`]); `--demo` brings its own Quick.IO server ([`qiod::demo`]).
+//! keep-alives ([`notify`]). The demo (qiod with its own Quick.IO server) is the test server
+//! crate's `qiod-demo` binary, so this one links no server.
 
 mod assets;
 mod notify;
@@ -13,7 +14,6 @@ use anyhow::Context;
 use clap::CommandFactory;
 use qio_platform::process::{Request, Signals};
 use qiod::config::{self, Args, Config};
-use qiod::demo;
 use qiod::socket::{self, SocketGuard};
 use std::io::IsTerminal;
 use std::os::unix::net::UnixListener as StdUnixListener;
@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
-use url::Url;
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
@@ -169,12 +168,11 @@ fn listen(config: &Config) -> anyhow::Result<(StdUnixListener, Option<SocketGuar
 /// Runs the daemon on `listener`; `guard` is its socket file when we bound it ourselves
 /// (not when systemd passed it).
 async fn serve(
-    mut config: Config,
+    config: Config,
     listener: StdUnixListener,
     guard: Option<&SocketGuard>,
     filter: FilterHandle,
 ) -> anyhow::Result<()> {
-    let socket = guard.map(SocketGuard::path);
     // interprocess's listener, non-blocking and registered with this runtime.
     let listener = qio_platform::local::listener_from_std(listener)
         .context("cannot register the socket with the runtime")?;
@@ -182,15 +180,6 @@ async fn serve(
     let signals = Signals::new()?;
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = mpsc::channel(4);
-
-    let demo = if config.demo() {
-        let demo = demo::Demo::start().await?;
-        config.settings.driver.session.servers = vec![demo.url().clone()];
-        demo.announce(socket);
-        Some(demo)
-    } else {
-        None
-    };
 
     let servers: Vec<&str> = config
         .settings
@@ -231,10 +220,7 @@ async fn serve(
     let check_every = settings.ipc.socket_check_interval;
     let signal_task = tokio::spawn(handle_signals(
         signals,
-        Running {
-            config,
-            demo_server: demo.as_ref().map(|d| d.url().clone()),
-        },
+        config,
         filter,
         shutdown.clone(),
         reload_tx,
@@ -255,9 +241,6 @@ async fn serve(
     if let Some(task) = notify_task {
         // It sends STOPPING=1 on the cancellation above and ends.
         let _ = task.await;
-    }
-    if let Some(demo) = demo {
-        demo.stop().await;
     }
     match &result {
         Ok(()) => tracing::info!("stopped"),
@@ -293,18 +276,11 @@ async fn watch_socket(guard: Option<&SocketGuard>, every: std::time::Duration) -
 /// (the line shows a later one soon enough).
 const STATE_BACKLOG: usize = 64;
 
-/// The configuration in force and what `--demo` put in place of the servers, which a
-/// reload must keep: the file's servers (if any) are not the demo's.
-struct Running {
-    config: Config,
-    demo_server: Option<Url>,
-}
-
 /// SIGTERM/SIGINT stop the daemon (a second one during shutdown exits at once);
 /// SIGHUP reloads the configuration.
 async fn handle_signals(
     mut signals: Signals,
-    running: Running,
+    running: Config,
     filter: FilterHandle,
     shutdown: CancellationToken,
     reload_tx: mpsc::Sender<qiod::Reload>,
@@ -330,9 +306,9 @@ async fn handle_signals(
 
 /// Applies what a reload can change while running (servers, log filter) and says which
 /// other changes wait for a restart. A bad configuration keeps the running one.
-async fn reload(running: &Running, filter: &FilterHandle, reload_tx: &mpsc::Sender<qiod::Reload>) {
+async fn reload(running: &Config, filter: &FilterHandle, reload_tx: &mpsc::Sender<qiod::Reload>) {
     tracing::info!("SIGHUP: reloading the configuration");
-    let current = running.config.clone();
+    let current = running.clone();
     // Group names may be resolved over the network (NSS) and the CA file is read, so off
     // the async threads.
     let reloaded = move || {
@@ -363,17 +339,14 @@ async fn reload(running: &Running, filter: &FilterHandle, reload_tx: &mpsc::Send
             Err(e) => tracing::warn!("log: {:?} is not a log filter: {e}", new.log),
         }
     }
-    let restart = running.config.needs_restart(&new);
+    let restart = running.needs_restart(&new);
     if !restart.is_empty() {
         tracing::warn!(
             "changes to {} take effect at the next start",
             restart.join(", ")
         );
     }
-    let servers = match &running.demo_server {
-        Some(demo) => vec![demo.clone()],
-        None => new.settings.driver.session.servers.clone(),
-    };
+    let servers = new.settings.driver.session.servers.clone();
     tracing::info!(
         servers = ?servers.iter().map(|u| u.as_str()).collect::<Vec<_>>(),
         log = %new.log,

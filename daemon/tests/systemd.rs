@@ -1,5 +1,5 @@
 //! The `qiod` binary under a service manager, as systemd runs it: socket activation,
-//! `sd_notify` readiness, status, watchdog and stopping, and `--demo`.
+//! `sd_notify` readiness, status, watchdog and stopping.
 //!
 //! No systemd is needed: each test plays its part (passes the socket, listens on the
 //! notification socket) the way `sd_listen_fds(3)` and `sd_notify(3)` describe it.
@@ -396,38 +396,4 @@ async fn a_stalled_server_does_not_starve_the_watchdog() {
     qiod.signal(libc::SIGTERM);
     notes.expect("STOPPING=1", |l| l == "STOPPING=1").await;
     assert!(qiod.wait_exit().await.success());
-}
-
-#[tokio::test]
-async fn demo_broadcasts_ticks_without_a_server_setting() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket: PathBuf = dir.path().join("demo.sock");
-    let mut cmd = Qiod::command(dir.path());
-    cmd.arg("--demo")
-        .arg("--socket")
-        .arg(&socket)
-        .env_remove("QIOD_SERVER");
-    let mut qiod = Qiod::spawn(cmd, dir.path());
-
-    let mut client = Client::connect(&socket).await;
-    client
-        .send(json!({"op": "on", "path": "/demo/tick", "id": 1}))
-        .await;
-    let answer = client
-        .until("the subscription's answer", |v| v["id"] == 1)
-        .await;
-    // 202 when the client came before the daemon's connection opened: held, then asked.
-    assert!(answer["code"] == 200 || answer["code"] == 202, "{answer}");
-    let is_tick = |v: &Value| v["event"] == "/demo/tick";
-    let first = client.until("a tick", is_tick).await;
-    let second = client.until("a second tick", is_tick).await;
-    let (a, b) = (first["data"].as_u64(), second["data"].as_u64());
-    assert!(
-        matches!((a, b), (Some(a), Some(b)) if b > a),
-        "a counter: {first} then {second}"
-    );
-
-    qiod.signal(libc::SIGINT);
-    assert!(qiod.wait_exit().await.success());
-    assert!(!socket.exists(), "the socket file is removed on exit");
 }

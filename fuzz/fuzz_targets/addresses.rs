@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use qiod::codec::clean_path;
+use qio_ipc::clean_path;
 use qiod::session::{parse_server_url, resolve_move, CbHandle};
 
 fuzz_target!(|data: &[u8]| {

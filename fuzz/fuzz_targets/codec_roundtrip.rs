@@ -9,7 +9,8 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use qiod::codec::{clean_path, Dialect};
+use qio_ipc::clean_path;
+use qiod::codec::Dialect;
 use serde_json::value::RawValue;
 use serde_json::Value;
 

@@ -2,7 +2,8 @@
 //! decode of an encoded frame must give back in each dialect.
 #![allow(dead_code)]
 
-use qiod::codec::{clean_path, Dialect, Frame};
+use qio_ipc::clean_path;
+use qiod::codec::{Dialect, Frame};
 use serde_json::value::RawValue;
 
 /// Whatever the input, a decoded frame has a clean, non-empty path and one-line JSON data.

@@ -95,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = Instant::now();
     let mut s: Session<u64> = Session::new(cfg, 7, now).expect("session");
     let mut h = Harness::default();
-    let null = codec::null();
+    let null = qiod::json::null();
     let sub_data = RawValue::from_string("123".into()).expect("json");
     h.drain(&mut s);
     for line in script.split('\n').take(512) {
@@ -125,7 +125,7 @@ fuzz_target!(|data: &[u8]| {
                 let gen = h.issued;
                 h.replies.insert(gen, 1);
                 h.wanted.insert(gen);
-                if let Some(old) = h.latest.insert(codec::clean_path(arg), gen) {
+                if let Some(old) = h.latest.insert(qio_ipc::clean_path(arg), gen) {
                     // A newer want takes over the path; the older one is never answered.
                     h.wanted.remove(&old);
                 }
@@ -133,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
                 s.want(arg, data, gen);
             }
             'u' => {
-                if let Some(gen) = h.latest.remove(&codec::clean_path(arg)) {
+                if let Some(gen) = h.latest.remove(&qio_ipc::clean_path(arg)) {
                     h.wanted.remove(&gen);
                     s.unwant(arg, gen);
                 }

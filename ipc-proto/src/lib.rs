@@ -440,6 +440,24 @@ mod tests {
     }
 
     #[test]
+    fn clean_path_table() {
+        let cases = [
+            ("/app/user/new", "/app/user/new"),
+            ("/app/@user/(new)>>>>", "/app/user/new"),
+            ("//a//b/", "/a/b"),
+            ("a/b", "/a/b"),
+            ("", "/"),
+            ("///", "/"),
+            ("/qio/callback/12", "/qio/callback/12"),
+            ("/ünï/çödé", "/n/d"),
+            ("/with space/and-dash_1", "/withspace/and-dash_1"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(clean_path(raw), want, "clean_path({raw:?})");
+        }
+    }
+
+    #[test]
     fn good_requests() {
         let r = parse(r#"{"op":"send","path":"/app/login","data":{"a":[1, 2]},"id":1}"#).unwrap();
         assert_eq!(

@@ -32,13 +32,14 @@
 //! [`Dialect`]); `ws` is the 0.2 server's own WebSocket framing; `handshake` holds both
 //! dialects' HTTP upgrade checks and answers; `conn`
 //! runs one connection; `app` is the conformance app; `server` holds the shared state and the
-//! control API.
+//! control API; [`demo`] is the `qiod-demo` binary's server (a counter and questions).
 
 #![deny(missing_docs)]
 
 mod app;
 pub mod codec;
 mod conn;
+pub mod demo;
 mod handshake;
 mod longpoll;
 pub mod proxy;

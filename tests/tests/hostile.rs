@@ -13,7 +13,8 @@ mod common;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use qiod::codec::{clean_path, Dialect};
+use qio_ipc::clean_path;
+use qiod::codec::Dialect;
 use qiod::session::DialectChoice;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};

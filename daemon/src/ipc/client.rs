@@ -6,14 +6,14 @@ use super::hub::{
 use super::lines::{Line, LineDecoder};
 use super::outbox::Outbox;
 use super::IpcConfig;
-use crate::codec;
 use crate::driver::SessionHandle;
+use crate::json;
 use crate::session::{code, CbHandle, Outcome};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use qio_ipc::{events, Id, Op, RawRequest};
+use qio_ipc::{clean_path, events, Id, Op, RawRequest};
 use qio_platform::local::{self, Stream, WriteHalf as OwnedWriteHalf};
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -289,7 +289,7 @@ impl Conn {
 
     async fn op_send(&mut self, req: RawRequest) {
         let path = req.path.unwrap_or_default();
-        let data = req.data.unwrap_or_else(codec::null);
+        let data = req.data.unwrap_or_else(json::null);
         match req.id {
             Some(id) => {
                 if !self.may_wait(&id, Op::Send, &path) {
@@ -306,7 +306,7 @@ impl Conn {
             }
             None => {
                 if let Err(e) = self.session.emit_from(self.client.id, &path, data).await {
-                    let path = codec::clean_path(&path);
+                    let path = clean_path(&path);
                     self.fail(None, Some(Op::Send), Some(&path), e.code(), e.to_string());
                 }
             }
@@ -315,7 +315,7 @@ impl Conn {
 
     async fn op_callback(&mut self, req: RawRequest) {
         let raw = req.cb.unwrap_or_default();
-        let data = req.data.unwrap_or_else(codec::null);
+        let data = req.data.unwrap_or_else(json::null);
         let handle: CbHandle = match raw.parse() {
             Ok(h) => h,
             Err(msg) => return self.fail(req.id, Some(Op::Callback), None, code::BAD_REQUEST, msg),
@@ -355,7 +355,7 @@ impl Conn {
 
     async fn op_on(&mut self, req: RawRequest) {
         let op = req.op;
-        let path = codec::clean_path(&req.path.unwrap_or_default());
+        let path = clean_path(&req.path.unwrap_or_default());
         if RESERVED.contains(&path.as_str()) {
             let msg = format!("{path} is reserved for the daemon's own connection events");
             return self.fail(req.id, Some(op), Some(&path), code::BAD_REQUEST, msg);
@@ -390,7 +390,7 @@ impl Conn {
     }
 
     async fn op_off(&mut self, req: RawRequest) {
-        let path = codec::clean_path(&req.path.unwrap_or_default());
+        let path = clean_path(&req.path.unwrap_or_default());
         if let Some(off) = self.hub.unsubscribe(self.client.id, &path) {
             unwant(&self.session, vec![off]).await;
         }

@@ -988,7 +988,7 @@ pub fn error_event(op: Option<&str>, path: Option<&str>, outcome: &Outcome) -> B
 
 /// Serializes a value the daemon built itself (never fails for these types).
 pub fn to_raw<T: serde::Serialize>(v: &T) -> Box<RawValue> {
-    serde_json::value::to_raw_value(v).unwrap_or_else(|_| crate::codec::null())
+    serde_json::value::to_raw_value(v).unwrap_or_else(|_| crate::json::null())
 }
 
 #[cfg(test)]

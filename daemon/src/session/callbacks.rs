@@ -76,7 +76,7 @@ impl<T> Session<T> {
             return if frame.data.get() == "\"qio_error\"" {
                 Outcome {
                     code: 500,
-                    data: codec::null(),
+                    data: crate::json::null(),
                     err_msg: Some("qio_error".into()),
                     cb,
                 }
@@ -92,7 +92,7 @@ impl<T> Session<T> {
         match serde_json::from_str::<Envelope>(frame.data.get()) {
             Ok(env) => Outcome {
                 code: env.code,
-                data: env.data.unwrap_or_else(codec::null),
+                data: env.data.unwrap_or_else(crate::json::null),
                 err_msg: env.err_msg.and_then(|m| match m {
                     serde_json::Value::Null => None,
                     serde_json::Value::String(s) => Some(s),

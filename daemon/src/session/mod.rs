@@ -287,7 +287,7 @@ impl<T> Session<T> {
                     self.heartbeat_at = None;
                     self.ping_deadline = Some(now + self.cfg.ping_timeout);
                     let id = self.alloc_cb(Pending::Ping);
-                    self.send("/qio/ping", id, &codec::null());
+                    self.send("/qio/ping", id, &crate::json::null());
                 } else if self.confirm_at.is_some_and(|d| d <= now) {
                     // Fire-and-forget events have no answer: a ping's answer proves the
                     // server read them. Until then they are kept, to be sent again if the
@@ -298,7 +298,7 @@ impl<T> Session<T> {
                     if self.confirm_ping.is_none() {
                         let id = self.alloc_cb(Pending::Ping);
                         self.confirm_ping = Some(id);
-                        self.send("/qio/ping", id, &codec::null());
+                        self.send("/qio/ping", id, &crate::json::null());
                     }
                 }
             }
@@ -416,7 +416,7 @@ impl<T> Session<T> {
             "/qio/heartbeat" => {
                 if frame.cb > 0 {
                     let path = format!("/qio/callback/{}", frame.cb);
-                    self.send(&path, 0, &codec::null());
+                    self.send(&path, 0, &crate::json::null());
                 }
             }
             "/qio/move" => self.moved(now, &frame.data),
@@ -467,7 +467,7 @@ impl<T> Session<T> {
 
 /// Cleans a caller's path and refuses the empty and the reserved ones.
 pub fn check_path(path: &str) -> Result<String, SessionError> {
-    let clean = codec::clean_path(path);
+    let clean = qio_ipc::clean_path(path);
     if clean == "/" {
         return Err(SessionError::BadPath(format!(
             "{path:?} is empty once cleaned (paths keep only A-Z a-z 0-9 _ - /)"

@@ -95,7 +95,7 @@ impl<T> Session<T> {
     /// Ends generation `gen` of `path`: the server is told when it holds or was asked for
     /// the path. An unwant for any other generation is stale and ignored.
     pub fn unwant(&mut self, path: &str, gen: u64) {
-        let path = crate::codec::clean_path(path);
+        let path = qio_ipc::clean_path(path);
         if self.subs.get(&path).is_none_or(|s| s.gen != gen) {
             return;
         }

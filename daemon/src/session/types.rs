@@ -234,7 +234,7 @@ impl Outcome {
     pub fn local(code: i64, err_msg: impl Into<String>) -> Self {
         Outcome {
             code,
-            data: codec::null(),
+            data: crate::json::null(),
             err_msg: Some(err_msg.into()),
             cb: None,
         }
@@ -249,7 +249,7 @@ impl Outcome {
     pub fn ok() -> Self {
         Outcome {
             code: code::OK,
-            data: codec::null(),
+            data: crate::json::null(),
             err_msg: None,
             cb: None,
         }

@@ -1,21 +1,21 @@
-//! `qiod --demo`: the daemon against the project's own Quick.IO test server, started in the
-//! same process, so a newcomer sees events flow without setting up a server.
+//! The demo's server: the test server with something to watch, for the `qiod-demo` binary
+//! (the daemon and this server in one process), so a newcomer sees events flow without
+//! setting up a server.
 //!
 //! The server listens on a free loopback port. One task broadcasts a counter on
 //! [`TICK_PATH`], so subscribing there shows events at once; another asks the subscribers
 //! of [`QUESTION_PATH`] a question now and then (an event with a server callback), so a
 //! client that answers the server's requests (`examples/python/answer_requests.py`) has
-//! something to answer. It lives in the library so that tests can run the demo in-process
-//! and read the server's log.
+//! something to answer. It lives here, not in qiod, so that the shipped daemon carries no
+//! test server; and in the library rather than the binary so that tests can run the demo
+//! in-process and read the server's log.
 
-use anyhow::Context;
-use qio_testserver::{ServerConfig, TestServer};
+use crate::{ServerConfig, TestServer};
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
-use url::Url;
 
 /// Where the counter is broadcast.
 pub const TICK_PATH: &str = "/demo/tick";
@@ -46,23 +46,18 @@ impl Default for Timing {
 pub struct Demo {
     server: TestServer,
     tasks: Vec<JoinHandle<()>>,
-    url: Url,
     timing: Timing,
 }
 
 impl Demo {
     /// Starts the test server on `127.0.0.1`, port 0, with the default [`Timing`].
-    pub async fn start() -> anyhow::Result<Demo> {
+    pub async fn start() -> std::io::Result<Demo> {
         Demo::start_with(Timing::default()).await
     }
 
     /// Starts the test server on `127.0.0.1`, port 0, the counter and the questions.
-    pub async fn start_with(timing: Timing) -> anyhow::Result<Demo> {
-        let server = TestServer::start(ServerConfig::default())
-            .await
-            .context("cannot start the demo's Quick.IO test server")?;
-        let url = crate::session::parse_server_url(&server.url())
-            .map_err(|e| anyhow::anyhow!("the demo server's address: {e}"))?;
+    pub async fn start_with(timing: Timing) -> std::io::Result<Demo> {
+        let server = TestServer::start(ServerConfig::default()).await?;
         let tasks = vec![
             tokio::spawn(broadcast_ticks(server.clone(), timing.tick)),
             tokio::spawn(ask_questions(server.clone(), timing.question)),
@@ -70,14 +65,13 @@ impl Demo {
         Ok(Demo {
             server,
             tasks,
-            url,
             timing,
         })
     }
 
     /// The test server's address, to use as the daemon's only server.
-    pub fn url(&self) -> &Url {
-        &self.url
+    pub fn url(&self) -> String {
+        self.server.url()
     }
 
     /// The test server itself, whose log shows the answers it got.
@@ -85,23 +79,19 @@ impl Demo {
         &self.server
     }
 
-    /// Tells the person who ran `--demo` where things are and what to type. On stdout, like
-    /// the test server's own `listening on` line, so a script can read it too.
-    pub fn announce(&self, socket: Option<&Path>) {
-        let (socket, hint) = match socket {
-            Some(path) => {
-                let path = path.display();
-                let hint = format!(
-                    "qiod demo: try\n    socat - UNIX-CONNECT:{path}\n    \
-                     {{\"op\":\"on\",\"path\":\"{TICK_PATH}\",\"id\":1}}\n"
-                );
-                (path.to_string(), hint)
-            }
-            None => ("the socket passed by systemd".to_owned(), String::new()),
-        };
+    /// Tells the person who ran the demo where things are and what to type, once the
+    /// daemon listens on `socket`. On stdout, like the test server's own `listening on`
+    /// line, so a script can read it too.
+    pub fn announce(&self, socket: &Path) {
+        let socket = socket.display();
+        let hint = format!(
+            "qiod demo: try\n    socat - UNIX-CONNECT:{socket}\n    \
+             {{\"op\":\"on\",\"path\":\"{TICK_PATH}\",\"id\":1}}\n"
+        );
+        let url = self.url();
         let Timing { tick, question } = self.timing;
         tracing::info!(
-            server = %self.url, %socket,
+            server = %url, %socket,
             "demo: broadcasting {TICK_PATH} every {tick:?}, asking {QUESTION_PATH} every {question:?}"
         );
         let mut out = std::io::stdout().lock();
@@ -111,7 +101,7 @@ impl Demo {
             "qiod demo: Quick.IO test server on {} broadcasts a counter on {TICK_PATH} every {} ms\n\
              qiod demo: and asks the subscribers of {QUESTION_PATH} a question every {} ms\n\
              qiod demo: local clients connect to {socket}\n{hint}",
-            self.url,
+            url,
             tick.as_millis(),
             question.as_millis(),
         );
