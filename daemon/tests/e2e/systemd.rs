@@ -334,6 +334,8 @@ async fn demo_broadcasts_ticks_without_a_server_setting() {
     let mut qiod = Qiod::start(cmd);
 
     let mut client = Client::connect(&socket).await;
+    // Subscribed before the demo's upstream is open, the answer would be 202 (README).
+    client.until("/open", |v| v["event"] == "/open").await;
     client
         .send(json!({"op": "on", "path": "/demo/tick", "id": 1}))
         .await;
