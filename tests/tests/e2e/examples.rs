@@ -258,12 +258,13 @@ async fn python_answer_requests_answers_the_demo_question() {
     };
     let demo = Demo::start_with(timing).await.expect("the demo starts");
     let daemon = Daemon::start(demo.url().as_str()).await;
-    let mut ex = Example::start(
+    let ex = Example::start(
         &daemon,
         "python3",
         &["python/answer_requests.py", QUESTION_PATH, "--count", "1"],
     );
-    wait_subscribed(&daemon, QUESTION_PATH, 1, &mut [&mut ex]).await;
+    // No waiting for the subscription first: the demo asks again every 20 ms, and the
+    // script may have answered and exited before a status poll could see it subscribed.
     let out = ex.finish().await;
     assert!(out.status.success(), "{}", describe(&out));
     let lines = json_lines(&out);
