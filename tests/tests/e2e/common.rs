@@ -1,6 +1,5 @@
 //! Shared fixtures for the end-to-end tests: the test server on port 0, the upstream
 //! session with millisecond timings, a daemon in a temp dir, and wait-until helpers.
-#![allow(dead_code)]
 
 use qio_testserver::{ServerConfig, TestServer};
 use qiod::driver::{self, DriverConfig, Notice, SessionHandle};
