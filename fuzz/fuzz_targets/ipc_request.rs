@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
                 check_id(id);
             }
             // Every field is quoted cut short (regression test:
-            // tests/tests/hostile.rs::ipc_errors_about_an_unknown_op_stay_short).
+            // tests/tests/e2e/hostile.rs::ipc_errors_about_an_unknown_op_stay_short).
             assert!(bad.message.len() < 1024, "{} bytes", bad.message.len());
             let e = ErrorData {
                 op: bad.op.map(|o| o.as_str().to_owned()),

@@ -1,6 +1,5 @@
 //! Shared fixtures for the end-to-end tests: the test server on port 0, the upstream
 //! session with millisecond timings, a daemon in a temp dir, and wait-until helpers.
-#![allow(dead_code)]
 
 use qio_testserver::{ServerConfig, TestServer};
 use qiod::driver::{self, DriverConfig, Notice, SessionHandle};
@@ -440,4 +439,52 @@ impl LineClient {
             }
         }
     }
+}
+
+/// Runs the test named `name` (its full path in this binary, `chaos::chaos_soak`) again in a
+/// process of its own, this test binary run for that test alone, and returns true there
+/// (the caller returns at once; the child's failure fails it). Returns false in that child,
+/// where the caller does the work. For a test that checks process-wide counts (open file
+/// descriptors, panics): the other tests of this binary run beside it and would change them.
+/// The child's output is passed on line by line as it comes (shown with `--nocapture`).
+pub fn in_own_process(name: &str) -> bool {
+    const VAR: &str = "QIOD_TEST_OWN_PROCESS";
+    if std::env::var_os(VAR).is_some_and(|v| v == name) {
+        return false;
+    }
+    use std::io::BufRead;
+    let me = std::env::current_exe().expect("this test binary");
+    let mut child = std::process::Command::new(me)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(VAR, name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("this test binary runs again");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let errors = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+        }
+    });
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut ran = false;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        ran |= line.starts_with("test result: ok. 1 passed");
+        println!("{line}");
+    }
+    let _ = errors.join();
+    let status = child.wait().expect("wait for the child");
+    assert!(
+        status.success(),
+        "{name} failed in its own process: {status}"
+    );
+    assert!(
+        ran,
+        "{name} did not run in its own process (is the name right?)"
+    );
+    true
 }

@@ -1,8 +1,6 @@
 //! Auto-start with the real `qiod` binary: two clients racing start exactly one daemon.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_client::Client;
 
 fn terminate(pid: u32) {

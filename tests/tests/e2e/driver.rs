@@ -1,9 +1,7 @@
 //! The driver never waits: a server that stops reading, or a layer above that stops taking
 //! notices, stops neither the callers nor the timers.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qiod::driver::Notice;
 use qiod::session::{code, StateChange};
 use serde_json::json;

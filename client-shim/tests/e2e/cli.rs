@@ -1,8 +1,6 @@
 //! The `qio` command: golden outputs and exit codes against the in-process daemon.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Output, Stdio};

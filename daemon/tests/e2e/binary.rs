@@ -1,64 +1,16 @@
 //! The `qiod` binary as users run it: flags, socket permissions, signals.
 
+use crate::common::Qiod;
 use qio_testserver::{ServerConfig, TestServer};
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-struct Qiod {
-    child: Child,
-}
-
-impl Qiod {
-    /// Runs qiod with a config file beside the socket (empty unless the test wrote one),
-    /// so nothing from the machine's own configuration leaks in.
-    fn spawn(args: &[&str], socket: &Path, config: &Path) -> Qiod {
-        if !config.exists() {
-            std::fs::write(config, "").expect("write config");
-        }
-        let child = Command::new(env!("CARGO_BIN_EXE_qiod"))
-            .args(args)
-            .arg("--socket")
-            .arg(socket)
-            .env_remove("RUST_LOG")
-            .env("QIOD_CONFIG", config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("qiod starts");
-        Qiod { child }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill with a pid we spawned and a valid signal number.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0);
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(start.elapsed() < DEADLINE, "qiod did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Qiod {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn connect(
     path: &Path,
@@ -245,23 +197,6 @@ fn a_socket_folder_that_cannot_be_made_gives_the_os_error_once() {
     assert!(!err.contains("refusing"), "{err}");
 }
 
-/// Reads stderr lines until one contains `needle` (Ok) or stderr ends (Err); either way
-/// with all the lines read.
-fn stderr_until(child: &mut Child, needle: &str) -> Result<String, String> {
-    use std::io::BufRead;
-    let err = child.stderr.take().expect("stderr piped");
-    let mut seen = String::new();
-    for line in std::io::BufReader::new(err).lines() {
-        let line = line.expect("stderr is text");
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains(needle) {
-            return Ok(seen);
-        }
-    }
-    Err(seen)
-}
-
 #[test]
 fn the_open_file_limit_is_mentioned_only_when_it_matters() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,28 +222,28 @@ fn the_open_file_limit_is_mentioned_only_when_it_matters() {
     );
     let st = failed.wait_exit();
     assert_eq!(st.code(), Some(1));
-    let err = stderr_until(&mut failed.child, "\u{0}").expect_err("stderr to its end");
+    let err = failed.stderr_until("\u{0}").expect_err("stderr to its end");
     assert!(err.contains("qiod: "), "{err}");
     assert!(!err.contains("open-file limit"), "{err}");
 
     // A running daemon warns when max_clients cannot be served.
     let socket = dir.path().join("qiod.sock");
-    let mut qiod = Qiod::spawn(
+    let qiod = Qiod::spawn(
         &["--server", "ws://127.0.0.1:1/", "--max-clients", &too_many],
         &socket,
         &config,
     );
-    let seen = stderr_until(&mut qiod.child, "open-file limit").expect("a warning");
+    let seen = qiod.stderr_until("open-file limit").expect("a warning");
     assert!(seen.contains("is above the open-file limit"), "{seen}");
 
     // With a sane max_clients, the limit is not news: nothing about it up to the line
     // that says the daemon is starting, which comes after the limit is raised.
-    let mut quiet = Qiod::spawn(
+    let quiet = Qiod::spawn(
         &["--server", "ws://127.0.0.1:1/"],
         &dir.path().join("quiet.sock"),
         &config,
     );
-    let seen = stderr_until(&mut quiet.child, "qiod starting").expect("qiod starts");
+    let seen = quiet.stderr_until("qiod starting").expect("qiod starts");
     assert!(!seen.contains("open-file limit"), "{seen}");
 }
 
@@ -403,7 +338,7 @@ fn man_page_and_completions_come_from_the_command_line_definition() {
 #[test]
 fn the_sample_config_has_every_key_and_is_valid_uncommented() {
     use clap::CommandFactory;
-    let sample = include_str!("../../dist/config.toml");
+    let sample = include_str!("../../../dist/config.toml");
     let keys: Vec<String> = qiod::config::Args::command()
         .get_arguments()
         .map(|a| a.get_id().to_string())
@@ -589,16 +524,9 @@ async fn a_flag_beats_its_variable_which_beats_the_file() {
     )
     .unwrap();
     let start = |args: &[&str], var: &Path| {
-        let child = Command::new(env!("CARGO_BIN_EXE_qiod"))
-            .args(args)
-            .env("QIOD_CONFIG", &config)
-            .env("QIOD_SOCKET", var)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qiod starts");
-        Qiod { child }
+        let mut cmd = Qiod::command(dir.path());
+        cmd.args(args).env("QIOD_SOCKET", var);
+        Qiod::start(cmd)
     };
     for (args, var_value, expect) in [
         (
@@ -610,7 +538,9 @@ async fn a_flag_beats_its_variable_which_beats_the_file() {
         (vec![], Path::new(""), &file),
     ] {
         let mut qiod = start(&args, var_value);
-        let _ = connect(expect).await;
+        // The first line (the upstream state) comes from a daemon that handles signals.
+        let (mut r, _w) = connect(expect).await;
+        assert!(read_line(&mut r).await.is_some());
         for other in [&flag, &var, &file] {
             assert_eq!(other.exists(), other == expect, "{other:?}");
         }
@@ -642,7 +572,9 @@ async fn a_reload_with_an_unusable_ca_file_keeps_the_running_configuration() {
     )
     .unwrap();
     qiod.signal(libc::SIGHUP);
-    let seen = stderr_until(&mut qiod.child, "reload failed").expect("the reload is refused");
+    let seen = qiod
+        .stderr_until("reload failed")
+        .expect("the reload is refused");
     let line = seen.lines().last().unwrap_or_default();
     assert!(
         line.contains("keeping the running configuration: ca_file (in "),

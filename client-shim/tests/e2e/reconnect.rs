@@ -1,8 +1,6 @@
 //! The daemon going away: restarts, answers to what was waiting, re-subscription.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_client::{Client, ConnectionEvent, Error};
 use serde_json::{json, Value};
 use std::path::Path;

@@ -3,9 +3,7 @@
 //! callbacks that expire and ids that are not sequential, close frames without a status
 //! code, 200 for a repeated `on`, and a greeting that throws away whatever came with it.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_testserver::{CloseReason, LogEntry};
 use serde_json::json;
 use std::collections::BTreeMap;

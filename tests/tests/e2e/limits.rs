@@ -2,9 +2,7 @@
 //! `max_pending_per_client` gets -3 naming the setting, nothing of the refused request
 //! goes upstream, and other clients carry on as if nothing happened.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 

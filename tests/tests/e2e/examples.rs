@@ -2,9 +2,7 @@
 //! daemon in-process and the test server. Needs python3, bash and socat: a missing one
 //! fails the test with a message saying so (CI installs them).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};

@@ -9,9 +9,7 @@
 //! parser over a few hundred thousand generated inputs (a seeded generator, so CI runs
 //! them too; the cargo-fuzz targets in `fuzz/` go further).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use qio_ipc::clean_path;
 use qiod::codec::Dialect;

@@ -2,9 +2,7 @@
 //! its socket (the daemon closes its descriptor within `client_close_grace_ms`), at
 //! shutdown as well.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qiod::ipc::SlowClientPolicy;
 use serde_json::json;
 use std::io::ErrorKind;

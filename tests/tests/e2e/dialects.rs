@@ -1,9 +1,7 @@
 //! Both Quick.IO dialects end to end: the session's behaviours against a 0.1 and a 0.2
 //! test server, auto-detection, the exact upgrade bytes, and the 0.1 frame limit.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_testserver::{Dialect as ServerDialect, LogEntry, TestServer};
 use qiod::codec::Dialect;
 use qiod::driver::Notice;

@@ -25,9 +25,7 @@
 //! rounds (one fault each; default 300). The seed fixes every random choice; thread timing
 //! still varies between runs, so a rerun explores the same faults, not the same interleaving.
 
-mod common;
-
-use common::{daemon_settings, server_with, Daemon, DEADLINE};
+use crate::common::{daemon_settings, server_with, Daemon, DEADLINE};
 use qio_testserver::{CallbackKind, CloseReason, LogEntry, TestServer};
 use qiod::driver::TransportChoice;
 use qiod::session::FireAndForget;
@@ -1594,8 +1592,12 @@ async fn settle_count(target: usize, f: impl Fn() -> usize) -> usize {
 
 /// Both delivery modes, one after the other (in one test, because the file descriptor and
 /// task baselines are the whole process's): the default with two thirds of the rounds.
+/// In a process of its own, away from the other tests of this binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak() {
+    if crate::common::in_own_process("chaos::chaos_soak") {
+        return;
+    }
     install_panic_counter();
     let seed = env_u64("QIOD_CHAOS_SEED").unwrap_or(DEFAULT_SEED);
     let faults = env_u64("QIOD_CHAOS_FAULTS").unwrap_or(DEFAULT_FAULTS);

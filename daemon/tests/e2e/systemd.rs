@@ -4,96 +4,20 @@
 //! No systemd is needed: each test plays its part (passes the socket, listens on the
 //! notification socket) the way `sd_listen_fds(3)` and `sd_notify(3)` describe it.
 
+use crate::common::Qiod;
 use qio_testserver::{ServerConfig, TestServer};
 use serde_json::{json, Value};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixDatagram, UnixStream};
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// What systemd puts in a service's environment; removed from every child so that a test
-/// run under systemd (a CI service) does not leak its own into the daemon.
-const MANAGER_VARS: [&str; 7] = [
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "RUST_LOG",
-];
-
-struct Qiod {
-    child: Child,
-    /// Its stderr, shown when the test fails.
-    log: PathBuf,
-}
-
-impl Qiod {
-    /// A `qiod` command with an empty config file in `dir`, so nothing from the machine's
-    /// own configuration leaks in.
-    fn command(dir: &Path) -> Command {
-        Qiod::isolate(Command::new(env!("CARGO_BIN_EXE_qiod")), dir)
-    }
-
-    /// Gives `cmd` (qiod, or what execs it) a clean environment, an empty config file and
-    /// a log file in `dir`.
-    fn isolate(mut cmd: Command, dir: &Path) -> Command {
-        let config = dir.join("qiod.toml");
-        std::fs::write(&config, "").expect("write config");
-        let log = std::fs::File::create(dir.join("qiod.log")).expect("create log");
-        for var in MANAGER_VARS {
-            cmd.env_remove(var);
-        }
-        cmd.env("QIOD_CONFIG", config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        cmd
-    }
-
-    fn spawn(mut cmd: Command, dir: &Path) -> Qiod {
-        Qiod {
-            child: cmd.spawn().expect("qiod starts"),
-            log: dir.join("qiod.log"),
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill with a pid we spawned and a valid signal number.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0);
-    }
-
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st;
-            }
-            assert!(start.elapsed() < DEADLINE, "qiod did not exit");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Qiod {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("--- qiod's log ---\n{log}---");
-        }
-    }
-}
 
 struct Client {
     r: BufReader<OwnedReadHalf>,
@@ -193,7 +117,7 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_its_file() {
             Ok(())
         });
     }
-    let mut qiod = Qiod::spawn(cmd, dir.path());
+    let mut qiod = Qiod::start(cmd);
 
     let mut client = Client::connect(&activated).await;
     client.until("/open", |v| v["event"] == "/open").await;
@@ -210,7 +134,7 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_its_file() {
 
     qiod.signal(libc::SIGTERM);
     client.until("/close", |v| v["event"] == "/close").await;
-    assert!(qiod.wait_exit().await.success());
+    assert!(qiod.wait_exit_async().await.success());
     assert!(
         is_socket(&activated),
         "the socket file belongs to systemd and stays after qiod exits"
@@ -272,7 +196,7 @@ async fn tells_systemd_ready_status_watchdog_and_stopping() {
         // 200 ms: a keep-alive every 100 ms. WATCHDOG_PID stays unset, which sd-notify
         // (like libsystemd) reads as "meant for whoever reads it".
         .env("WATCHDOG_USEC", "200000");
-    let mut qiod = Qiod::spawn(cmd, dir.path());
+    let mut qiod = Qiod::start(cmd);
 
     notes.expect("READY=1", |l| l == "READY=1").await;
     // Ready means the socket accepts clients.
@@ -302,7 +226,7 @@ async fn tells_systemd_ready_status_watchdog_and_stopping() {
 
     qiod.signal(libc::SIGTERM);
     notes.expect("STOPPING=1", |l| l == "STOPPING=1").await;
-    assert!(qiod.wait_exit().await.success());
+    assert!(qiod.wait_exit_async().await.success());
 }
 
 /// The watchdog follows the session loop answering, so a loop that waited on the server
@@ -337,7 +261,7 @@ async fn a_stalled_server_does_not_starve_the_watchdog() {
         .env("NOTIFY_SOCKET", &notify_path)
         // A keep-alive every 100 ms, each probe allowed 50 ms.
         .env("WATCHDOG_USEC", "200000");
-    let mut qiod = Qiod::spawn(cmd, dir.path());
+    let mut qiod = Qiod::start(cmd);
     notes.expect("READY=1", |l| l == "READY=1").await;
     let mut client = Client::connect(&socket).await;
     client.until("/open", |v| v["event"] == "/open").await;
@@ -380,7 +304,7 @@ async fn a_stalled_server_does_not_starve_the_watchdog() {
             })
             .await;
     }
-    let log = std::fs::read_to_string(&qiod.log).unwrap_or_default();
+    let log = qiod.log_text();
     assert!(
         !log.contains("withholding"),
         "a probe went unanswered:\n{log}"
@@ -395,5 +319,5 @@ async fn a_stalled_server_does_not_starve_the_watchdog() {
     assert_eq!(echo["code"], 200, "{echo}");
     qiod.signal(libc::SIGTERM);
     notes.expect("STOPPING=1", |l| l == "STOPPING=1").await;
-    assert!(qiod.wait_exit().await.success());
+    assert!(qiod.wait_exit_async().await.success());
 }

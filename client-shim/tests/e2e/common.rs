@@ -1,7 +1,6 @@
 //! Fixtures: the test server on port 0, the real daemon in-process on a socket in a temp
 //! dir (restartable on the same path), and a wait-until helper. A few lines taken from the
-//! workspace's end-to-end fixtures (`tests/tests/common/mod.rs`).
-#![allow(dead_code)]
+//! workspace's end-to-end fixtures (`tests/tests/e2e/common.rs`).
 
 use qio_testserver::{ServerConfig, TestServer};
 use std::future::Future;

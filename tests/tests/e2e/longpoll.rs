@@ -3,9 +3,7 @@
 //! the next reconnect, moves and restarts, and the exactly-once reply promise when the
 //! held poll breaks.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_testserver::proxy::{After, ManglingProxy, Mode, Rule};
 use qio_testserver::{CallbackKind, LogEntry, ServerConfig, TestServer};
 use qiod::driver::{DriverConfig, Notice, TransportChoice};

@@ -1,8 +1,6 @@
 //! The crate's binaries as scripts run them: `qio-testserver`, whose log goes to a file or a
 //! pipe, and `qiod-demo`, README's quick start.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -49,7 +47,7 @@ fn the_log_written_to_a_file_has_no_colour_codes() {
 /// counter on the socket it names, says so on stdout, and removes the socket on Ctrl-C.
 #[tokio::test]
 async fn the_demo_serves_ticks_on_the_socket_it_announces_and_cleans_up() {
-    use common::LineClient;
+    use crate::common::{self, LineClient};
     use serde_json::{json, Value};
     use tokio::io::AsyncBufReadExt;
 
@@ -82,6 +80,8 @@ async fn the_demo_serves_ticks_on_the_socket_it_announces_and_cleans_up() {
     );
 
     let mut client = LineClient::connect(&socket).await;
+    // Subscribed before the demo's upstream is open, the answer would be 202 (README).
+    client.event("/open").await;
     client
         .send(json!({"op": "on", "path": "/demo/tick", "id": 1}))
         .await;

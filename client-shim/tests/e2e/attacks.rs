@@ -8,9 +8,7 @@
 //! Every folder lives in a temp dir made enterable for them: `shared/` plays `/tmp`
 //! (root's, mode 1777), `victim/` is the victim's home-like folder.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_testserver::TestServer;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -676,7 +674,7 @@ async fn attack4_auto_start_in_a_planted_folder_clobbers_nothing() {
     victim
         .args([
             "--exact",
-            "attack4_auto_start_in_a_planted_folder_clobbers_nothing",
+            "attacks::attack4_auto_start_in_a_planted_folder_clobbers_nothing",
             "--nocapture",
             "--test-threads=1",
         ])

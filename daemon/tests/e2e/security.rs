@@ -4,17 +4,17 @@
 //! client runs as another user (`nobody`, uid and gid 65534) through `setpriv` (or
 //! `runuser`), which needs root: these tests run as root here and in CI, and fail saying
 //! so where that is not possible (never a silent pass). The attacks of another user on a
-//! victim's daemon and clients are in `client-shim/tests/attacks.rs`.
+//! victim's daemon and clients are in `client-shim/tests/e2e/attacks.rs`.
 //!
 //! The async tests run multi-threaded: the in-process test server keeps serving on the
 //! workers while the test's own thread blocks on the spawned processes.
 
+use crate::common::Qiod;
 use qio_testserver::{ServerConfig, TestServer};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -167,81 +167,6 @@ fn as_nobody() -> AsNobody {
     match AsNobody::find() {
         Ok(runner) => runner,
         Err(why) => panic!("this test needs root, to run a client as another user: {why}"),
-    }
-}
-
-/// A running qiod whose log (stderr) is collected as it comes.
-struct Qiod {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Qiod {
-    fn spawn(args: &[&str], socket: &Path, config: &Path) -> Qiod {
-        std::fs::write(config, "").expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_qiod"))
-            .args(args)
-            .arg("--socket")
-            .arg(socket)
-            .env_remove("RUST_LOG")
-            .env_remove("QIOD_ALLOWED_GROUPS")
-            .env("QIOD_CONFIG", config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("qiod starts");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
-        Qiod { child, log }
-    }
-
-    fn log_text(&self) -> String {
-        self.log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
-    }
-
-    /// Waits until a log line contains every one of `needles`; returns it.
-    fn wait_log(&self, needles: &[&str]) -> String {
-        let start = Instant::now();
-        loop {
-            let found = self
-                .log
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-                .cloned();
-            if let Some(line) = found {
-                return line;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "no log line with {needles:?}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits until the daemon's upstream session is open (it serves then).
-    fn wait_open(&self) {
-        self.wait_log(&["INFO", " open url="]);
-    }
-}
-
-impl Drop for Qiod {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

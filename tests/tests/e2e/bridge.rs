@@ -1,8 +1,6 @@
 //! The bridge end to end: the daemon in-process, raw JSON-line clients, the test server.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]

@@ -1,8 +1,6 @@
 //! Every client function against the real daemon (in-process) and the test server.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use qio_client::{Client, ConnectionEvent, Error};
 use qio_testserver::{CallbackKind, LogEntry};

@@ -3,9 +3,7 @@
 //! One test per conformance event of the server's `clienttest` app, then the failure
 //! cases: kill and restart, stall, move, backoff, offline queue, invalid frames.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_testserver::{CallbackKind, CloseReason, LogEntry, TestServer};
 use qiod::driver::Notice;
 use qiod::session::{code, SessionError, StateChange};

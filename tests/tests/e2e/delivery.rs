@@ -2,9 +2,7 @@
 //! once, what is sent again, what the sender is told when an accepted event is dropped, and
 //! how a server that greets and then drops the connection is retried.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use qio_testserver::{CloseReason, Dialect, ServerConfig, TestServer};
 use qiod::driver::Notice;

@@ -7,9 +7,7 @@
 //! tests repeat the racy step so the old code lost it in practice. On the single-owner
 //! design every step is decided in one place, so they pass whatever the timing.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// Local subscribers of `/a/flood` that never read: each event the server floods costs

@@ -4,9 +4,7 @@
 //! Each test makes its own CA and a `localhost` server certificate signed by it at run
 //! time (rcgen), so nothing here expires or depends on the machine's trust store.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use qio_testserver::{CloseReason, Dialect, LogEntry, ServerConfig, TestServer, TlsIdentity};
 use qiod::driver::{self, DriverConfig, Notice};
 use qiod::session::{DialectChoice, StateChange};
