@@ -47,6 +47,20 @@ mod server;
 mod ws;
 
 pub use codec::{clean_path, Dialect, Frame, ParseError, Reply};
+
+/// Logs to stderr for the crate's binaries: `RUST_LOG`, else `info`; colour codes only for
+/// a person watching, not in a log file or a pipe.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
 pub use server::{
     CallbackKind, CloseReason, LogEntry, Received, ServerConfig, TestServer, TlsIdentity,
 };

@@ -6,7 +6,7 @@
 use anyhow::Context;
 use clap::Parser;
 use qio_testserver::{Dialect, ServerConfig, TestServer};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -53,15 +53,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person watching; not in a log file or a pipe.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    qio_testserver::init_logging();
     let args = Args::parse();
     let mut cfg = ServerConfig {
         dialect: args.dialect,

@@ -12,7 +12,6 @@ use clap::Parser;
 use qio_testserver::demo::Demo;
 use qiod::session::SessionConfig;
 use qiod::socket::{self, SocketGuard};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -30,14 +29,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    qio_testserver::init_logging();
     let args = Args::parse();
     let path = args
         .socket
