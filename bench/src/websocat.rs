@@ -129,18 +129,27 @@ impl Websocat {
 /// each of them) and the subscription was answered 200.
 pub async fn subscribers(ws: &Websocat, n: usize, path: &str) -> anyhow::Result<Vec<LineConn>> {
     let mut conns = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        conns.push(LineConn::connect_with(ws.socket(), 16 * 1024).await?);
-    }
-    let leader = &mut conns[0];
+    let mut leader = LineConn::connect_with(ws.socket(), 16 * 1024).await?;
     leader.send("/qio/ohai").await?;
     loop {
-        let line = leader.r.next_line().await?.context("websocat closed")?;
+        let line = leader
+            .r
+            .next_line()
+            .await?
+            .context("websocat closed the connection before the greeting")?;
         if line == b"/qio/ohai" {
             break;
         }
     }
+    conns.push(leader);
+    // Only now the others: websocat 1.14 panics ("invalid key" in its broadcast peer), or
+    // opens an upstream connection for each, when clients come while the shared upstream
+    // connection is still being made.
+    for _ in 1..n.max(1) {
+        conns.push(LineConn::connect_with(ws.socket(), 16 * 1024).await?);
+    }
     // After the echoed greeting: the server drops whatever arrives in the same read as it.
+    let leader = &mut conns[0];
     leader
         .send(&format!("/qio/on:1={}", json_str(path)))
         .await?;
@@ -150,7 +159,10 @@ pub async fn subscribers(ws: &Websocat, n: usize, path: &str) -> anyhow::Result<
         .chain(rest.iter_mut().map(|c| &mut c.r))
         .map(|r| async move {
             loop {
-                let line = r.next_line().await?.context("websocat closed")?;
+                let line = r
+                    .next_line()
+                    .await?
+                    .context("websocat closed a connection while subscribing")?;
                 if let Some((id, code)) = std::str::from_utf8(line)
                     .ok()
                     .and_then(crate::client::parse_callback)
