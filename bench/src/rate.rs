@@ -397,6 +397,17 @@ pub async fn rate(ctx: &Ctx) -> anyhow::Result<Section> {
                         num(p50, 1)
                     ),
                 ));
+                checks.push(Check::at_most(
+                    &format!("{n} subscribers at {r}/s: qiod p99 latency / websocat's"),
+                    q99 / p99,
+                    1.0,
+                    format!(
+                        "{} ({} vs {} µs)",
+                        num(q99 / p99, 2),
+                        num(q99, 1),
+                        num(p99, 1)
+                    ),
+                ));
             }
         }
     }
