@@ -19,7 +19,10 @@ pub const BATCH_BYTES: usize = 512 * 1024;
 pub const BATCH_LINES: usize = 4096;
 
 /// Most slices given to one `writev` by [`Outbox::flush`] (it loops for more).
-const FLUSH_IOV: usize = 64;
+const FLUSH_IOV: usize = 256;
+
+/// Up to this many queued lines, [`Outbox::flush`] gives their slices from the stack.
+const FEW: usize = 4;
 
 /// A client's socket as the outbox may write to it itself: without waiting, and from any
 /// thread, so the task fanning out events can write straight into an idle client's
@@ -251,14 +254,23 @@ impl Outbox {
         };
         let had_replies = st.replies > 0;
         while !st.lines.is_empty() {
-            // On the stack: one event for one client is the common case.
-            let mut slices = [IoSlice::new(&[]); FLUSH_IOV];
-            let mut count = 0;
-            for ((line, _), slot) in st.lines.iter().zip(slices.iter_mut()) {
-                *slot = IoSlice::new(line);
-                count += 1;
-            }
-            match sock.try_write_vectored(&slices[..count]) {
+            let res = if st.lines.len() <= FEW {
+                // On the stack: one event for one client is the common case.
+                let mut slices = [IoSlice::new(&[]); FEW];
+                for ((line, _), slot) in st.lines.iter().zip(slices.iter_mut()) {
+                    *slot = IoSlice::new(line);
+                }
+                sock.try_write_vectored(&slices[..st.lines.len()])
+            } else {
+                let slices: Vec<IoSlice<'_>> = st
+                    .lines
+                    .iter()
+                    .take(FLUSH_IOV)
+                    .map(|(l, _)| IoSlice::new(l))
+                    .collect();
+                sock.try_write_vectored(&slices)
+            };
+            match res {
                 Ok(0) | Err(_) => break,
                 Ok(n) => st.consume(n),
             }
@@ -299,8 +311,9 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Queues a line that must not be dropped; returns false when the client has stopped
-    /// reading for so long that it must be disconnected.
+    /// Queues a line that must not be dropped and flushes ([`Outbox::flush`]); returns
+    /// false when the client has stopped reading for so long that it must be
+    /// disconnected.
     pub fn push_reply(&self, line: Bytes) -> bool {
         let mut st = self.lock();
         if st.closed {
@@ -320,7 +333,8 @@ impl Outbox {
         st.reply_bytes += len;
         st.lines.push_back((line, Kind::Reply));
         drop(st);
-        self.ready.notify_one();
+        // Written straight away when the writer is idle and the socket has room.
+        self.flush();
         true
     }
 
