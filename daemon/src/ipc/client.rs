@@ -588,7 +588,7 @@ mod tests {
     #[tokio::test]
     async fn partial_writes_resume_where_they_stopped() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (_ra, mut wa) = a.into_split();
+        let (_ra, wa) = a.into_split();
         let segments: Vec<Bytes> = (0..3000u32)
             .map(|i| Bytes::from(format!("{i:0>3000}\n")))
             .collect();
