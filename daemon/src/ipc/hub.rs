@@ -1015,7 +1015,13 @@ pub fn reply_line(id: &Id, outcome: &Outcome) -> Bytes {
 
 /// Serializes an event line once; every receiver shares the bytes.
 pub fn event_line(event: &str, data: Option<&RawValue>, cb: Option<&str>) -> Bytes {
-    let mut v = serde_json::to_vec(&EventOut { event, data, cb }).unwrap_or_default();
+    // Sized for the line up front: serde_json's own first guess (128 bytes) meant a
+    // reallocation for most events.
+    let size = event.len() + data.map_or(4, |d| d.get().len()) + cb.map_or(0, str::len) + 32;
+    let mut v = Vec::with_capacity(size);
+    if serde_json::to_writer(&mut v, &EventOut { event, data, cb }).is_err() {
+        v.clear();
+    }
     v.push(b'\n');
     Bytes::from(v)
 }
