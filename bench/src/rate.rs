@@ -90,12 +90,13 @@ fn timestamp(rest: &[u8]) -> Option<i64> {
 async fn consume(sub: &mut Sub, events: u64) -> anyhow::Result<Vec<u64>> {
     let mut lat = Vec::with_capacity(events as usize);
     let mut seen = 0u64;
+    let local_prefix = format!(r#"{{"event":"{PATH}","data":"#);
+    let raw_prefix = format!("{PATH}:0=");
     loop {
         let ts = match sub {
             Sub::Local(conn) => {
                 let line = conn.r.next_line().await?.context("qiod closed")?;
-                let prefix = format!(r#"{{"event":"{PATH}","data":"#);
-                match line.strip_prefix(prefix.as_bytes()) {
+                match line.strip_prefix(local_prefix.as_bytes()) {
                     Some(rest) => timestamp(rest),
                     None => {
                         let msg = crate::client::Msg::parse(line)?;
@@ -110,16 +111,13 @@ async fn consume(sub: &mut Sub, events: u64) -> anyhow::Result<Vec<u64>> {
             }
             Sub::Raw(conn) => {
                 let line = conn.r.next_line().await?.context("websocat closed")?;
-                let prefix = format!("{PATH}:0=");
-                line.strip_prefix(prefix.as_bytes()).and_then(timestamp)
+                line.strip_prefix(raw_prefix.as_bytes()).and_then(timestamp)
             }
             Sub::Direct(ws) => match ws.ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let prefix = format!("{PATH}:0=");
-                    t.as_str()
-                        .strip_prefix(&prefix)
-                        .and_then(|r| timestamp(r.as_bytes()))
-                }
+                Some(Ok(Message::Text(t))) => t
+                    .as_str()
+                    .strip_prefix(raw_prefix.as_str())
+                    .and_then(|r| timestamp(r.as_bytes())),
                 Some(Ok(Message::Close(_))) | None => bail!("the server closed the connection"),
                 Some(Ok(_)) => None,
                 Some(Err(e)) => return Err(e).context("websocket read"),
