@@ -14,6 +14,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Splits a byte stream into lines without allocating per line.
@@ -183,6 +184,9 @@ pub fn json_str(s: &str) -> String {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+/// The direct clients' tungstenite read buffer: the same as qiod's upstream connection.
+const READ_BUFFER: usize = 32 * 1024;
+
 /// A direct Quick.IO 0.2 client of the test server.
 pub struct WsConn {
     /// The WebSocket.
@@ -197,8 +201,11 @@ impl WsConn {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static("quickio"),
         );
-        // Nagle off, as qiod does for its own upstream connection.
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+        // Nagle off and a 32 KiB read buffer, as qiod has for its own upstream connection:
+        // tungstenite zero-fills its read buffer before every read (128 KiB by default),
+        // which at moderate rates cost each direct connection more than the event itself.
+        let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), true)
             .await
             .context("websocket connect")?;
         let mut c = WsConn { ws };

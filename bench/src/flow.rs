@@ -2,7 +2,8 @@
 //! subscribers count them. Through qiod (one upstream subscription, N raw line readers on
 //! the Unix socket) or directly (N WebSocket connections, each subscribed).
 
-use crate::client::{LineConn, Msg, WsConn};
+use crate::client::Msg;
+use crate::middle::{Middle, Sub};
 use crate::report::{bytes, median, num, si, Table};
 use crate::{sys, Check, Ctx, Section, Variant};
 use anyhow::{bail, Context};
@@ -12,13 +13,12 @@ use serde::Serialize;
 use serde_json::json;
 use std::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 /// The broadcast path.
 const PATH: &str = "/bench/flow";
 /// Subscribers are spread over this many tokio tasks (fewer when there are fewer).
 const GROUPS: usize = 4;
-/// Connections being set up at once.
-const CONNECT_PARALLEL: usize = 64;
 
 /// One measured run.
 #[derive(Debug, Clone, Serialize)]
@@ -64,12 +64,12 @@ impl FlowRun {
     }
 }
 
-enum Sub {
-    Local(LineConn),
-    Direct(Box<WsConn>),
-}
+/// The data of the end marker the server sends after the events when subscribers cannot
+/// count on getting every event (websocat drops events without saying so).
+const END: &str = "end";
 
-/// Runs one variant once: a fresh server (and daemon), `n` subscribers, `events` events.
+/// Runs one variant once: a fresh server (and daemon or websocat), `n` subscribers,
+/// `events` events.
 pub async fn run_flow(
     ctx: &Ctx,
     round: usize,
@@ -79,19 +79,17 @@ pub async fn run_flow(
     size: usize,
 ) -> anyhow::Result<FlowRun> {
     let server = TestServer::start(ServerConfig::default()).await?;
-    let daemon = match variant {
-        Variant::Qiod => Some(ctx.launcher.start(&server.url()).await?),
-        Variant::Direct => None,
+    let middle = match Middle::start(ctx, variant, &server.url()).await {
+        Ok(m) => m,
+        Err(e) => {
+            server.shutdown().await;
+            return Err(e);
+        }
     };
-    let res = tokio::time::timeout(
-        ctx.run_timeout,
-        measure(&server, daemon.as_ref(), variant, n, events, size),
-    )
-    .await;
-    let log = daemon.as_ref().map(|d| d.log()).unwrap_or_default();
-    if let Some(d) = daemon {
-        d.stop().await;
-    }
+    let res =
+        tokio::time::timeout(ctx.run_timeout, measure(&server, &middle, n, events, size)).await;
+    let log = middle.log();
+    middle.stop().await;
     server.shutdown().await;
     let (secs, delivered, lost, daemon_cpu, harness_cpu, server_bytes) = match res {
         Ok(Ok(r)) => r,
@@ -120,15 +118,14 @@ type Measured = (f64, u64, u64, Option<f64>, f64, u64);
 
 async fn measure(
     server: &TestServer,
-    daemon: Option<&crate::daemon::Daemon>,
-    variant: Variant,
+    middle: &Middle,
     n: usize,
     events: u64,
     size: usize,
 ) -> anyhow::Result<Measured> {
-    let subs = connect_subscribers(server, daemon, variant, n).await?;
+    let subs = middle.subscribers(&server.url(), n, PATH).await?;
     let upstream = server.subscriptions().get(PATH).copied().unwrap_or(0);
-    let want = if variant == Variant::Qiod { 1 } else { n };
+    let want = middle.upstream_subscriptions(n);
     if upstream != want {
         bail!("the server has {upstream} subscriptions to {PATH}, expected {want}");
     }
@@ -137,8 +134,8 @@ async fn measure(
     for (i, s) in subs.into_iter().enumerate() {
         per[i % groups].push(s);
     }
-    let in_process = daemon.is_some_and(|d| d.pid().is_none());
-    let cpu0 = daemon.map(|d| d.cpu()).transpose()?;
+    let markers = matches!(middle, Middle::Websocat(_));
+    let cpu0 = middle.cpu()?;
     let self0 = sys::self_cpu();
     let bytes0 = server.bytes_sent();
     let tasks: Vec<_> = per
@@ -148,9 +145,16 @@ async fn measure(
     let t0 = Instant::now();
     let srv = server.clone();
     let data = serde_json::Value::String("x".repeat(size.saturating_sub(2)));
+    let done = CancellationToken::new();
+    let stop_markers = done.clone();
     let producer = tokio::spawn(async move {
         for _ in 0..events {
             srv.broadcast(PATH, data.clone()).await;
+        }
+        // Whatever websocat dropped, one of these gets through once its queues drain.
+        while markers && !stop_markers.is_cancelled() {
+            srv.broadcast(PATH, serde_json::Value::from(END)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     });
     let mut delivered = 0;
@@ -167,58 +171,21 @@ async fn measure(
         finished.push(group);
     }
     let secs = (end - t0).as_secs_f64();
-    let cpu1 = daemon.map(|d| d.cpu()).transpose()?;
+    let cpu1 = middle.cpu()?;
     let self1 = sys::self_cpu();
     let server_bytes = server.bytes_sent() - bytes0;
+    done.cancel();
     producer.await.context("broadcaster")?;
     let daemon_cpu = match (cpu0, cpu1) {
         (Some(a), Some(b)) => Some((b - a).as_secs_f64()),
         _ => None,
     };
     let mut harness = (self1 - self0).as_secs_f64();
-    if in_process {
+    if middle.in_harness() {
         harness -= daemon_cpu.unwrap_or(0.0);
     }
     drop(finished);
     Ok((secs, delivered, lost, daemon_cpu, harness, server_bytes))
-}
-
-async fn connect_subscribers(
-    server: &TestServer,
-    daemon: Option<&crate::daemon::Daemon>,
-    variant: Variant,
-    n: usize,
-) -> anyhow::Result<Vec<Sub>> {
-    let url = server.url();
-    let socket = daemon.map(|d| d.socket().to_owned());
-    let mut subs = Vec::with_capacity(n);
-    let mut pending = FuturesUnordered::new();
-    let mut next = 0;
-    while subs.len() < n {
-        while next < n && pending.len() < CONNECT_PARALLEL {
-            next += 1;
-            let url = url.clone();
-            let socket = socket.clone();
-            pending.push(async move {
-                match (variant, socket) {
-                    (Variant::Qiod, Some(sock)) => Ok(Sub::Local(
-                        LineConn::subscribed(&sock, 16 * 1024, PATH).await?,
-                    )),
-                    (Variant::Qiod, None) => bail!("no daemon"),
-                    (Variant::Direct, _) => {
-                        let mut ws = WsConn::connect(&url).await?;
-                        ws.subscribe(PATH, 1).await?;
-                        Ok(Sub::Direct(Box::new(ws)))
-                    }
-                }
-            });
-        }
-        match pending.next().await {
-            Some(res) => subs.push(res?),
-            None => break,
-        }
-    }
-    Ok(subs)
 }
 
 /// Reads every subscriber of a group until each has its `events`; returns the counts, when
@@ -237,7 +204,7 @@ async fn consume_group(
             let (d, l, t) = res?;
             delivered += d;
             lost += l;
-            last = t;
+            last = last.max(t);
         }
     }
     Ok((delivered, lost, last, group))
@@ -246,6 +213,7 @@ async fn consume_group(
 async fn consume_one(sub: &mut Sub, events: u64) -> anyhow::Result<(u64, u64, Instant)> {
     let mut got = 0u64;
     let mut lost = 0u64;
+    let mut last = Instant::now();
     match sub {
         Sub::Local(conn) => {
             let prefix = format!(r#"{{"event":"{PATH}","#);
@@ -279,6 +247,7 @@ async fn consume_one(sub: &mut Sub, events: u64) -> anyhow::Result<(u64, u64, In
                     _ => {}
                 }
             }
+            last = Instant::now();
         }
         Sub::Direct(ws) => {
             let prefix = format!("{PATH}:");
@@ -290,9 +259,30 @@ async fn consume_one(sub: &mut Sub, events: u64) -> anyhow::Result<(u64, u64, In
                     Some(Err(e)) => return Err(e).context("websocket read"),
                 }
             }
+            last = Instant::now();
+        }
+        Sub::Raw(conn) => {
+            let prefix = format!("{PATH}:0=");
+            let end = format!("\"{END}\"");
+            while got < events {
+                let line = conn
+                    .r
+                    .next_line()
+                    .await?
+                    .context("websocat closed the connection")?;
+                let Some(data) = line.strip_prefix(prefix.as_bytes()) else {
+                    continue;
+                };
+                if data == end.as_bytes() {
+                    break;
+                }
+                got += 1;
+                last = Instant::now();
+            }
+            lost = events - got;
         }
     }
-    Ok((got, lost, Instant::now()))
+    Ok((got, lost, last))
 }
 
 /// Events per run for `n` subscribers: about `total` deliveries, within bounds.
@@ -343,8 +333,9 @@ pub async fn fanout(ctx: &Ctx) -> anyhow::Result<Section> {
             "variant",
             "events",
             "deliveries/s",
+            "/ qiod",
             "lost",
-            "daemon CPU µs/delivery",
+            "middle CPU µs/delivery",
             "all CPU µs/delivery",
             "server bytes sent",
             "secs",
@@ -352,6 +343,13 @@ pub async fn fanout(ctx: &Ctx) -> anyhow::Result<Section> {
     );
     let mut checks = Vec::new();
     for &n in &ns {
+        let qiod_rate = median(
+            &runs
+                .iter()
+                .filter(|r| r.subscribers == n && r.variant == Variant::Qiod)
+                .map(FlowRun::rate)
+                .collect::<Vec<_>>(),
+        );
         for &v in &ctx.variants {
             let rs: Vec<&FlowRun> = runs
                 .iter()
@@ -371,6 +369,7 @@ pub async fn fanout(ctx: &Ctx) -> anyhow::Result<Section> {
                 v.to_string(),
                 rs[0].events.to_string(),
                 si(rate),
+                num(rate / qiod_rate, 2),
                 format!("{}%", num(lost, 2)),
                 num(daemon_us, 3),
                 num(m(&|r| r.total_us()), 3),
@@ -397,9 +396,11 @@ pub async fn fanout(ctx: &Ctx) -> anyhow::Result<Section> {
         "deliveries/s: events received by all subscribers / time from the first broadcast to \
          the last subscriber's last event. lost: events qiod dropped (drop-oldest, announced \
          by /lost) for subscribers that fell more than client_queue_events (4096) behind; \
-         the readers share the 2 CPUs with the server and qiod. CPU: schedstat of the \
-         daemon's threads, per delivered event; `all` adds the harness process (server, \
-         broadcaster, subscribers)."
+         the readers share the 2 CPUs with the server and qiod; websocat drops events \
+         for a client whose queue is full without telling it (lost = events not \
+         received). / qiod: deliveries/s against qiod's in the same run. Middle CPU: \
+         schedstat of qiod's (or websocat's) threads, per delivered event; `all` adds the \
+         harness process (server, broadcaster, subscribers)."
             .into(),
     );
     for e in &errors {
@@ -441,14 +442,29 @@ pub async fn ingest(ctx: &Ctx) -> anyhow::Result<Section> {
         &[
             "variant",
             "delivered events/s",
+            "/ qiod",
             "lost",
             "events/s into qiod",
-            "daemon CPU µs/event in",
+            "middle CPU µs/event in",
             "all CPU µs/event in",
             "secs",
         ],
     );
     let mut checks = Vec::new();
+    let qiod_rate = median(
+        &runs
+            .iter()
+            .filter(|r| r.variant == Variant::Qiod)
+            .map(FlowRun::rate)
+            .collect::<Vec<_>>(),
+    );
+    let direct_rate = median(
+        &runs
+            .iter()
+            .filter(|r| r.variant == Variant::Direct)
+            .map(FlowRun::rate)
+            .collect::<Vec<_>>(),
+    );
     for &v in &ctx.variants {
         let rs: Vec<&FlowRun> = runs.iter().filter(|r| r.variant == v).collect();
         if rs.is_empty() {
@@ -460,6 +476,7 @@ pub async fn ingest(ctx: &Ctx) -> anyhow::Result<Section> {
         table.row(vec![
             v.to_string(),
             si(rate),
+            num(rate / qiod_rate, 2),
             format!(
                 "{}%",
                 num(m(&|r| r.lost as f64 / r.events as f64 * 100.0), 2)
@@ -486,6 +503,12 @@ pub async fn ingest(ctx: &Ctx) -> anyhow::Result<Section> {
                 200_000.0,
                 si(rate),
             ));
+            checks.push(Check::at_least(
+                "one subscriber, full speed: qiod deliveries/s / direct's",
+                rate / direct_rate,
+                0.8,
+                num(rate / direct_rate, 2),
+            ));
         }
     }
     table.notes.push(
@@ -494,7 +517,8 @@ pub async fn ingest(ctx: &Ctx) -> anyhow::Result<Section> {
          reader, which shares the 2 CPUs with the server and qiod, fell behind by more than \
          client_queue_events (4096); into qiod: all events / the same time. direct: the same \
          subscriber on its own WebSocket, i.e. what the test server and tungstenite manage \
-         without qiod in between."
+         without qiod in between; websocat: the subscriber behind websocat's broadcast \
+         overlay. / qiod: delivered events/s against qiod's in the same run."
             .into(),
     );
     for e in &errors {

@@ -1,4 +1,5 @@
-//! `qio-bench`: qiod against direct WebSocket connections, on loopback.
+//! `qio-bench`: qiod against direct WebSocket connections (and, given a websocat binary,
+//! websocat's `broadcast:` overlay), on loopback.
 //!
 //! ```text
 //! cargo build --release -p qiod
@@ -14,11 +15,14 @@ mod client;
 mod daemon;
 mod flow;
 mod memory;
+mod middle;
+mod rate;
 mod reconnect;
 mod report;
 mod roundtrip;
 mod slow;
 mod sys;
+mod websocat;
 
 use anyhow::Context;
 use clap::Parser;
@@ -36,6 +40,8 @@ enum Scenario {
     Roundtrip,
     /// One subscriber, the server sending as fast as it can.
     Ingest,
+    /// N subscribers at a fixed, moderate event rate: latency and CPU per delivery.
+    Rate,
     /// qiod's memory idle and with many idle clients.
     Memory,
     /// Kill and restart the server; time until subscriptions are restored.
@@ -55,6 +61,8 @@ pub enum Variant {
     Qiod,
     /// Straight to the test server over WebSocket.
     Direct,
+    /// Through websocat's `broadcast:` overlay (opt-in: `--websocat PATH`).
+    Websocat,
 }
 
 impl std::fmt::Display for Variant {
@@ -62,6 +70,7 @@ impl std::fmt::Display for Variant {
         f.write_str(match self {
             Variant::Qiod => "qiod",
             Variant::Direct => "direct",
+            Variant::Websocat => "websocat",
         })
     }
 }
@@ -104,7 +113,15 @@ struct Args {
     /// Extra qiod flags, split at spaces.
     #[arg(long, value_name = "FLAGS", allow_hyphen_values = true)]
     qiod_args: Option<String>,
-    /// Only these variants (default both).
+    /// A websocat binary (1.x): adds the `websocat` variant to fanout, ingest, rate and
+    /// roundtrip (e.g. `cargo install websocat --locked --root /opt/websocat`).
+    #[arg(long, value_name = "PATH")]
+    websocat: Option<PathBuf>,
+    /// websocat's `--queue-len` (its per-client broadcast queue, in messages; default:
+    /// websocat's own).
+    #[arg(long, value_name = "N")]
+    websocat_queue: Option<usize>,
+    /// Only these variants (default qiod and direct, and websocat when --websocat is given).
     #[arg(long, value_enum, value_delimiter = ',')]
     variants: Option<Vec<Variant>>,
     /// fanout: subscriber counts (default 1,10,100,1000; smoke 1,10). slow-readers: the
@@ -139,9 +156,13 @@ struct Args {
     /// reconnect: subscribed paths (default 1000; smoke 50).
     #[arg(long)]
     paths: Option<usize>,
-    /// slow-readers: events per second the server sends (default 1000).
+    /// slow-readers: events per second the server sends (default 1000). rate: the rates,
+    /// one run each (default 500,2000; smoke 500).
+    #[arg(long, value_delimiter = ',')]
+    rate: Option<Vec<u64>>,
+    /// rate: seconds of events per run (default 2; smoke 0.2).
     #[arg(long)]
-    rate: Option<u64>,
+    secs: Option<f64>,
     /// Longest a single run may take, in seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -159,7 +180,9 @@ pub struct Ctx {
     size: Option<usize>,
     clients: Option<Vec<usize>>,
     paths: Option<usize>,
-    rate: Option<u64>,
+    rate: Option<Vec<u64>>,
+    secs: Option<f64>,
+    websocat: Option<websocat::Launcher>,
     windows: Option<Vec<usize>>,
     requests: Option<usize>,
     floors: bool,
@@ -237,21 +260,33 @@ fn main() -> anyhow::Result<()> {
         rounds: args.rounds.unwrap_or(if args.smoke { 2 } else { 5 }).max(1),
         smoke: args.smoke,
         run_timeout: Duration::from_secs(args.timeout.max(1)),
-        variants: args
-            .variants
-            .clone()
-            .unwrap_or_else(|| vec![Variant::Qiod, Variant::Direct]),
+        variants: args.variants.clone().unwrap_or_else(|| {
+            let mut v = vec![Variant::Qiod, Variant::Direct];
+            if args.websocat.is_some() {
+                v.push(Variant::Websocat);
+            }
+            v
+        }),
         subscribers: args.subscribers.clone(),
         events: args.events,
         size: args.size,
         clients: args.clients.clone(),
         paths: args.paths,
-        rate: args.rate,
+        rate: args.rate.clone(),
+        secs: args.secs,
+        websocat: args
+            .websocat
+            .clone()
+            .map(|bin| websocat::Launcher::new(bin, args.websocat_queue))
+            .transpose()?,
         windows: args.windows.clone(),
         requests: args.requests,
         floors: !args.no_floors,
         rt_server_process: !args.rt_server_in_harness,
     };
+    if ctx.variants.contains(&Variant::Websocat) && ctx.websocat.is_none() {
+        anyhow::bail!("the websocat variant needs a websocat binary: --websocat PATH");
+    }
     let machine = sys::Machine::read(nofile);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -330,6 +365,7 @@ async fn run(ctx: &Ctx, scenario: Scenario) -> anyhow::Result<Vec<Section>> {
         Scenario::Fanout,
         Scenario::Roundtrip,
         Scenario::Ingest,
+        Scenario::Rate,
         Scenario::Memory,
         Scenario::Reconnect,
         Scenario::SlowReaders,
@@ -345,6 +381,7 @@ async fn run(ctx: &Ctx, scenario: Scenario) -> anyhow::Result<Vec<Section>> {
             Scenario::Fanout => flow::fanout(ctx).await?,
             Scenario::Roundtrip => roundtrip::roundtrip(ctx).await?,
             Scenario::Ingest => flow::ingest(ctx).await?,
+            Scenario::Rate => rate::rate(ctx).await?,
             Scenario::Memory => memory::memory(ctx).await?,
             Scenario::Reconnect => reconnect::reconnect(ctx).await?,
             Scenario::SlowReaders => slow::slow_readers(ctx).await?,

@@ -45,6 +45,8 @@ pub enum Kind {
     Qiod,
     /// The same request on a direct WebSocket.
     Direct,
+    /// The same frame through websocat's broadcast overlay (one local client).
+    Websocat,
     /// qiod's `off` of a path nobody holds: answered by the client's task alone (socket,
     /// line parsing, the reply through the outbox and the writer task); no upstream.
     QiodLocal,
@@ -60,6 +62,7 @@ impl Kind {
         match self {
             Kind::Qiod => "qiod",
             Kind::Direct => "direct",
+            Kind::Websocat => "websocat",
             Kind::QiodLocal => "qiod, local only (`off`)",
             Kind::UnixEcho => "Unix echo (floor)",
             Kind::UnixEchoHop => "Unix echo + 1 task hop",
@@ -74,6 +77,8 @@ enum Client {
     Echo(LineConn),
     EchoHop(LineConn),
     Direct(Box<WsConn>),
+    /// A local client of websocat: raw frames as lines.
+    Raw(LineConn),
 }
 
 impl Client {
@@ -98,6 +103,7 @@ impl Client {
                     .await?;
                 Ok(())
             }
+            Client::Raw(c) => c.send(&format!("{PATH}:{id}={payload}")).await,
         }
     }
 
@@ -119,6 +125,15 @@ impl Client {
             Client::Direct(ws) => loop {
                 let text = ws.next_text().await?;
                 if let Some((id, code)) = parse_callback(&text) {
+                    if code != 200 {
+                        bail!("request {id}: code {code}");
+                    }
+                    return Ok(id);
+                }
+            },
+            Client::Raw(c) => loop {
+                let line = c.r.next_line().await?.context("websocat closed")?;
+                if let Some((id, code)) = std::str::from_utf8(line).ok().and_then(parse_callback) {
                     if code != 200 {
                         bail!("request {id}: code {code}");
                     }
@@ -213,9 +228,11 @@ pub async fn roundtrip(ctx: &Ctx) -> anyhow::Result<Section> {
             "p99 µs",
             "max µs",
             "requests/s",
-            "daemon CPU µs/request",
+            "middle CPU µs/request",
             "p50 / direct",
             "p99 / direct",
+            "p50 / qiod",
+            "p99 / qiod",
         ],
     );
     let mut checks = Vec::new();
@@ -229,9 +246,11 @@ pub async fn roundtrip(ctx: &Ctx) -> anyhow::Result<Section> {
             (!lats.is_empty()).then(|| Lat::combine(&lats))
         };
         let direct = lat_of(Kind::Direct);
+        let qiod = lat_of(Kind::Qiod);
         for k in [
             Kind::Qiod,
             Kind::Direct,
+            Kind::Websocat,
             Kind::QiodLocal,
             Kind::UnixEcho,
             Kind::UnixEchoHop,
@@ -253,6 +272,10 @@ pub async fn roundtrip(ctx: &Ctx) -> anyhow::Result<Section> {
                 Some(d) if k != Kind::Direct => (lat.p50 / d.p50, lat.p99 / d.p99),
                 _ => (f64::NAN, f64::NAN),
             };
+            let (q50, q99) = match qiod {
+                Some(q) if k != Kind::Qiod => (lat.p50 / q.p50, lat.p99 / q.p99),
+                _ => (f64::NAN, f64::NAN),
+            };
             let blank_nan = |x: f64| if x.is_nan() { String::new() } else { num(x, 2) };
             table.row(vec![
                 window.to_string(),
@@ -265,6 +288,8 @@ pub async fn roundtrip(ctx: &Ctx) -> anyhow::Result<Section> {
                 blank_nan(cpu),
                 blank_nan(r50),
                 blank_nan(r99),
+                blank_nan(q50),
+                blank_nan(q99),
             ]);
             if k == Kind::Qiod && window == 1 {
                 let d = |f: fn(&Lat) -> f64| num(direct.as_ref().map_or(f64::NAN, f), 1);
@@ -294,8 +319,9 @@ pub async fn roundtrip(ctx: &Ctx) -> anyhow::Result<Section> {
         }
     }
     table.notes.push(format!(
-        "Each round: a fresh server and daemon, the variants in turn (qiod, direct, then the two \
-         floors, sequential only); {warm} warm-up requests per run are not counted; latency = \
+        "Each round: a fresh server and daemon, the variants in turn (qiod, direct, websocat when \
+         given, then the floors; websocat and the floors sequential only, as websocat drops \
+         replies that do not fit its queue); {warm} warm-up requests per run are not counted; latency = \
          write of the request to read of its reply, in the client. The floors explain the \
          qiod figure: `local only` is qiod's own IPC path without the upstream hop; `Unix \
          echo` is one local socket round trip to a tokio echo process (no qiod); `+ 1 task \
@@ -402,6 +428,10 @@ async fn one_round(
     } else {
         None
     };
+    let websocat = match (&ctx.websocat, ctx.variants.contains(&Variant::Websocat)) {
+        (Some(l), true) => Some(l.start(server.url()).await?),
+        _ => None,
+    };
     let dir = tempfile::tempdir()?;
     let res = async {
         let mut clients: Vec<(Kind, Client)> = Vec::new();
@@ -417,6 +447,13 @@ async fn one_round(
                 (Variant::Direct, _) => {
                     let ws = WsConn::connect(server.url()).await?;
                     clients.push((Kind::Direct, Client::Direct(Box::new(ws))));
+                }
+                (Variant::Websocat, _) => {
+                    let w = websocat.as_ref().context("no websocat")?;
+                    let mut c = LineConn::connect_with(w.socket(), 64 * 1024).await?;
+                    c.send("/qio/ohai").await?;
+                    while c.r.next_line().await?.context("websocat closed")? != b"/qio/ohai" {}
+                    clients.push((Kind::Websocat, Client::Raw(c)));
                 }
             }
         }
@@ -437,18 +474,25 @@ async fn one_round(
         for &(window, total) in modes {
             for (kind, client) in clients.iter_mut() {
                 let floor = matches!(kind, Kind::QiodLocal | Kind::UnixEcho | Kind::UnixEchoHop);
-                if floor && window > 1 {
+                // websocat drops what does not fit its client's queue (--queue-len, 16 by
+                // default), replies too: a dropped reply would never come.
+                let lossy = *kind == Kind::Websocat;
+                if (floor || lossy) && window > 1 {
                     continue;
                 }
                 client.run(&mut next, warm, window, payload).await?;
                 let via_qiod = matches!(kind, Kind::Qiod | Kind::QiodLocal);
-                let cpu0 = match &daemon {
-                    Some(d) if via_qiod => Some(d.cpu()?),
-                    _ => None,
+                let middle_cpu = || -> anyhow::Result<Option<std::time::Duration>> {
+                    Ok(match (&daemon, &websocat) {
+                        (Some(d), _) if via_qiod => Some(d.cpu()?),
+                        (_, Some(w)) if *kind == Kind::Websocat => Some(w.cpu()?),
+                        _ => None,
+                    })
                 };
+                let cpu0 = middle_cpu()?;
                 let (lat, secs) = client.run(&mut next, total, window, payload).await?;
-                let daemon_us = match (&daemon, cpu0) {
-                    (Some(d), Some(c0)) => Some((d.cpu()? - c0).as_secs_f64() * 1e6 / total as f64),
+                let daemon_us = match (middle_cpu()?, cpu0) {
+                    (Some(c1), Some(c0)) => Some((c1 - c0).as_secs_f64() * 1e6 / total as f64),
                     _ => None,
                 };
                 runs.push(RtRun {
@@ -467,6 +511,9 @@ async fn one_round(
     .await;
     if let Some(d) = daemon {
         d.stop().await;
+    }
+    if let Some(w) = websocat {
+        w.stop().await;
     }
     server.shutdown().await;
     res

@@ -66,7 +66,12 @@ pub async fn slow_readers(ctx: &Ctx) -> anyhow::Result<Section> {
         .and_then(|s| s.first().copied())
         .unwrap_or(if ctx.smoke { 4 } else { 40 });
     let size = ctx.size.unwrap_or(16 * 1024);
-    let rate = ctx.rate.unwrap_or(1000).max(1);
+    let rate = ctx
+        .rate
+        .as_ref()
+        .and_then(|r| r.first().copied())
+        .unwrap_or(1000)
+        .max(1);
     let events = ctx
         .events
         .unwrap_or(if ctx.smoke { 300 } else { rate * 10 });

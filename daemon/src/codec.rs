@@ -148,7 +148,8 @@ fn decode_v01(text: &str) -> Result<Frame, DecodeError> {
 /// one event per line even when the server pretty-prints.
 fn raw_json(data: &str) -> Result<Box<RawValue>, DecodeError> {
     let data = data.trim();
-    let one_line = if data.contains(['\n', '\r']) {
+    // Bytes, not chars: line breaks are ASCII, and a byte scan is several times faster.
+    let one_line = if data.bytes().any(|b| b == b'\n' || b == b'\r') {
         data.replace(['\n', '\r'], " ")
     } else {
         data.to_owned()

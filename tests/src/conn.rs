@@ -126,13 +126,19 @@ enum Started {
     Http(Io, Vec<u8>),
 }
 
-/// The tungstenite settings for the configured payload limit; `None` keeps tungstenite's
-/// defaults.
+/// How much a 0.1 connection's tungstenite reads at once. tungstenite zero-fills this much
+/// of its buffer before every read, also when the read then finds nothing: its default
+/// (128 KiB) cost each connection more per event than the event itself. The daemon uses
+/// the same size for its upstream connection.
+const READ_BUFFER_V01: usize = 32 * 1024;
+
+/// The tungstenite settings: the configured payload limit (tungstenite's defaults when
+/// there is none) and a read buffer of [`READ_BUFFER_V01`].
 fn ws_config(inner: &Inner) -> Option<WebSocketConfig> {
-    inner.cfg.effective_max_frame_bytes().map(|max| {
-        WebSocketConfig::default()
-            .max_frame_size(Some(max))
-            .max_message_size(Some(max))
+    let cfg = WebSocketConfig::default().read_buffer_size(READ_BUFFER_V01);
+    Some(match inner.cfg.effective_max_frame_bytes() {
+        Some(max) => cfg.max_frame_size(Some(max)).max_message_size(Some(max)),
+        None => cfg,
     })
 }
 

@@ -4,7 +4,7 @@ use super::hub::{
     error_event, event_line, reply_line, to_raw, ClientLoad, ClientRef, Hub, Subscribed, Unwant,
 };
 use super::lines::{Line, LineDecoder};
-use super::outbox::Outbox;
+use super::outbox::{DirectWrite, Outbox};
 use super::IpcConfig;
 use crate::driver::SessionHandle;
 use crate::json;
@@ -145,20 +145,40 @@ pub async fn serve_client(
 /// The client's socket is released when this returns: `wr` is dropped with it, and the
 /// reading half with `serve_client`, so a writer stuck on a client that stopped reading
 /// must be aborted, not left behind.
-async fn write_loop(mut wr: OwnedWriteHalf, client: Arc<ClientRef>, abort: CancellationToken) {
-    tokio::select! {
+async fn write_loop(wr: OwnedWriteHalf, client: Arc<ClientRef>, abort: CancellationToken) {
+    // Shared with the outbox, which writes into it itself while this task is idle.
+    let wr = Arc::new(Socket(wr));
+    client.outbox.attach(wr.clone());
+    let done = tokio::select! {
         _ = abort.cancelled() => {
             tracing::debug!(client = client.id, "writer aborted at the end of the grace period");
+            false
         }
-        res = write_batches(&mut wr, &client) => match res {
-            Ok(()) => {
-                let _ = wr.shutdown().await;
-            }
+        res = write_batches(&wr.0, &client) => match res {
+            Ok(()) => true,
             Err(e) => {
                 tracing::debug!(client = client.id, "write failed: {e}");
                 client.kick.cancel();
+                false
             }
         },
+    };
+    // After this the outbox holds no reference to the socket: it closes with `wr`.
+    client.outbox.detach();
+    if done {
+        if let Ok(Socket(mut wr)) = Arc::try_unwrap(wr) {
+            let _ = wr.shutdown().await;
+        }
+    }
+}
+
+/// A client's writing half, as the outbox writes into it.
+#[derive(Debug)]
+struct Socket(OwnedWriteHalf);
+
+impl DirectWrite for Socket {
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.try_write_vectored(bufs)
     }
 }
 
@@ -174,7 +194,7 @@ const CHUNK: usize = 64 * 1024;
 /// Most slices given to one `writev` (Linux's `IOV_MAX`).
 const MAX_IOV: usize = 1024;
 
-async fn write_batches(wr: &mut OwnedWriteHalf, client: &ClientRef) -> std::io::Result<()> {
+async fn write_batches(wr: &OwnedWriteHalf, client: &ClientRef) -> std::io::Result<()> {
     while let Some(batch) = client.outbox.next_batch().await {
         let lost = (batch.lost > 0).then(|| {
             let data = to_raw(&serde_json::json!({ "count": batch.lost }));
@@ -182,6 +202,7 @@ async fn write_batches(wr: &mut OwnedWriteHalf, client: &ClientRef) -> std::io::
         });
         let segments = coalesce(lost.into_iter().chain(batch.lines));
         write_all_vectored(wr, &segments).await?;
+        client.outbox.batch_written();
     }
     Ok(())
 }
@@ -220,7 +241,7 @@ fn coalesce(lines: impl Iterator<Item = Bytes>) -> Vec<Bytes> {
 }
 
 /// Writes every segment in order, in as few `writev` calls as the socket allows.
-async fn write_all_vectored(wr: &mut OwnedWriteHalf, segments: &[Bytes]) -> std::io::Result<()> {
+async fn write_all_vectored(wr: &OwnedWriteHalf, segments: &[Bytes]) -> std::io::Result<()> {
     let (mut i, mut off) = (0, 0);
     while i < segments.len() {
         if off == segments[i].len() {
@@ -235,7 +256,7 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, segments: &[Bytes]) -> std:
                 .take(MAX_IOV - 1)
                 .map(|l| IoSlice::new(l)),
         );
-        let mut n = wr.write_vectored(&slices).await?;
+        let mut n = write_vectored(wr, &slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -251,6 +272,18 @@ async fn write_all_vectored(wr: &mut OwnedWriteHalf, segments: &[Bytes]) -> std:
         }
     }
     Ok(())
+}
+
+/// One `writev` once the socket has room (by shared reference: the outbox writes into the
+/// same socket while this task is idle).
+async fn write_vectored(wr: &OwnedWriteHalf, slices: &[IoSlice<'_>]) -> std::io::Result<usize> {
+    loop {
+        wr.writable().await?;
+        match wr.try_write_vectored(slices) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            res => return res,
+        }
+    }
 }
 
 impl Conn {
@@ -554,7 +587,7 @@ mod tests {
     #[tokio::test]
     async fn partial_writes_resume_where_they_stopped() {
         let (a, b) = local::pair().unwrap();
-        let (_ra, mut wa) = local::split(a);
+        let (_ra, wa) = local::split(a);
         let segments: Vec<Bytes> = (0..3000u32)
             .map(|i| Bytes::from(format!("{i:0>3000}\n")))
             .collect();
@@ -567,7 +600,7 @@ mod tests {
                 .unwrap();
             got
         });
-        write_all_vectored(&mut wa, &segments).await.unwrap();
+        write_all_vectored(&wa, &segments).await.unwrap();
         drop((_ra, wa));
         assert_eq!(reader.await.unwrap(), want);
     }

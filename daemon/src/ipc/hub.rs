@@ -71,6 +71,20 @@ impl ClientRef {
         }
     }
 
+    /// Queues an event for the fan-out's flush ([`Outbox::queue_event`]); true when the
+    /// client must be flushed (once per flush).
+    fn queue_event(&self, line: Bytes) -> bool {
+        let (ok, first) = self.outbox.queue_event(line);
+        if !ok {
+            tracing::warn!(
+                client = self.id,
+                "disconnecting a client that does not read its events (slow_client = disconnect)"
+            );
+            self.kick.cancel();
+        }
+        first
+    }
+
     /// Queues a line that must not be dropped (a reply or a connection event).
     pub fn push_notice(&self, line: Bytes) {
         if !self.outbox.push_reply(line) {
@@ -782,12 +796,25 @@ impl Hub {
         (st.clients.len(), st.delivered, per_path)
     }
 
-    /// Fans out one notice from the session.
+    /// [`Hub::fan_out`] and the flush, for one notice.
+    #[cfg(test)]
+    fn dispatch(&self, notice: Notice) -> Vec<Unwant> {
+        let mut flush = Vec::new();
+        let unwants = self.fan_out(notice, &mut flush);
+        for c in flush {
+            c.outbox.flush();
+        }
+        unwants
+    }
+
+    /// Fans out one notice from the session. Events are queued, not yet written: the
+    /// clients that got one are added to `flush`, for [`Outbox::flush`] after the
+    /// burst (and outside the hub's lock).
     ///
     /// Returns the paths that just lost their last holder (a `one` that got its event),
     /// for the caller to switch off in the session (never from under the lock, never
     /// from the notice loop).
-    fn dispatch(&self, notice: Notice) -> Vec<Unwant> {
+    fn fan_out(&self, notice: Notice, flush: &mut Vec<Arc<ClientRef>>) -> Vec<Unwant> {
         match notice {
             Notice::Event(ev) => {
                 let cb = ev.cb.map(|h| h.to_string());
@@ -800,7 +827,9 @@ impl Hub {
                 let mut once_done = Vec::new();
                 let mut delivered = 0u64;
                 for h in &entry.holders {
-                    h.client.push_event(line.clone());
+                    if h.client.queue_event(line.clone()) {
+                        flush.push(h.client.clone());
+                    }
                     delivered += 1;
                     if h.once {
                         once_done.push(h.client.id);
@@ -929,6 +958,9 @@ impl Hub {
     }
 }
 
+/// Most notices fanned out before the clients they went to are flushed.
+const BURST: usize = 64;
+
 /// Runs the fan-out until the session's notice channel closes; the switches it cannot
 /// await run in `tasks` (the daemon's tracker), so `run` waits for them too.
 pub async fn run_notices(
@@ -937,8 +969,21 @@ pub async fn run_notices(
     mut notices: mpsc::Receiver<Notice>,
     tasks: TaskTracker,
 ) {
+    let mut flush = Vec::new();
     while let Some(notice) = notices.recv().await {
-        let unwants = hub.dispatch(notice);
+        let mut unwants = hub.fan_out(notice, &mut flush);
+        // The rest of a burst first, so each client gets its share in one write.
+        for _ in 1..BURST {
+            match notices.try_recv() {
+                Ok(notice) => unwants.extend(hub.fan_out(notice, &mut flush)),
+                Err(_) => break,
+            }
+        }
+        // Written from here when the client's writer is idle and its socket has room:
+        // no wake-up of another task, often on another thread, per client and event.
+        for client in flush.drain(..) {
+            client.outbox.flush();
+        }
         if !unwants.is_empty() {
             // The session may be waiting for this very loop to take its next notice, so
             // switching paths off must not be awaited here. Arriving late is harmless:
@@ -970,7 +1015,13 @@ pub fn reply_line(id: &Id, outcome: &Outcome) -> Bytes {
 
 /// Serializes an event line once; every receiver shares the bytes.
 pub fn event_line(event: &str, data: Option<&RawValue>, cb: Option<&str>) -> Bytes {
-    let mut v = serde_json::to_vec(&EventOut { event, data, cb }).unwrap_or_default();
+    // Sized for the line up front: serde_json's own first guess (128 bytes) meant a
+    // reallocation for most events.
+    let size = event.len() + data.map_or(4, |d| d.get().len()) + cb.map_or(0, str::len) + 32;
+    let mut v = Vec::with_capacity(size);
+    if serde_json::to_writer(&mut v, &EventOut { event, data, cb }).is_err() {
+        v.clear();
+    }
     v.push(b'\n');
     Bytes::from(v)
 }

@@ -4,7 +4,8 @@
 use super::SlowClientPolicy;
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::io::IoSlice;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 /// Most bytes the writer takes out in one go (a single longer line still goes whole).
@@ -16,6 +17,32 @@ pub const BATCH_BYTES: usize = 512 * 1024;
 
 /// Most lines the writer takes out in one go.
 pub const BATCH_LINES: usize = 4096;
+
+/// Most slices given to one `writev` by [`Outbox::flush`] (it loops for more).
+const FLUSH_IOV: usize = 256;
+
+/// Up to this many queued lines, [`Outbox::flush`] gives their slices from the stack.
+const FEW: usize = 4;
+
+/// A client's socket as the outbox may write to it itself: without waiting, and from any
+/// thread, so the task fanning out events can write straight into an idle client's
+/// socket instead of waking that client's writer task.
+pub trait DirectWrite: Send + Sync + std::fmt::Debug {
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize>;
+}
+
+/// What a queued line is, for the bounds and the drop policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// An event: counted against `max_events`, dropped first when over a bound.
+    Event,
+    /// A reply or connection event: never dropped, pauses the client's reader.
+    Reply,
+    /// The unwritten end of an event that went out in part: never dropped (the client
+    /// has its beginning), counted in bytes only.
+    Tail,
+}
 
 /// Lines waiting to be written to one client.
 ///
@@ -44,7 +71,7 @@ pub struct Outbox {
 
 #[derive(Debug, Default)]
 struct State {
-    lines: VecDeque<(Bytes, bool)>,
+    lines: VecDeque<(Bytes, Kind)>,
     events: usize,
     replies: usize,
     /// Bytes of every queued line, events and replies.
@@ -54,6 +81,14 @@ struct State {
     lost: u64,
     lost_total: u64,
     closed: bool,
+    /// The writer task holds lines it took out and has not finished writing: nobody else
+    /// may write to the socket until it has.
+    writing: bool,
+    /// Events were queued with [`Outbox::queue_event`] and [`Outbox::flush`] has not
+    /// been called since.
+    unflushed: bool,
+    /// The socket, while the writer task is there to take over what would block.
+    sock: Option<Arc<dyn DirectWrite>>,
 }
 
 impl State {
@@ -64,7 +99,7 @@ impl State {
 
     /// Drops the oldest queued event; false when there is none.
     fn drop_oldest_event(&mut self) -> bool {
-        let Some(i) = self.lines.iter().position(|(_, event)| *event) else {
+        let Some(i) = self.lines.iter().position(|(_, kind)| *kind == Kind::Event) else {
             return false;
         };
         if let Some((line, _)) = self.lines.remove(i) {
@@ -74,6 +109,48 @@ impl State {
             self.lost_total += 1;
         }
         true
+    }
+}
+
+impl State {
+    /// Takes the oldest line off the queue and out of the counts.
+    fn pop(&mut self) -> Option<Bytes> {
+        let (line, kind) = self.lines.pop_front()?;
+        self.bytes -= line.len();
+        match kind {
+            Kind::Event => self.events -= 1,
+            Kind::Reply => {
+                self.replies -= 1;
+                self.reply_bytes -= line.len();
+            }
+            Kind::Tail => {}
+        }
+        Some(line)
+    }
+
+    /// Takes the first `n` bytes of the queue off it: whole lines, and the beginning of
+    /// the next one, whose end stays first in the queue and can no longer be dropped.
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some((line, kind)) = self.lines.front_mut() else {
+                return;
+            };
+            if n < line.len() {
+                let _ = line.split_to(n);
+                self.bytes -= n;
+                match kind {
+                    Kind::Reply => self.reply_bytes -= n,
+                    Kind::Event => {
+                        self.events -= 1;
+                        *kind = Kind::Tail;
+                    }
+                    Kind::Tail => {}
+                }
+                return;
+            }
+            n -= line.len();
+            self.pop();
+        }
     }
 }
 
@@ -107,11 +184,26 @@ impl Outbox {
         self
     }
 
-    /// Queues an event line; returns false when the client must be disconnected instead.
+    /// Queues an event line and has the writer write it; returns false when the client
+    /// must be disconnected instead.
     pub fn push_event(&self, line: Bytes) -> bool {
+        let (ok, _) = self.queue(line, false);
+        self.ready.notify_one();
+        ok
+    }
+
+    /// Queues an event line for [`Outbox::flush`] to write: the fan-out queues a burst of
+    /// events first and writes each client's share at once. Returns whether the event was
+    /// taken (false: disconnect the client instead) and whether this client now waits
+    /// for a flush (true once per flush, so the caller lists each client once).
+    pub fn queue_event(&self, line: Bytes) -> (bool, bool) {
+        self.queue(line, true)
+    }
+
+    fn queue(&self, line: Bytes, for_flush: bool) -> (bool, bool) {
         let mut st = self.lock();
         if st.closed {
-            return true;
+            return (true, false);
         }
         let len = line.len();
         match self.policy {
@@ -120,7 +212,7 @@ impl Outbox {
                     st.closed = true;
                     drop(st);
                     self.ready.notify_one();
-                    return false;
+                    return (false, false);
                 }
             }
             SlowClientPolicy::DropOldest => {
@@ -135,10 +227,79 @@ impl Outbox {
         }
         st.events += 1;
         st.bytes += len;
-        st.lines.push_back((line, true));
+        st.lines.push_back((line, Kind::Event));
+        let first = for_flush && !std::mem::replace(&mut st.unflushed, true);
+        (true, first)
+    }
+
+    /// Writes what is queued straight into the client's socket when the writer task is
+    /// idle and the socket takes it without waiting; whatever is left (the socket is
+    /// full, a `/lost` must go first, the writer is busy) is the writer's, which is woken
+    /// for it. Never waits, so one slow client costs the caller one failed `writev`.
+    pub fn flush(&self) {
+        let mut st = self.lock();
+        st.unflushed = false;
+        if st.lines.is_empty() && st.lost == 0 {
+            return;
+        }
+        if st.writing || st.lost > 0 || st.closed {
+            drop(st);
+            self.ready.notify_one();
+            return;
+        }
+        let Some(sock) = st.sock.clone() else {
+            drop(st);
+            self.ready.notify_one();
+            return;
+        };
+        let had_replies = st.replies > 0;
+        while !st.lines.is_empty() {
+            let res = if st.lines.len() <= FEW {
+                // On the stack: one event for one client is the common case.
+                let mut slices = [IoSlice::new(&[]); FEW];
+                for ((line, _), slot) in st.lines.iter().zip(slices.iter_mut()) {
+                    *slot = IoSlice::new(line);
+                }
+                sock.try_write_vectored(&slices[..st.lines.len()])
+            } else {
+                let slices: Vec<IoSlice<'_>> = st
+                    .lines
+                    .iter()
+                    .take(FLUSH_IOV)
+                    .map(|(l, _)| IoSlice::new(l))
+                    .collect();
+                sock.try_write_vectored(&slices)
+            };
+            match res {
+                Ok(0) | Err(_) => break,
+                Ok(n) => st.consume(n),
+            }
+        }
+        let left = !st.lines.is_empty();
         drop(st);
-        self.ready.notify_one();
-        true
+        if left {
+            // Full, or broken: the writer waits for room, or meets the error and ends
+            // the client.
+            self.ready.notify_one();
+        }
+        if had_replies {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Lets [`Outbox::flush`] write into `sock` while the writer is idle.
+    pub fn attach(&self, sock: Arc<dyn DirectWrite>) {
+        self.lock().sock = Some(sock);
+    }
+
+    /// Stops writing into the socket from outside the writer (it is being closed).
+    pub fn detach(&self) {
+        self.lock().sock = None;
+    }
+
+    /// The writer has written the batch it took: the socket is free again.
+    pub fn batch_written(&self) {
+        self.lock().writing = false;
     }
 
     /// Counts events that never made it into the outbox (dropped upstream of it).
@@ -150,8 +311,9 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Queues a line that must not be dropped; returns false when the client has stopped
-    /// reading for so long that it must be disconnected.
+    /// Queues a line that must not be dropped and flushes ([`Outbox::flush`]); returns
+    /// false when the client has stopped reading for so long that it must be
+    /// disconnected.
     pub fn push_reply(&self, line: Bytes) -> bool {
         let mut st = self.lock();
         if st.closed {
@@ -169,9 +331,10 @@ impl Outbox {
         st.replies += 1;
         st.bytes += len;
         st.reply_bytes += len;
-        st.lines.push_back((line, false));
+        st.lines.push_back((line, Kind::Reply));
         drop(st);
-        self.ready.notify_one();
+        // Written straight away when the writer is idle and the socket has room.
+        self.flush();
         true
     }
 
@@ -193,30 +356,32 @@ impl Outbox {
     }
 
     /// Waits for lines and takes the oldest ones, at most [`BATCH_LINES`] lines and about
-    /// [`BATCH_BYTES`] bytes; `None` once closed and empty.
+    /// [`BATCH_BYTES`] bytes; `None` once closed and empty. Until the writer says
+    /// [`Outbox::batch_written`], nothing else writes to the socket.
     pub async fn next_batch(&self) -> Option<Batch> {
         loop {
             let ready = self.ready.notified();
             {
                 let mut st = self.lock();
+                if st.lines.front().is_some_and(|(_, k)| *k == Kind::Tail) {
+                    // The end of a line the client has begun to read goes alone, before
+                    // any `/lost`.
+                    let lines = st.pop().into_iter().collect();
+                    st.writing = true;
+                    return Some(Batch { lines, lost: 0 });
+                }
                 if !st.lines.is_empty() || st.lost > 0 {
                     let mut lines = Vec::with_capacity(st.lines.len().min(BATCH_LINES));
                     let mut taken = 0;
                     while lines.len() < BATCH_LINES && (lines.is_empty() || taken < BATCH_BYTES) {
-                        let Some((line, event)) = st.lines.pop_front() else {
+                        let Some(line) = st.pop() else {
                             break;
                         };
                         taken += line.len();
-                        st.bytes -= line.len();
-                        if event {
-                            st.events -= 1;
-                        } else {
-                            st.replies -= 1;
-                            st.reply_bytes -= line.len();
-                        }
                         lines.push(line);
                     }
                     let lost = std::mem::take(&mut st.lost);
+                    st.writing = true;
                     drop(st);
                     self.drained.notify_waiters();
                     return Some(Batch { lines, lost });
@@ -456,6 +621,75 @@ mod tests {
             assert_eq!(lines, want, "{}: lines", c.name);
             assert_eq!((lost, o.lost_total()), (c.lost, c.lost), "{}: lost", c.name);
         }
+    }
+
+    /// A socket that takes `room` more bytes, then would block.
+    #[derive(Debug, Default)]
+    struct Sock {
+        room: Mutex<usize>,
+        got: Mutex<Vec<u8>>,
+    }
+
+    impl DirectWrite for Sock {
+        fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+            let mut room = self.room.lock().unwrap();
+            if *room == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(*room - n);
+                self.got.lock().unwrap().extend_from_slice(&b[..take]);
+                n += take;
+            }
+            *room -= n;
+            Ok(n)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flush_writes_into_an_idle_socket_and_leaves_the_rest_to_the_writer_in_order() {
+        let o = Outbox::new(2, 10, DROP);
+        let sock = Arc::new(Sock::default());
+        *sock.room.lock().unwrap() = 6;
+        o.attach(sock.clone());
+        assert_eq!(o.queue_event(b("e1..\n")), (true, true));
+        assert_eq!(
+            o.queue_event(b("e2..\n")),
+            (true, false),
+            "listed for a flush once"
+        );
+        o.flush();
+        assert_eq!(&sock.got.lock().unwrap()[..], b"e1..\ne");
+        // The socket is full: more events than the bound drop the oldest whole one,
+        // never the end of the one the client has begun to read.
+        assert_eq!(o.queue_event(b("e3..\n")), (true, true));
+        assert_eq!(o.queue_event(b("e4..\n")), (true, false));
+        assert_eq!(o.queue_event(b("e5..\n")), (true, false));
+        o.flush();
+        assert_eq!(o.lost_total(), 1);
+        // The end of e2 goes first and alone, then the /lost and the rest.
+        let batch = o.next_batch().await.unwrap();
+        assert_eq!((batch.lines, batch.lost), (vec![b("2..\n")], 0));
+        // While the writer holds a batch, a flush leaves the socket alone.
+        *sock.room.lock().unwrap() = 100;
+        o.queue_event(b("e6..\n"));
+        o.flush();
+        assert_eq!(&sock.got.lock().unwrap()[..], b"e1..\ne");
+        o.batch_written();
+        let batch = o.next_batch().await.unwrap();
+        assert_eq!(batch.lines, [b("e5..\n"), b("e6..\n")], "e6 dropped e4");
+        assert_eq!(batch.lost, 2);
+        o.batch_written();
+        // Idle again: straight into the socket.
+        o.queue_event(b("e7..\n"));
+        o.flush();
+        assert_eq!(&sock.got.lock().unwrap()[..], b"e1..\nee7..\n");
+        o.detach();
+        o.queue_event(b("e8..\n"));
+        o.flush();
+        o.close();
+        assert_eq!(o.next_batch().await.unwrap().lines, [b("e8..\n")]);
     }
 
     #[tokio::test]
