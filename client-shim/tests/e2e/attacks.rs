@@ -10,6 +10,7 @@
 
 use crate::common::*;
 use qio_testserver::TestServer;
+use rustix::process::{Pid, Signal};
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -85,8 +86,7 @@ print("EOF", flush=True)
 
 /// Fails (never skips) where the two users cannot be made.
 fn need_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     assert_eq!(
         euid, 0,
         "these tests run a victim and an attacker as two other users (uids {VICTIM} and \
@@ -242,9 +242,9 @@ impl Running {
 
     /// Asks it to stop, as `systemctl stop` would.
     fn terminate(&self) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
-        // SAFETY: a signal to a process this test started (setpriv execs in place).
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        // setpriv execs in place, so the child is qiod itself.
+        rustix::process::kill_process(Pid::from_child(&self.child), Signal::TERM)
+            .expect("SIGTERM to qiod");
     }
 
     /// Waits for the exit, failing past the deadline.

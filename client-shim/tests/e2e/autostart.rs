@@ -2,11 +2,14 @@
 
 use crate::common::*;
 use qio_client::Client;
+use rustix::process::{kill_process, Pid, Signal};
 
 fn terminate(pid: u32) {
-    let pid = libc::pid_t::try_from(pid).expect("pid");
-    // SAFETY: a signal to the process this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .expect("a daemon's pid");
+    kill_process(pid, Signal::TERM).expect("SIGTERM to the daemon the client started");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

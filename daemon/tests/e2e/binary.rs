@@ -2,6 +2,7 @@
 
 use crate::common::Qiod;
 use qio_testserver::{ServerConfig, TestServer};
+use rustix::process::{Resource, Signal};
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -81,7 +82,7 @@ async fn server_and_socket_flags_are_enough_and_sigterm_answers_pending_requests
         assert!(start.elapsed() < DEADLINE);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    qiod.signal(libc::SIGTERM);
+    qiod.signal(Signal::TERM);
     let mut reply = None;
     while let Some(v) = read_line(&mut r).await {
         if v.get("id") == Some(&json!(7)) {
@@ -106,10 +107,10 @@ async fn sighup_applies_a_new_server_address() {
     until_open(&mut r).await;
     assert_eq!(a.connection_count(), 1);
     std::fs::write(&config, format!("servers = [\"{}\"]\n", b.url())).unwrap();
-    qiod.signal(libc::SIGHUP);
+    qiod.signal(Signal::HUP);
     assert!(b.wait_until(DEADLINE, |s| s.connection_count() == 1).await);
     assert!(a.wait_until(DEADLINE, |s| s.connection_count() == 0).await);
-    qiod.signal(libc::SIGINT);
+    qiod.signal(Signal::INT);
     assert!(qiod.wait_exit().success());
 }
 
@@ -201,16 +202,10 @@ fn a_socket_folder_that_cannot_be_made_gives_the_os_error_once() {
 fn the_open_file_limit_is_mentioned_only_when_it_matters() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("qiod.toml");
-    let mut hard = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `hard` is a valid rlimit to write into.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
-        0
-    );
-    let too_many = (hard.rlim_max + 1).to_string();
+    let hard = rustix::process::getrlimit(Resource::Nofile)
+        .maximum
+        .expect("a finite hard limit on open files, to ask for one more");
+    let too_many = (hard + 1).to_string();
 
     // A daemon that cannot start says why, and nothing about file limits.
     let not_a_dir = dir.path().join("file");
@@ -544,7 +539,7 @@ async fn a_flag_beats_its_variable_which_beats_the_file() {
         for other in [&flag, &var, &file] {
             assert_eq!(other.exists(), other == expect, "{other:?}");
         }
-        qiod.signal(libc::SIGTERM);
+        qiod.signal(Signal::TERM);
         assert!(qiod.wait_exit().success());
     }
 }
@@ -571,7 +566,7 @@ async fn a_reload_with_an_unusable_ca_file_keeps_the_running_configuration() {
         ),
     )
     .unwrap();
-    qiod.signal(libc::SIGHUP);
+    qiod.signal(Signal::HUP);
     let seen = qiod
         .stderr_until("reload failed")
         .expect("the reload is refused");
@@ -581,6 +576,6 @@ async fn a_reload_with_an_unusable_ca_file_keeps_the_running_configuration() {
         "{line}"
     );
     assert!(line.contains("missing.pem"), "{line}");
-    qiod.signal(libc::SIGTERM);
+    qiod.signal(Signal::TERM);
     assert!(qiod.wait_exit().success());
 }

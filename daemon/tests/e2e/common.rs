@@ -1,6 +1,7 @@
 //! What the modules share: the one helper that starts a `qiod` process, isolated from the
 //! machine's own configuration and from a service manager the tests may run under.
 
+use rustix::process::{Pid, Signal};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -101,10 +102,10 @@ impl Qiod {
         Qiod { child, log }
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill with a pid we spawned and a valid signal number.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0);
+    /// Sends `sig` to the process, as a service manager or an operator would.
+    pub fn signal(&self, sig: Signal) {
+        rustix::process::kill_process(Pid::from_child(&self.child), sig)
+            .unwrap_or_else(|e| panic!("signal {sig:?} to qiod: {e}"));
     }
 
     /// Waits for the process to exit, blocking the thread.

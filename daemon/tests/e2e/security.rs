@@ -71,8 +71,7 @@ struct AsNobody {
 
 impl AsNobody {
     fn find() -> Result<AsNobody, String> {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             return Err("not running as root, so no client can run as another user".into());
         }
         let runners = [

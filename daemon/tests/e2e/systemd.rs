@@ -6,8 +6,10 @@
 
 use crate::common::Qiod;
 use qio_testserver::{ServerConfig, TestServer};
+use rustix::io::FdFlags;
+use rustix::process::Signal;
 use serde_json::{json, Value};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -82,7 +84,8 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_its_file() {
     // What systemd's qiod.socket does: bind and listen, then hand the fd over.
     let activated = dir.path().join("activated.sock");
     let listener = std::os::unix::net::UnixListener::bind(&activated).unwrap();
-    let fd = listener.as_raw_fd();
+    // The child's copy to hand over; the test keeps `listener`, as systemd keeps its own.
+    let handed = OwnedFd::from(listener.try_clone().unwrap());
     // The daemon's own socket setting, which a passed socket overrides.
     let configured = dir.path().join("own").join("qiod.sock");
 
@@ -104,15 +107,19 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_its_file() {
     // calls (dup2, fcntl) on fds it owns in the child.
     unsafe {
         cmd.pre_exec(move || {
-            const LISTEN_FDS_START: libc::c_int = 3;
-            if fd == LISTEN_FDS_START {
+            const LISTEN_FDS_START: RawFd = 3;
+            if handed.as_raw_fd() == LISTEN_FDS_START {
                 // dup2 onto itself would keep close-on-exec: clear it by hand.
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, LISTEN_FDS_START) < 0 {
-                return Err(std::io::Error::last_os_error());
+                let flags = rustix::io::fcntl_getfd(&handed)?;
+                rustix::io::fcntl_setfd(&handed, flags - FdFlags::CLOEXEC)?;
+            } else {
+                // rustix's dup2 takes the target as an OwnedFd, which fd 3 may not be here;
+                // nix's dup2_raw takes a number. SAFETY: after the fork nothing in the child
+                // closes fd 3 (whatever held it is close-on-exec and never dropped before
+                // the exec), and the new fd is released at once so that it stays open for
+                // qiod.
+                let passed = nix::unistd::dup2_raw(&handed, LISTEN_FDS_START)?;
+                let _ = passed.into_raw_fd();
             }
             Ok(())
         });
@@ -132,7 +139,7 @@ async fn socket_activation_serves_the_passed_socket_and_leaves_its_file() {
         "with a passed socket, qiod binds nothing of its own"
     );
 
-    qiod.signal(libc::SIGTERM);
+    qiod.signal(Signal::TERM);
     client.until("/close", |v| v["event"] == "/close").await;
     assert!(qiod.wait_exit_async().await.success());
     assert!(
@@ -224,7 +231,7 @@ async fn tells_systemd_ready_status_watchdog_and_stopping() {
         .expect("a keep-alive while reconnecting", |l| l == "WATCHDOG=1")
         .await;
 
-    qiod.signal(libc::SIGTERM);
+    qiod.signal(Signal::TERM);
     notes.expect("STOPPING=1", |l| l == "STOPPING=1").await;
     assert!(qiod.wait_exit_async().await.success());
 }
@@ -317,7 +324,7 @@ async fn a_stalled_server_does_not_starve_the_watchdog() {
         .await;
     let echo = client.until("the echo", |v| v["id"] == 1).await;
     assert_eq!(echo["code"], 200, "{echo}");
-    qiod.signal(libc::SIGTERM);
+    qiod.signal(Signal::TERM);
     notes.expect("STOPPING=1", |l| l == "STOPPING=1").await;
     assert!(qiod.wait_exit_async().await.success());
 }
