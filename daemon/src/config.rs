@@ -185,6 +185,10 @@ pub struct Args {
     /// Most clients connected at once
     #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N", help_heading = BOUNDS)]
     pub max_clients: Option<Count>,
+    /// Worker threads of the daemon's async runtime: 1 gives the lowest latency and CPU
+    /// per request at moderate rates, more spread a flood of events over the cores
+    #[arg(long, env = "QIOD_THREADS", value_name = "N", help_heading = BOUNDS)]
+    pub threads: Option<Count>,
     /// Most requests one client may have waiting for an answer
     #[arg(long, env = "QIOD_MAX_PENDING_PER_CLIENT", value_name = "N", help_heading = BOUNDS)]
     pub max_pending_per_client: Option<Count>,
@@ -298,6 +302,7 @@ fn default_text(key: &str) -> Option<String> {
         "max_frame_bytes" => "none for 0.2, 1024 for 0.1",
         "allowed_groups" => "none",
         "ca_file" => "none: the built-in web roots only",
+        "threads" => "one per CPU",
         _ => return default_of(key, &default_settings()),
     };
     Some(text.into())
@@ -468,6 +473,8 @@ pub fn invalid_value(e: &clap::Error) -> Option<&Invalid> {
 pub struct Config {
     /// Where to listen (unless systemd passes a socket).
     pub socket: PathBuf,
+    /// Worker threads of the binary's runtime; `None`: one per CPU.
+    pub threads: Option<usize>,
     /// The tracing filter the operator configured (`RUST_LOG`, when set, overrides it).
     pub log: String,
     /// What [`crate::run`] needs.
@@ -504,6 +511,9 @@ impl Config {
         if self.socket != new.socket {
             keys.push("socket");
         }
+        if self.threads != new.threads {
+            keys.push("threads");
+        }
         keys.extend(changed(&self.settings, &new.settings));
         if self.settings.ipc.allowed_gids != new.settings.ipc.allowed_gids {
             keys.push("allowed_groups");
@@ -511,6 +521,9 @@ impl Config {
         keys
     }
 }
+
+/// The most runtime worker threads accepted (`threads`).
+const MAX_THREADS: usize = 1024;
 
 /// Resolves the configuration from `args` (the command line) and the config file.
 pub fn load(args: Args) -> Result<Config, ConfigError> {
@@ -566,8 +579,17 @@ fn load_from(args: Args, default_file: Option<PathBuf>) -> Result<Config, Config
         }
     };
 
+    let threads = args.threads.or(file.threads).map(|Count(n)| n);
+    if let Some(n) = threads.filter(|&n| n > MAX_THREADS) {
+        return Err(ConfigError::Conflict(format!(
+            "threads ({n}) is more than {MAX_THREADS}: qiod needs a few threads, not one per \
+             client; leave it unset for one per CPU"
+        )));
+    }
+
     Ok(Config {
         socket,
+        threads,
         log,
         settings,
         config_file,
@@ -725,6 +747,19 @@ mod tests {
         assert!(help.contains("[default: drop-oldest]"), "{help}");
         assert!(help.contains("[default: auto]"), "{help}");
         assert!(help.contains("[default: once]"), "{help}");
+    }
+
+    #[test]
+    fn threads_are_one_per_cpu_unless_set_and_a_thousand_is_plenty() {
+        assert_eq!(load_args(&["--server", "ws://h:1/"]).unwrap().threads, None);
+        let cfg = load_args(&["--server", "ws://h:1/", "--threads", "1"]).unwrap();
+        assert_eq!(cfg.threads, Some(1));
+        let err = load_args(&["--server", "ws://h:1/", "--threads", "100000"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("threads (100000) is more than 1024"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -137,7 +137,11 @@ fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
              connections beyond the limit will fail"
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
