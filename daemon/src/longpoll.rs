@@ -14,6 +14,10 @@
 //! - Exactly one request carrying events is in flight until it is taken (its own answer,
 //!   or the answer of an older request, which the server gives when the newer one
 //!   arrives); frames written meanwhile are gathered into the next body.
+//! - Answers are taken in the order their requests were sent, whichever is read first:
+//!   the server produces them in that order (the held poll's answer, with the events so
+//!   far, when the newer request arrives), so a short newer answer read before a long
+//!   older one must wait for it, or events would overtake each other.
 //! - After an answer that leaves no request in flight, the next poll goes out after a
 //!   random delay of up to `delay_max` (the documents' 0-2000 ms), or at once with events.
 //!   A new poll after an answer that leaves one in flight would only make the server
@@ -30,9 +34,10 @@
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
@@ -44,6 +49,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 use tokio_tungstenite::MaybeTlsStream;
 use url::Url;
@@ -102,7 +108,7 @@ struct Endpoint {
 
 /// One HTTP/1.1 connection; dropping it closes the socket.
 struct Conn {
-    sender: http1::SendRequest<Full<Bytes>>,
+    sender: http1::SendRequest<Body>,
     driver: AbortHandle,
 }
 
@@ -178,12 +184,61 @@ fn host_header(ep: &Endpoint) -> String {
 }
 
 /// One POST on `conn` (or a new connection), with its whole answer.
+/// A request body that says when the connection took it, which is when its bytes go
+/// out (the connection writes and flushes what it took in the same step). Dropped
+/// untaken, it says so too (its sender's end closes).
+struct Body {
+    data: Option<Bytes>,
+    len: u64,
+    taken: Option<oneshot::Sender<()>>,
+}
+
+impl Body {
+    fn new(text: String, taken: Option<oneshot::Sender<()>>) -> Body {
+        Body {
+            len: text.len() as u64,
+            data: Some(Bytes::from(text)),
+            taken,
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(taken) = self.taken.take() {
+            let _ = taken.send(());
+        }
+        Poll::Ready(
+            self.data
+                .take()
+                .filter(|d| !d.is_empty())
+                .map(|d| Ok(Frame::data(d))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Not before it was polled once, so that an empty body says when it was taken too.
+        self.taken.is_none() && self.data.as_ref().is_none_or(|d| d.is_empty())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len)
+    }
+}
+
 async fn post(
     ep: &Endpoint,
     conn: Option<Conn>,
     query_extra: &str,
     body: String,
     max_body: usize,
+    taken: Option<oneshot::Sender<()>>,
 ) -> Result<(u16, Bytes, Conn), String> {
     let mut conn = match conn {
         Some(c) if !c.sender.is_closed() => c,
@@ -198,7 +253,7 @@ async fn post(
         .header("Host", host)
         .header("Content-Type", "text/plain")
         .header("Content-Length", body.len())
-        .body(Full::new(Bytes::from(body)))
+        .body(Body::new(body, taken))
         .map_err(|e| format!("building the request: {e}"))?;
     let response = conn
         .sender
@@ -250,6 +305,7 @@ pub async fn connect(
             "&connect=true",
             "/qio/hostname:1=null".to_owned(),
             cfg.max_body_bytes,
+            None,
         ),
     )
     .await
@@ -287,9 +343,11 @@ pub async fn connect(
         ep: Arc::new(ep),
         cfg,
         idle,
-        inflight: FuturesUnordered::new(),
+        inflight: FuturesOrdered::new(),
         next_seq: 0,
         untaken: None,
+        sending: None,
+        answered_before_sent: false,
         outbox: String::new(),
         poll_due: true,
         poll_at: None,
@@ -332,10 +390,21 @@ pub struct LongPoll {
     cfg: LongPollConfig,
     /// Connections with no request on them.
     idle: Vec<Conn>,
-    inflight: FuturesUnordered<BoxFuture<'static, Done>>,
+    /// Requests in flight, whose answers are taken in the order the requests were sent:
+    /// the server answers the poll it holds when a newer request arrives, so an older
+    /// request's answer always carries older events, even when a newer answer (shorter,
+    /// on another socket) is read first.
+    inflight: FuturesOrdered<BoxFuture<'static, Done>>,
     next_seq: u64,
     /// The event-carrying request not yet known to be taken.
     untaken: Option<u64>,
+    /// The newest request until its connection took it (it is on its way then). No other
+    /// request starts before: requests on different sockets must reach the server in the
+    /// order they were made, because it answers them in the order they arrive, and
+    /// answers are taken in the order requests were made.
+    sending: Option<(u64, oneshot::Receiver<()>)>,
+    /// An older request was answered while the event request was still `sending`.
+    answered_before_sent: bool,
     /// Frames for the next request, each followed by LF.
     outbox: String,
     /// A poll is to go out as soon as nothing else is in flight.
@@ -405,6 +474,15 @@ impl LongPoll {
             if let Some(reason) = self.ended.take() {
                 return Poll::Ready(Err(reason));
             }
+            if let Some((seq, sent)) = self.sending.as_mut() {
+                if sent.poll_unpin(cx).is_ready() {
+                    let seq = *seq;
+                    self.sending = None;
+                    if self.untaken == Some(seq) && std::mem::take(&mut self.answered_before_sent) {
+                        self.untaken = None;
+                    }
+                }
+            }
             self.start_requests();
             if let Poll::Ready(Some(done)) = self.inflight.poll_next_unpin(cx) {
                 self.on_done(done);
@@ -422,10 +500,14 @@ impl LongPoll {
     }
 
     fn start_requests(&mut self) {
+        if self.sending.is_some() {
+            return;
+        }
         if !self.outbox.is_empty() && self.untaken.is_none() {
             let body = std::mem::take(&mut self.outbox);
             let seq = self.start(body);
             self.untaken = Some(seq);
+            self.answered_before_sent = false;
             // It is a poll too.
             self.poll_due = false;
             self.poll_at = None;
@@ -438,26 +520,45 @@ impl LongPoll {
     fn start(&mut self, body: String) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
+        let (sent, told) = oneshot::channel();
+        self.sending = Some((seq, told));
+        let sent = Some(sent);
         let ep = self.ep.clone();
         let conn = self.idle.pop();
         let limit = self.cfg.request_timeout;
         let max = self.cfg.max_body_bytes;
         let fut = async move {
-            let res = match tokio::time::timeout(limit, post(&ep, conn, "", body, max)).await {
+            let res = match tokio::time::timeout(limit, post(&ep, conn, "", body, max, sent)).await
+            {
                 Ok(res) => res,
                 Err(_) => Err(format!("no answer to a long poll within {limit:?}")),
             };
             Done { seq, res }
         };
-        self.inflight.push(fut.boxed());
+        self.inflight.push_back(fut.boxed());
         seq
     }
 
     fn on_done(&mut self, done: Done) {
-        // An answer to the event request, or to an older one (which the server gives when
-        // the newer one arrives), means the events were taken.
-        if self.untaken.is_some_and(|e| done.seq <= e) {
-            self.untaken = None;
+        // An answer to the event request means its events were taken. So does an answer
+        // to an older one, which the server gives when the newer one arrives, but also for
+        // an event of its own: then the event request may still be on its way, and the
+        // next one, on another socket, could overtake it. So an older answer counts only
+        // once the event request's bytes are out; the next request's go out after them.
+        match self.untaken {
+            Some(e) if done.seq == e => self.untaken = None,
+            Some(e) if done.seq < e => {
+                if self.sending.as_ref().is_some_and(|(s, _)| *s == e) {
+                    self.answered_before_sent = true;
+                } else {
+                    self.untaken = None;
+                }
+            }
+            _ => {}
+        }
+        // An answer also shows its request was taken, should the body not have said so.
+        if self.sending.as_ref().is_some_and(|(s, _)| *s == done.seq) {
+            self.sending = None;
         }
         match done.res {
             Err(e) => self.ended = Some(format!("long polling failed: {e}")),
