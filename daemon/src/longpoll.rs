@@ -71,6 +71,11 @@ pub struct LongPollConfig {
     /// Bytes of frames that may wait for the next request; beyond, the connection is
     /// closed as one that stopped reading.
     pub queue_bytes: usize,
+    /// How long after a request's bytes went out the next request waits. Two requests on
+    /// two sockets reach the server's processing in either order when they go out close
+    /// together; the server answers in the order it processes them, and events then
+    /// overtake each other. 50 ms, next to the documents' 0-2000 ms between polls.
+    pub order_gap: Duration,
 }
 
 impl Default for LongPollConfig {
@@ -80,6 +85,7 @@ impl Default for LongPollConfig {
             request_timeout: Duration::from_secs(60),
             max_body_bytes: 16 * 1024 * 1024,
             queue_bytes: 32 * 1024 * 1024,
+            order_gap: Duration::from_millis(50),
         }
     }
 }
@@ -348,6 +354,7 @@ pub async fn connect(
         untaken: None,
         sending: None,
         answered_before_sent: false,
+        gap: None,
         outbox: String::new(),
         poll_due: true,
         poll_at: None,
@@ -405,6 +412,8 @@ pub struct LongPoll {
     sending: Option<(u64, oneshot::Receiver<()>)>,
     /// An older request was answered while the event request was still `sending`.
     answered_before_sent: bool,
+    /// Until when no request starts: `order_gap` after the last one went out.
+    gap: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Frames for the next request, each followed by LF.
     outbox: String,
     /// A poll is to go out as soon as nothing else is in flight.
@@ -478,9 +487,15 @@ impl LongPoll {
                 if sent.poll_unpin(cx).is_ready() {
                     let seq = *seq;
                     self.sending = None;
+                    self.gap = Some(Box::pin(tokio::time::sleep(self.cfg.order_gap)));
                     if self.untaken == Some(seq) && std::mem::take(&mut self.answered_before_sent) {
                         self.untaken = None;
                     }
+                }
+            }
+            if let Some(gap) = self.gap.as_mut() {
+                if gap.as_mut().poll(cx).is_ready() {
+                    self.gap = None;
                 }
             }
             self.start_requests();
@@ -500,7 +515,7 @@ impl LongPoll {
     }
 
     fn start_requests(&mut self) {
-        if self.sending.is_some() {
+        if self.sending.is_some() || self.gap.is_some() {
             return;
         }
         if !self.outbox.is_empty() && self.untaken.is_none() {
