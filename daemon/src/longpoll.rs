@@ -355,6 +355,8 @@ pub async fn connect(
         sending: None,
         answered_before_sent: false,
         gap: None,
+        proof: Vec::new(),
+        proven: false,
         outbox: String::new(),
         poll_due: true,
         poll_at: None,
@@ -412,8 +414,14 @@ pub struct LongPoll {
     sending: Option<(u64, oneshot::Receiver<()>)>,
     /// An older request was answered while the event request was still `sending`.
     answered_before_sent: bool,
-    /// Until when no request starts: `order_gap` after the last one went out.
+    /// Until when no request starts: `order_gap` after the last one went out, unless the
+    /// server has been seen to process it (`proven`).
     gap: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The callback ids the newest request asks for: an answer carrying one of them shows
+    /// the server has processed that request, so the next one cannot overtake it.
+    proof: Vec<u64>,
+    /// One of `proof` came back.
+    proven: bool,
     /// Frames for the next request, each followed by LF.
     outbox: String,
     /// A poll is to go out as soon as nothing else is in flight.
@@ -515,7 +523,7 @@ impl LongPoll {
     }
 
     fn start_requests(&mut self) {
-        if self.sending.is_some() || self.gap.is_some() {
+        if self.sending.is_some() || (self.gap.is_some() && !self.proven) {
             return;
         }
         if !self.outbox.is_empty() && self.untaken.is_none() {
@@ -535,6 +543,9 @@ impl LongPoll {
     fn start(&mut self, body: String) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.gap = None;
+        self.proven = false;
+        self.proof = body.lines().filter_map(asked_callback).collect();
         let (sent, told) = oneshot::channel();
         self.sending = Some((seq, told));
         let sent = Some(sent);
@@ -583,11 +594,18 @@ impl LongPoll {
                     self.incoming.push_back(HEARTBEAT.to_owned());
                 } else {
                     let text = String::from_utf8_lossy(&body);
-                    self.incoming.extend(
-                        text.split('\n')
-                            .filter(|l| !l.is_empty())
-                            .map(str::to_owned),
-                    );
+                    for line in text.split('\n').filter(|l| !l.is_empty()) {
+                        if !self.proven
+                            && answered_callback(line).is_some_and(|id| self.proof.contains(&id))
+                        {
+                            self.proven = true;
+                            // Processed, so its events were taken.
+                            if self.untaken == Some(self.next_seq - 1) {
+                                self.untaken = None;
+                            }
+                        }
+                        self.incoming.push_back(line.to_owned());
+                    }
                 }
                 if self.inflight.is_empty() {
                     let max = self.cfg.delay_max.as_millis() as u64;
@@ -605,9 +623,35 @@ impl LongPoll {
     }
 }
 
+/// The callback id a frame we send asks for (`<path>:<id>=<json>`, 0: none).
+fn asked_callback(frame: &str) -> Option<u64> {
+    let (_, rest) = frame.split_once(':')?;
+    let (id, _) = rest.split_once('=')?;
+    id.parse().ok().filter(|&id| id > 0)
+}
+
+/// The id of a callback the server answers (`/qio/callback/<id>:0=<json>`).
+fn answered_callback(frame: &str) -> Option<u64> {
+    let rest = frame.strip_prefix("/qio/callback/")?;
+    let (id, _) = rest.split_once(':')?;
+    id.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn callbacks_asked_and_answered_are_recognised() {
+        assert_eq!(asked_callback("/app/x:7={\"a\":\"b:c=d\"}"), Some(7));
+        assert_eq!(asked_callback("/app/x:0=null"), None);
+        assert_eq!(asked_callback("/qio/ping:12=null"), Some(12));
+        assert_eq!(
+            answered_callback("/qio/callback/12:0={\"code\":200}"),
+            Some(12)
+        );
+        assert_eq!(answered_callback("/app/x:0=null"), None);
+    }
 
     #[test]
     fn the_hostname_answer_is_a_bare_host() {
