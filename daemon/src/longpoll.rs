@@ -414,8 +414,8 @@ pub struct LongPoll {
     sending: Option<(u64, oneshot::Receiver<()>)>,
     /// An older request was answered while the event request was still `sending`.
     answered_before_sent: bool,
-    /// Until when no request starts: `order_gap` after the last one went out, unless the
-    /// server has been seen to process it (`proven`).
+    /// Until when no request starts while the last one is in flight: `order_gap` after
+    /// it went out, unless the server has been seen to process it (`proven`).
     gap: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The callback ids the newest request asks for: an answer carrying one of them shows
     /// the server has processed that request, so the next one cannot overtake it.
@@ -523,7 +523,10 @@ impl LongPoll {
     }
 
     fn start_requests(&mut self) {
-        if self.sending.is_some() || (self.gap.is_some() && !self.proven) {
+        // Nothing in flight: nothing to overtake.
+        if self.sending.is_some()
+            || (self.gap.is_some() && !self.proven && !self.inflight.is_empty())
+        {
             return;
         }
         if !self.outbox.is_empty() && self.untaken.is_none() {
