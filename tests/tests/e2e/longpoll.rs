@@ -221,6 +221,16 @@ async fn falls_back_on_every_rule_of_the_mangling_proxy() {
     }
 }
 
+/// `transport = "auto"` with a short handshake deadline (a silent WebSocket or upgrade
+/// waits it out) and a long backoff (falling back must not wait for it).
+fn fallback_config(url: &str) -> DriverConfig {
+    let mut cfg = lp_config(url, TransportChoice::Auto);
+    cfg.session.handshake_timeout = Duration::from_millis(300);
+    cfg.session.backoff_initial = Duration::from_secs(600);
+    cfg.session.backoff_max = Duration::from_secs(600);
+    cfg
+}
+
 /// Through the proxy with the upgrade passed and the WebSocket broken right after it, qiod
 /// opens over long polling on the same address at once, and says why.
 async fn falls_back_after_the_upgrade(after: After) {
@@ -228,13 +238,7 @@ async fn falls_back_after_the_upgrade(after: After) {
     let proxy = ManglingProxy::start(server.addr(), Mode::AfterUpgrade(after))
         .await
         .unwrap();
-    let mut cfg = lp_config(&proxy.url(), TransportChoice::Auto);
-    // The silent WebSocket waits out the handshake deadline.
-    cfg.session.handshake_timeout = Duration::from_millis(300);
-    // A long backoff: falling back must not wait for it.
-    cfg.session.backoff_initial = Duration::from_secs(600);
-    cfg.session.backoff_max = Duration::from_secs(600);
-    let up = Upstream::start_with(cfg).await;
+    let up = Upstream::start_with(fallback_config(&proxy.url())).await;
     let st = up.handle.status().await.unwrap();
     assert_eq!(st.transport, Some("long-poll"), "{after:?}");
     assert!(st.upgrade_error.is_some(), "{after:?}: the reason is shown");
@@ -262,11 +266,7 @@ async fn falls_back_when_the_upgrade_gets_no_answer() {
     let proxy = ManglingProxy::start(server.addr(), Mode::Unanswered)
         .await
         .unwrap();
-    let mut cfg = lp_config(&proxy.url(), TransportChoice::Auto);
-    cfg.session.handshake_timeout = Duration::from_millis(300);
-    cfg.session.backoff_initial = Duration::from_secs(600);
-    cfg.session.backoff_max = Duration::from_secs(600);
-    let up = Upstream::start_with(cfg).await;
+    let up = Upstream::start_with(fallback_config(&proxy.url())).await;
     let st = up.handle.status().await.unwrap();
     assert_eq!(st.transport, Some("long-poll"));
     let why = st.upgrade_error.unwrap_or_default();
