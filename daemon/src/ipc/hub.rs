@@ -210,7 +210,8 @@ impl Handles {
 #[derive(Debug)]
 struct State {
     clients: HashMap<u64, Arc<ClientRef>>,
-    subs: HashMap<String, PathSubs>,
+    /// Looked up for every event: foldhash, not SipHash (seeded at random per table).
+    subs: foldhash::HashMap<String, PathSubs>,
     by_client: HashMap<u64, ClientSubs>,
     handles: Handles,
     open: bool,
@@ -231,7 +232,7 @@ impl Default for State {
     fn default() -> Self {
         State {
             clients: HashMap::new(),
-            subs: HashMap::new(),
+            subs: foldhash::HashMap::default(),
             by_client: HashMap::new(),
             handles: Handles::default(),
             open: false,
@@ -1015,6 +1016,34 @@ pub fn reply_line(id: &Id, outcome: &Outcome) -> Bytes {
 
 /// Serializes an event line once; every receiver shares the bytes.
 pub fn event_line(event: &str, data: Option<&RawValue>, cb: Option<&str>) -> Bytes {
+    // Paths are clean (no byte JSON escapes) and handles are digits and dots: written as
+    // they are, into a buffer of the exact size. That is the line serde_json would write
+    // (a test holds them equal) without its escape scan, and an exactly filled `Vec`
+    // becomes `Bytes` without a second allocation for the shared count.
+    if !needs_escape(event) && !cb.is_some_and(needs_escape) {
+        let data = data.map(RawValue::get);
+        let size = r#"{"event":"""#.len()
+            + event.len()
+            + data.map_or(0, |d| r#","data":"#.len() + d.len())
+            + cb.map_or(0, |c| r#","cb":"""#.len() + c.len())
+            + "}\n".len();
+        let mut v = Vec::with_capacity(size);
+        v.extend_from_slice(br#"{"event":""#);
+        v.extend_from_slice(event.as_bytes());
+        v.push(b'"');
+        if let Some(d) = data {
+            v.extend_from_slice(br#","data":"#);
+            v.extend_from_slice(d.as_bytes());
+        }
+        if let Some(c) = cb {
+            v.extend_from_slice(br#","cb":""#);
+            v.extend_from_slice(c.as_bytes());
+            v.push(b'"');
+        }
+        v.extend_from_slice(b"}\n");
+        debug_assert_eq!(v.len(), size);
+        return Bytes::from(v);
+    }
     // Sized for the line up front: serde_json's own first guess (128 bytes) meant a
     // reallocation for most events.
     let size = event.len() + data.map_or(4, |d| d.get().len()) + cb.map_or(0, str::len) + 32;
@@ -1024,6 +1053,11 @@ pub fn event_line(event: &str, data: Option<&RawValue>, cb: Option<&str>) -> Byt
     }
     v.push(b'\n');
     Bytes::from(v)
+}
+
+/// Whether JSON needs an escape for some byte of `s`.
+fn needs_escape(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// An `/error` event about a request or a path.
@@ -1050,6 +1084,34 @@ mod tests {
     fn client(id: u64) -> Arc<ClientRef> {
         let outbox = Outbox::new(16, 16, super::super::SlowClientPolicy::DropOldest);
         Arc::new(ClientRef::new(id, outbox, CancellationToken::new(), 4))
+    }
+
+    /// The written-out line is byte for byte what serde_json writes, and lines that need
+    /// escapes still come out right.
+    #[test]
+    fn event_lines_match_serde_json() {
+        let data = RawValue::from_string(r#"{"a":[1, "x\"y"]}"#.to_owned()).unwrap();
+        let cases: [(&str, Option<&RawValue>, Option<&str>); 7] = [
+            ("/news", Some(&data), None),
+            ("/news", Some(&data), Some("3.17")),
+            ("/open", None, None),
+            ("/lost", None, Some("1.2")),
+            ("/a\"b", Some(&data), None),
+            ("/tab\there", None, Some("we\\ird")),
+            ("/ünï", Some(&data), None),
+        ];
+        for (event, data, cb) in cases {
+            let mut want = serde_json::to_vec(&EventOut { event, data, cb }).unwrap();
+            want.push(b'\n');
+            let got = event_line(event, data, cb);
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&want),
+                "{event:?} {cb:?}"
+            );
+            let line: serde_json::Value = serde_json::from_slice(&got).unwrap();
+            assert_eq!(line["event"], event);
+        }
     }
 
     /// A hub whose upstream is open.

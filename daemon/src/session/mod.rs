@@ -114,7 +114,7 @@ pub struct Session<T> {
     pending: HashMap<u64, Pending<T>>,
     user_pending: usize,
     timers: BTreeSet<(Instant, Timer)>,
-    subs: HashMap<String, subscriptions::Sub>,
+    subs: foldhash::HashMap<String, subscriptions::Sub>,
     /// `/qio/on` requests sent on this connection and not answered yet.
     sub_asks: usize,
     heartbeat_at: Option<Instant>,
@@ -164,7 +164,7 @@ impl<T> Session<T> {
             pending: HashMap::new(),
             user_pending: 0,
             timers: BTreeSet::new(),
-            subs: HashMap::new(),
+            subs: foldhash::HashMap::default(),
             sub_asks: 0,
             heartbeat_at: None,
             ping_deadline: None,
