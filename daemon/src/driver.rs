@@ -27,7 +27,7 @@ use crate::session::{
 };
 use crate::tls;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -484,6 +484,9 @@ struct Writer {
     goodbye: CancellationToken,
 }
 
+/// Most frames taken in one pass of the driver's loop (see `Driver::read_ready`).
+const READ_BATCH: usize = 64;
+
 /// How long a closed connection may take to send its last frames and a close frame.
 const GOODBYE: Duration = Duration::from_secs(1);
 
@@ -587,7 +590,11 @@ impl Driver {
                         self.session.handle_reached();
                     }
                 }
-                Wake::Message(msg) => self.on_message(msg),
+                Wake::Message(msg) => {
+                    let now = now();
+                    self.on_message(now, msg);
+                    self.read_ready(now);
+                }
                 Wake::Polled(Ok(text)) => self.session.handle_frame(now(), &text),
                 Wake::Polled(Err(reason)) => {
                     self.drop_connection();
@@ -640,13 +647,32 @@ impl Driver {
         self.writers.wait().await;
     }
 
-    fn on_message(&mut self, msg: Option<Result<Message, WsError>>) {
+    /// Takes the frames that are already read, up to [`READ_BATCH`], in the same pass of
+    /// the loop: under a flood, one `select!`, one clock reading and one wake-up of the
+    /// notice loop serve many frames instead of one each. The frames go through the
+    /// session one at a time as ever, and reading stops when the layer above has no room
+    /// or the connection went away.
+    fn read_ready(&mut self, now: std::time::Instant) {
+        for _ in 1..READ_BATCH {
+            self.carry_out();
+            if !self.held.is_empty() {
+                return;
+            }
+            // Polled without a waker that matters; the loop polls the stream again with
+            // its own before it waits, so no wake-up is lost.
+            let Some(msg) = self.reader.as_mut().and_then(|r| r.next().now_or_never()) else {
+                return;
+            };
+            self.on_message(now, msg);
+        }
+    }
+
+    fn on_message(&mut self, now: std::time::Instant, msg: Option<Result<Message, WsError>>) {
         match msg {
-            Some(Ok(Message::Text(text))) => self.session.handle_frame(now(), text.as_str()),
+            Some(Ok(Message::Text(text))) => self.session.handle_frame(now, text.as_str()),
             Some(Ok(Message::Binary(_))) => {
                 // Quick.IO never sends binary frames: treat one like any invalid frame.
-                self.session
-                    .handle_frame(now(), "(a binary WebSocket frame)");
+                self.session.handle_frame(now, "(a binary WebSocket frame)");
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
             Some(Ok(Message::Close(frame))) => {
@@ -658,17 +684,17 @@ impl Driver {
                     Some(f) => format!("server closed the connection ({})", f.code),
                     None => "server closed the connection".to_owned(),
                 };
-                self.session.handle_closed(now(), &reason);
+                self.session.handle_closed(now, &reason);
             }
             Some(Err(e)) => {
                 self.drop_connection();
                 self.session
-                    .handle_closed(now(), &format!("connection error: {e}"));
+                    .handle_closed(now, &format!("connection error: {e}"));
             }
             None => {
                 self.drop_connection();
                 self.session
-                    .handle_closed(now(), "connection closed without a close frame");
+                    .handle_closed(now, "connection closed without a close frame");
             }
         }
     }
