@@ -152,6 +152,10 @@ pub struct Args {
     /// to read what is queued for it before its socket is closed, in ms
     #[arg(long, env = "QIOD_CLIENT_CLOSE_GRACE_MS", value_name = "MS", help_heading = TIMING)]
     pub client_close_grace_ms: Option<Millis>,
+    /// When every client getting events has half its queue full, how long to stop reading
+    /// the server for one of them to catch up before slow_client applies, in ms
+    #[arg(long, env = "QIOD_CATCH_UP_WAIT_MS", value_name = "MS", help_heading = TIMING)]
+    pub catch_up_wait_ms: Option<Millis>,
     /// What to do with a client that reads too slowly: drop-oldest or disconnect
     #[arg(long, env = "QIOD_SLOW_CLIENT", value_name = "POLICY", help_heading = BOUNDS)]
     pub slow_client: Option<SlowClientPolicy>,
@@ -383,6 +387,7 @@ keys! {
     client_queue_events => ipc.client_queue_events;
     client_queue_bytes => ipc.client_queue_bytes;
     client_close_grace_ms => ipc.client_close_grace;
+    catch_up_wait_ms => ipc.catch_up_wait;
     slow_client => ipc.slow_client;
     max_clients => ipc.max_clients;
     max_pending_per_client => ipc.max_pending_per_client;

@@ -442,12 +442,12 @@ impl Conn {
             let msg = "the upstream session has stopped".to_owned();
             return self.fail(req.id, Some(Op::Status), None, code::DISCONNECTED, msg);
         };
-        let (clients, delivered, local) = self.hub.counts();
+        let counts = self.hub.counts();
         let subscriptions: Vec<_> = st
             .subscriptions
             .iter()
             .map(|s| {
-                let (refs, holders) = local.get(&s.path).copied().unwrap_or((0, 0));
+                let (refs, holders) = counts.per_path.get(&s.path).copied().unwrap_or((0, 0));
                 serde_json::json!({
                     "path": s.path,
                     "refs": refs,
@@ -473,7 +473,7 @@ impl Conn {
             "open_for_ms": st.open_for.map(|d| d.as_millis() as u64),
             "reconnects": st.reconnects,
             "last_error": st.last_error,
-            "clients": clients,
+            "clients": counts.clients,
             "subscriptions": subscriptions,
             "queued_events": st.queued_events,
             "queued_bytes": st.queued_bytes,
@@ -481,7 +481,8 @@ impl Conn {
             "events_in": st.events_in,
             "events_out": st.events_out,
             "events_dropped": st.events_dropped,
-            "events_delivered": delivered,
+            "events_delivered": counts.delivered,
+            "catch_up_waits": counts.catch_up_waits,
             "events_lost": self.client.outbox.lost_total(),
         });
         let outcome = Outcome {

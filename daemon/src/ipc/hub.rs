@@ -9,15 +9,16 @@
 //! ordered stream as the events: a confirmation can neither overtake nor be overtaken by
 //! the events it relates to, and an answer for a generation already ended is ignored.
 
-use super::outbox::Outbox;
+use super::outbox::{Outbox, Queued};
 use super::IpcConfig;
 use crate::driver::{Notice, SessionHandle};
 use crate::session::{code, CbHandle, Outcome, StateChange};
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use qio_ipc::{events, ErrorData, EventOut, Id, Op, ReplyOut};
 use serde_json::value::RawValue;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -71,18 +72,17 @@ impl ClientRef {
         }
     }
 
-    /// Queues an event for the fan-out's flush ([`Outbox::queue_event`]); true when the
-    /// client must be flushed (once per flush).
-    fn queue_event(&self, line: Bytes) -> bool {
-        let (ok, first) = self.outbox.queue_event(line);
-        if !ok {
+    /// Queues an event for the fan-out's flush ([`Outbox::queue_event`]).
+    fn queue_event(&self, line: Bytes) -> Queued {
+        let queued = self.outbox.queue_event(line);
+        if !queued.taken {
             tracing::warn!(
                 client = self.id,
                 "disconnecting a client that does not read its events (slow_client = disconnect)"
             );
             self.kick.cancel();
         }
-        first
+        queued
     }
 
     /// Queues a line that must not be dropped (a reply or a connection event).
@@ -281,12 +281,28 @@ pub struct ClientLoad {
     pub wait_bytes: usize,
 }
 
+/// The hub's counters, as `status` shows them.
+#[derive(Debug)]
+pub struct Counts {
+    /// Local clients connected.
+    pub clients: usize,
+    /// Event lines handed to local clients.
+    pub delivered: u64,
+    /// Times the fan-out waited for its readers to catch up ([`IpcConfig::catch_up_wait`]).
+    pub catch_up_waits: u64,
+    /// Per path: the clients holding or waiting for it, and the clients holding it.
+    pub per_path: HashMap<String, (usize, usize)>,
+}
+
 /// Shared routing state; every method takes the lock briefly and never awaits under it.
 #[derive(Debug)]
 pub struct Hub {
     state: Mutex<State>,
     max_handles: usize,
     request_timeout: Duration,
+    catch_up_wait: Duration,
+    /// Times the fan-out waited for its readers to catch up (`status`).
+    catch_up_waits: AtomicU64,
 }
 
 impl State {
@@ -530,6 +546,8 @@ impl Hub {
             state: Mutex::new(State::default()),
             max_handles: cfg.max_handles,
             request_timeout,
+            catch_up_wait: cfg.catch_up_wait,
+            catch_up_waits: AtomicU64::new(0),
         }
     }
 
@@ -782,9 +800,31 @@ impl Hub {
         ok
     }
 
-    /// Local counters for `status`: clients, events delivered, and per path the clients
-    /// holding or waiting for it and the clients holding it.
-    pub fn counts(&self) -> (usize, u64, HashMap<String, (usize, usize)>) {
+    /// Waits, when every client that got events in the last burst has fallen behind,
+    /// until one of them catches up, for at most `catch_up_wait`; those that did not are
+    /// let go (not waited for again until they catch up, and `slow_client` applies).
+    ///
+    /// Meanwhile the notice channel fills and the driver stops reading the server, so a
+    /// flood goes at the pace of the fastest reader instead of being read only to be
+    /// dropped, as a direct connection's server waits for its reader. No client waits for
+    /// a slower one: a single client that keeps up means no wait at all.
+    async fn pace(&self, receivers: &[Arc<ClientRef>]) {
+        if receivers.is_empty() || !receivers.iter().all(|c| c.outbox.holds_up()) {
+            return;
+        }
+        self.catch_up_waits.fetch_add(1, Ordering::Relaxed);
+        let mut any: FuturesUnordered<_> = receivers.iter().map(|c| c.outbox.caught_up()).collect();
+        let caught_up = tokio::time::timeout(self.catch_up_wait, any.next()).await;
+        drop(any);
+        if caught_up.is_err() {
+            for c in receivers {
+                c.outbox.let_go();
+            }
+        }
+    }
+
+    /// Local counters for `status`.
+    pub fn counts(&self) -> Counts {
         let st = self.lock();
         let per_path = st
             .subs
@@ -794,28 +834,33 @@ impl Hub {
                 (p.clone(), (holders + e.waiters.len(), holders))
             })
             .collect();
-        (st.clients.len(), st.delivered, per_path)
+        Counts {
+            clients: st.clients.len(),
+            delivered: st.delivered,
+            catch_up_waits: self.catch_up_waits.load(Ordering::Relaxed),
+            per_path,
+        }
     }
 
     /// [`Hub::fan_out`] and the flush, for one notice.
     #[cfg(test)]
     fn dispatch(&self, notice: Notice) -> Vec<Unwant> {
-        let mut flush = Vec::new();
-        let unwants = self.fan_out(notice, &mut flush);
-        for c in flush {
+        let mut burst = Burst::default();
+        let unwants = self.fan_out(notice, &mut burst);
+        for c in burst.clients {
             c.outbox.flush();
         }
         unwants
     }
 
     /// Fans out one notice from the session. Events are queued, not yet written: the
-    /// clients that got one are added to `flush`, for [`Outbox::flush`] after the
-    /// burst (and outside the hub's lock).
+    /// clients that got one are added to the burst, for [`Outbox::flush`] after it
+    /// (and outside the hub's lock).
     ///
     /// Returns the paths that just lost their last holder (a `one` that got its event),
     /// for the caller to switch off in the session (never from under the lock, never
     /// from the notice loop).
-    fn fan_out(&self, notice: Notice, flush: &mut Vec<Arc<ClientRef>>) -> Vec<Unwant> {
+    fn fan_out(&self, notice: Notice, burst: &mut Burst) -> Vec<Unwant> {
         match notice {
             Notice::Event(ev) => {
                 let cb = ev.cb.map(|h| h.to_string());
@@ -827,10 +872,13 @@ impl Hub {
                 let mut receivers = Vec::new();
                 let mut once_done = Vec::new();
                 let mut delivered = 0u64;
+                let mut held_up = !entry.holders.is_empty();
                 for h in &entry.holders {
-                    if h.client.queue_event(line.clone()) {
-                        flush.push(h.client.clone());
+                    let queued = h.client.queue_event(line.clone());
+                    if queued.first {
+                        burst.clients.push(h.client.clone());
                     }
+                    held_up &= queued.holds_up;
                     delivered += 1;
                     if h.once {
                         once_done.push(h.client.id);
@@ -857,6 +905,7 @@ impl Hub {
                     entry.holders.retain(|h| !once_done.contains(&h.client.id));
                 }
                 st.delivered += delivered;
+                burst.held_up |= held_up;
                 for id in &once_done {
                     st.forget_path(*id, &ev.path);
                 }
@@ -959,6 +1008,14 @@ impl Hub {
     }
 }
 
+/// The clients a burst of notices went to, for the flush after it.
+#[derive(Debug, Default)]
+struct Burst {
+    clients: Vec<Arc<ClientRef>>,
+    /// Some event's every reader has fallen behind: the burst ends there.
+    held_up: bool,
+}
+
 /// Most notices fanned out before the clients they went to are flushed.
 const BURST: usize = 64;
 
@@ -970,19 +1027,23 @@ pub async fn run_notices(
     mut notices: mpsc::Receiver<Notice>,
     tasks: TaskTracker,
 ) {
-    let mut flush = Vec::new();
+    let mut burst = Burst::default();
     while let Some(notice) = notices.recv().await {
-        let mut unwants = hub.fan_out(notice, &mut flush);
-        // The rest of a burst first, so each client gets its share in one write.
+        let mut unwants = hub.fan_out(notice, &mut burst);
+        // The rest of a burst first, so each client gets its share in one write; but no
+        // further than an event whose every reader has fallen behind (see `Hub::pace`).
         for _ in 1..BURST {
+            if burst.held_up {
+                break;
+            }
             match notices.try_recv() {
-                Ok(notice) => unwants.extend(hub.fan_out(notice, &mut flush)),
+                Ok(notice) => unwants.extend(hub.fan_out(notice, &mut burst)),
                 Err(_) => break,
             }
         }
         // Written from here when the client's writer is idle and its socket has room:
         // no wake-up of another task, often on another thread, per client and event.
-        for client in flush.drain(..) {
+        for client in &burst.clients {
             client.outbox.flush();
         }
         if !unwants.is_empty() {
@@ -996,6 +1057,9 @@ pub async fn run_notices(
                 }
             });
         }
+        hub.pace(&burst.clients).await;
+        burst.clients.clear();
+        burst.held_up = false;
     }
 }
 
@@ -1084,6 +1148,57 @@ mod tests {
     fn client(id: u64) -> Arc<ClientRef> {
         let outbox = Outbox::new(16, 16, super::super::SlowClientPolicy::DropOldest);
         Arc::new(ClientRef::new(id, outbox, CancellationToken::new(), 4))
+    }
+
+    /// The fan-out waits only when every client of the burst has fallen behind, gives up
+    /// on them after `catch_up_wait`, and waits for them again only once they caught up.
+    #[tokio::test(start_paused = true)]
+    async fn the_fan_out_waits_only_for_readers_that_are_all_behind() {
+        let cfg = IpcConfig {
+            catch_up_wait: Duration::from_secs(1),
+            ..IpcConfig::default()
+        };
+        let hub = Hub::new(&cfg, Duration::from_secs(30));
+        let small = |id| {
+            let outbox = Outbox::new(4, 16, super::super::SlowClientPolicy::DropOldest);
+            Arc::new(ClientRef::new(id, outbox, CancellationToken::new(), 4))
+        };
+        let (slow, fast) = (small(1), small(2));
+        let line = || Bytes::from_static(b"{}\n");
+        assert!(
+            !slow.queue_event(line()).holds_up,
+            "one of four is not behind"
+        );
+        assert!(slow.queue_event(line()).holds_up, "half of the bound is");
+        let waits = || hub.catch_up_waits.load(Ordering::Relaxed);
+
+        // A client that keeps up means no wait.
+        hub.pace(&[slow.clone(), fast.clone()]).await;
+        assert_eq!(waits(), 0);
+
+        // Alone, the slow one is waited for, until `catch_up_wait`; then it is let go.
+        let t0 = Instant::now();
+        hub.pace(std::slice::from_ref(&slow)).await;
+        assert_eq!((waits(), t0.elapsed()), (1, Duration::from_secs(1)));
+        assert!(!slow.outbox.holds_up(), "let go");
+        hub.pace(std::slice::from_ref(&slow)).await;
+        assert_eq!(waits(), 1, "not waited for again while still behind");
+
+        // Once it has caught up it counts again, and a writer taking its lines ends the
+        // wait at once.
+        slow.outbox.next_batch().await.unwrap();
+        assert!(!slow.outbox.holds_up());
+        slow.queue_event(line());
+        assert!(slow.queue_event(line()).holds_up);
+        let t0 = Instant::now();
+        let wait = hub.pace(std::slice::from_ref(&slow));
+        let writer = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            slow.outbox.next_batch().await.unwrap();
+        };
+        tokio::join!(wait, writer);
+        assert_eq!((waits(), t0.elapsed()), (2, Duration::from_millis(10)));
+        assert!(!slow.outbox.holds_up());
     }
 
     /// The written-out line is byte for byte what serde_json writes, and lines that need

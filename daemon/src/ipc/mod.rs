@@ -26,6 +26,10 @@ pub struct IpcConfig {
     pub client_close_grace: Duration,
     /// What happens to a client that does not read fast enough.
     pub slow_client: SlowClientPolicy,
+    /// How long the fan-out waits, when every client getting events has fallen behind
+    /// (half its queue is full), for one of them to catch up before `slow_client` applies;
+    /// the server is not read meanwhile.
+    pub catch_up_wait: Duration,
     /// Most local clients connected at once.
     pub max_clients: usize,
     /// Most requests one client may have waiting for an answer.
@@ -54,6 +58,7 @@ impl Default for IpcConfig {
             client_queue_bytes: 4 * 1024 * 1024,
             client_close_grace: Duration::from_secs(2),
             slow_client: SlowClientPolicy::DropOldest,
+            catch_up_wait: Duration::from_millis(100),
             max_clients: 16_384,
             max_pending_per_client: 1024,
             max_subscriptions_per_client: 4096,

@@ -89,6 +89,9 @@ struct State {
     unflushed: bool,
     /// The socket, while the writer task is there to take over what would block.
     sock: Option<Arc<dyn DirectWrite>>,
+    /// The fan-out waited for this client to catch up and it did not in time: it sets no
+    /// pace again until it has caught up ([`Outbox::holds_up`]).
+    let_go: bool,
 }
 
 impl State {
@@ -154,6 +157,18 @@ impl State {
     }
 }
 
+/// What became of an event given to [`Outbox::queue_event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queued {
+    /// False when the client must be disconnected instead (`slow_client = disconnect`).
+    pub taken: bool,
+    /// The client now waits for a flush: true once per flush, so the caller lists each
+    /// client once.
+    pub first: bool,
+    /// The client now holds the fan-out up ([`Outbox::holds_up`]).
+    pub holds_up: bool,
+}
+
 /// What the writer takes out in one go.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -187,23 +202,25 @@ impl Outbox {
     /// Queues an event line and has the writer write it; returns false when the client
     /// must be disconnected instead.
     pub fn push_event(&self, line: Bytes) -> bool {
-        let (ok, _) = self.queue(line, false);
+        let taken = self.queue(line, false).taken;
         self.ready.notify_one();
-        ok
+        taken
     }
 
     /// Queues an event line for [`Outbox::flush`] to write: the fan-out queues a burst of
-    /// events first and writes each client's share at once. Returns whether the event was
-    /// taken (false: disconnect the client instead) and whether this client now waits
-    /// for a flush (true once per flush, so the caller lists each client once).
-    pub fn queue_event(&self, line: Bytes) -> (bool, bool) {
+    /// events first and writes each client's share at once.
+    pub fn queue_event(&self, line: Bytes) -> Queued {
         self.queue(line, true)
     }
 
-    fn queue(&self, line: Bytes, for_flush: bool) -> (bool, bool) {
+    fn queue(&self, line: Bytes, for_flush: bool) -> Queued {
         let mut st = self.lock();
         if st.closed {
-            return (true, false);
+            return Queued {
+                taken: true,
+                first: false,
+                holds_up: false,
+            };
         }
         let len = line.len();
         match self.policy {
@@ -212,7 +229,11 @@ impl Outbox {
                     st.closed = true;
                     drop(st);
                     self.ready.notify_one();
-                    return (false, false);
+                    return Queued {
+                        taken: false,
+                        first: false,
+                        holds_up: false,
+                    };
                 }
             }
             SlowClientPolicy::DropOldest => {
@@ -229,7 +250,11 @@ impl Outbox {
         st.bytes += len;
         st.lines.push_back((line, Kind::Event));
         let first = for_flush && !std::mem::replace(&mut st.unflushed, true);
-        (true, first)
+        Queued {
+            taken: true,
+            first,
+            holds_up: self.holds_up_locked(&mut st),
+        }
     }
 
     /// Writes what is queued straight into the client's socket when the writer task is
@@ -392,6 +417,42 @@ impl Outbox {
             }
             ready.await;
         }
+    }
+
+    /// Whether the fan-out should wait for this client before it takes more events from
+    /// the server: it has fallen behind (half of a bound waits, besides what its writer
+    /// is writing) and has not made the fan-out wait in vain since it last caught up.
+    pub fn holds_up(&self) -> bool {
+        self.holds_up_locked(&mut self.lock())
+    }
+
+    fn holds_up_locked(&self, st: &mut State) -> bool {
+        let behind = self.is_behind(st);
+        if !behind {
+            st.let_go = false;
+        }
+        behind && !st.let_go
+    }
+
+    /// The fan-out waited for this client in vain: it no longer holds anything up until
+    /// it has caught up.
+    pub fn let_go(&self) {
+        self.lock().let_go = true;
+    }
+
+    /// Waits until this client is no longer behind (or is closing).
+    pub async fn caught_up(&self) {
+        loop {
+            let drained = self.drained.notified();
+            if !self.is_behind(&self.lock()) {
+                return;
+            }
+            drained.await;
+        }
+    }
+
+    fn is_behind(&self, st: &State) -> bool {
+        !st.closed && (st.events >= self.max_events.div_ceil(2) || st.bytes >= self.max_bytes / 2)
     }
 
     /// Stops accepting lines; the writer finishes what is queued.
@@ -647,15 +708,21 @@ mod tests {
         }
     }
 
+    /// What `queue_event` said: taken, and first since the last flush.
+    fn queued(o: &Outbox, line: Bytes) -> (bool, bool) {
+        let q = o.queue_event(line);
+        (q.taken, q.first)
+    }
+
     #[tokio::test]
     async fn a_flush_writes_into_an_idle_socket_and_leaves_the_rest_to_the_writer_in_order() {
         let o = Outbox::new(2, 10, DROP);
         let sock = Arc::new(Sock::default());
         *sock.room.lock().unwrap() = 6;
         o.attach(sock.clone());
-        assert_eq!(o.queue_event(b("e1..\n")), (true, true));
+        assert_eq!(queued(&o, b("e1..\n")), (true, true));
         assert_eq!(
-            o.queue_event(b("e2..\n")),
+            queued(&o, b("e2..\n")),
             (true, false),
             "listed for a flush once"
         );
@@ -663,9 +730,9 @@ mod tests {
         assert_eq!(&sock.got.lock().unwrap()[..], b"e1..\ne");
         // The socket is full: more events than the bound drop the oldest whole one,
         // never the end of the one the client has begun to read.
-        assert_eq!(o.queue_event(b("e3..\n")), (true, true));
-        assert_eq!(o.queue_event(b("e4..\n")), (true, false));
-        assert_eq!(o.queue_event(b("e5..\n")), (true, false));
+        assert_eq!(queued(&o, b("e3..\n")), (true, true));
+        assert_eq!(queued(&o, b("e4..\n")), (true, false));
+        assert_eq!(queued(&o, b("e5..\n")), (true, false));
         o.flush();
         assert_eq!(o.lost_total(), 1);
         // The end of e2 goes first and alone, then the /lost and the rest.

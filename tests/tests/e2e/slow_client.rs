@@ -138,3 +138,91 @@ async fn a_slow_client_is_bounded_in_bytes_not_only_in_events() {
     assert_eq!(last, n - 1, "the newest event is kept");
     daemon.stop().await;
 }
+
+/// Reads `n` events of `/feed` (and any `/lost`) from `c`: the events got, in order, and
+/// the count announced lost.
+async fn read_feed(c: &mut LineClient, n: i64) -> (i64, i64) {
+    let (mut got, mut lost, mut last) = (0, 0, -1);
+    while got + lost < n {
+        let v = c.next().await;
+        match v["event"].as_str() {
+            Some("/lost") => lost += v["data"]["count"].as_i64().unwrap(),
+            Some("/feed") => {
+                let i = v["data"]["i"].as_i64().unwrap();
+                assert!(i > last, "in order: {i} after {last}");
+                last = i;
+                got += 1;
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    (got, lost)
+}
+
+/// Asks `c`'s daemon for its status until `f` holds for it; fails the test at the deadline.
+async fn until_status(c: &mut LineClient, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let st = c.call(json!({"op": "status"}), 99).await;
+        if f(&st["data"]) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting until {what}: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A flood for readers that all fall behind waits for them (`catch_up_wait_ms`) instead of
+/// being read only to be dropped: a lone reader that stops reading until its queue is half
+/// full, and then reads, loses nothing. With almost no wait, the same reader loses events.
+#[tokio::test]
+async fn a_flood_waits_for_its_readers_to_catch_up() {
+    let n = 200;
+    for (wait, paced) in [
+        (Duration::from_secs(60), true),
+        (Duration::from_millis(1), false),
+    ] {
+        let server = server().await;
+        let mut settings = daemon_settings(&server.url());
+        settings.ipc.client_queue_events = 16;
+        settings.ipc.catch_up_wait = wait;
+        let daemon = Daemon::start_with(settings).await;
+        let mut reader = daemon.open_client().await;
+        reader.subscribe("/feed", 1).await;
+        let mut other = daemon.open_client().await;
+        // 64 KiB events: a few fill the socket, so the reader's queue fills behind them.
+        let flood = {
+            let server = server.clone();
+            tokio::spawn(async move { broadcast_big(&server, n as usize).await })
+        };
+        if paced {
+            // The fan-out stops at the reader's half-full queue and waits, with most of
+            // the flood not taken from the server yet.
+            until_status(&mut other, "the fan-out waits for the reader", |st| {
+                st["catch_up_waits"].as_u64() >= Some(1)
+                    && st["events_delivered"].as_i64() < Some(n)
+            })
+            .await;
+        } else {
+            // Nothing waits for the reader: every event reaches its queue, most dropped.
+            until_status(&mut other, "every event reached the reader's queue", |st| {
+                st["events_delivered"].as_i64() == Some(n)
+            })
+            .await;
+        }
+        let (got, lost) = read_feed(&mut reader, n).await;
+        if paced {
+            assert_eq!((got, lost), (n, 0), "the reader caught up: nothing lost");
+        } else {
+            assert!(
+                lost > 0,
+                "without a wait the reader loses events ({got} got)"
+            );
+        }
+        flood.await.unwrap();
+        daemon.stop().await;
+    }
+}
