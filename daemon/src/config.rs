@@ -190,7 +190,7 @@ pub struct Args {
     #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N", help_heading = BOUNDS)]
     pub max_clients: Option<Count>,
     /// Worker threads of the daemon's async runtime: 1 gives the lowest latency and CPU
-    /// per request at moderate rates, more spread a flood of events over the cores
+    /// per request; more spread a flood of events for many readers over the cores
     #[arg(long, env = "QIOD_THREADS", value_name = "N", help_heading = BOUNDS)]
     pub threads: Option<Count>,
     /// Most requests one client may have waiting for an answer
@@ -306,7 +306,7 @@ fn default_text(key: &str) -> Option<String> {
         "max_frame_bytes" => "none for 0.2, 1024 for 0.1",
         "allowed_groups" => "none",
         "ca_file" => "none: the built-in web roots only",
-        "threads" => "one per CPU",
+        "threads" => "1",
         _ => return default_of(key, &default_settings()),
     };
     Some(text.into())
@@ -478,8 +478,8 @@ pub fn invalid_value(e: &clap::Error) -> Option<&Invalid> {
 pub struct Config {
     /// Where to listen (unless systemd passes a socket).
     pub socket: PathBuf,
-    /// Worker threads of the binary's runtime; `None`: one per CPU.
-    pub threads: Option<usize>,
+    /// Worker threads of the binary's runtime.
+    pub threads: usize,
     /// The tracing filter the operator configured (`RUST_LOG`, when set, overrides it).
     pub log: String,
     /// What [`crate::run`] needs.
@@ -526,6 +526,12 @@ impl Config {
         keys
     }
 }
+
+/// Runtime worker threads unless `threads` says otherwise. One: a request's hand-offs
+/// (client task, driver, client task) then never wake a second thread, which cost a round
+/// trip 40 µs and half again its CPU on two cores, and one core carries millions of
+/// deliveries a second (BENCHMARKS.md).
+const DEFAULT_THREADS: usize = 1;
 
 /// The most runtime worker threads accepted (`threads`).
 const MAX_THREADS: usize = 1024;
@@ -584,11 +590,14 @@ fn load_from(args: Args, default_file: Option<PathBuf>) -> Result<Config, Config
         }
     };
 
-    let threads = args.threads.or(file.threads).map(|Count(n)| n);
-    if let Some(n) = threads.filter(|&n| n > MAX_THREADS) {
+    let threads = args
+        .threads
+        .or(file.threads)
+        .map_or(DEFAULT_THREADS, |Count(n)| n);
+    if threads > MAX_THREADS {
         return Err(ConfigError::Conflict(format!(
-            "threads ({n}) is more than {MAX_THREADS}: qiod needs a few threads, not one per \
-             client; leave it unset for one per CPU"
+            "threads ({threads}) is more than {MAX_THREADS}: qiod needs a few threads, not one \
+             per client; leave it unset for {DEFAULT_THREADS}"
         )));
     }
 
@@ -755,10 +764,10 @@ mod tests {
     }
 
     #[test]
-    fn threads_are_one_per_cpu_unless_set_and_a_thousand_is_plenty() {
-        assert_eq!(load_args(&["--server", "ws://h:1/"]).unwrap().threads, None);
-        let cfg = load_args(&["--server", "ws://h:1/", "--threads", "1"]).unwrap();
-        assert_eq!(cfg.threads, Some(1));
+    fn threads_are_one_unless_set_and_a_thousand_is_plenty() {
+        assert_eq!(load_args(&["--server", "ws://h:1/"]).unwrap().threads, 1);
+        let cfg = load_args(&["--server", "ws://h:1/", "--threads", "4"]).unwrap();
+        assert_eq!(cfg.threads, 4);
         let err = load_args(&["--server", "ws://h:1/", "--threads", "100000"]).unwrap_err();
         assert!(
             err.to_string()

@@ -137,11 +137,8 @@ fn start(config: Config, filter: FilterHandle) -> anyhow::Result<()> {
              connections beyond the limit will fail"
         );
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.threads {
-        runtime.worker_threads(threads);
-    }
-    let runtime = runtime
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
