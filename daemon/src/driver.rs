@@ -358,7 +358,7 @@ pub fn spawn(
     ),
     SpawnError,
 > {
-    let (handle, notices, task) = prepare(cfg, shutdown)?;
+    let (handle, notices, task) = prepare(cfg, shutdown, None)?;
     Ok((handle, notices, tokio::spawn(task)))
 }
 
@@ -367,6 +367,7 @@ pub fn spawn(
 pub fn prepare(
     cfg: DriverConfig,
     shutdown: CancellationToken,
+    states: Option<mpsc::Sender<StateChange>>,
 ) -> Result<
     (
         SessionHandle,
@@ -405,6 +406,7 @@ pub fn prepare(
         writer: None,
         writers: TaskTracker::new(),
         notices: notice_tx,
+        states,
         held: VecDeque::new(),
         held_max: cfg.notice_capacity,
         repeats: Repeats::new(LOG_REPEATS_EVERY),
@@ -447,6 +449,8 @@ struct Driver {
     /// The writers of closed connections saying goodbye; the driver ends only after them.
     writers: TaskTracker,
     notices: mpsc::Sender<Notice>,
+    /// Gets a copy of every state change, for the binary's systemd notifications.
+    states: Option<mpsc::Sender<StateChange>>,
     /// Notices the layer above has no room for yet, oldest first. While any waits, the
     /// driver reads nothing from the server (that is the backpressure); commands and
     /// timers go on. Commands can make notices too (with the events of a read they keep
@@ -766,6 +770,10 @@ impl Driver {
             Output::Event(ev) => self.notify(Notice::Event(ev)),
             Output::State(state) => {
                 log_state(&state, &mut self.repeats);
+                if let Some(states) = &self.states {
+                    // Offered, never awaited: a watcher that falls behind misses changes.
+                    let _ = states.try_send(state.clone());
+                }
                 self.notify(Notice::State(state))
             }
             Output::Dropped {
@@ -1108,7 +1116,7 @@ mod tests {
                 "notice_capacity" => cfg.notice_capacity = 0,
                 _ => cfg.write_queue_bytes = 0,
             }
-            let Err(err) = prepare(cfg, CancellationToken::new()) else {
+            let Err(err) = prepare(cfg, CancellationToken::new(), None) else {
                 panic!("{key} = 0 was accepted");
             };
             assert_eq!(err.to_string(), format!("{key} must be at least 1"));
@@ -1123,7 +1131,7 @@ mod tests {
             Url::parse("wss://127.0.0.1:9/").unwrap()
         ]));
         cfg.ca_file = Some(missing.clone());
-        let Err(err) = prepare(cfg, CancellationToken::new()) else {
+        let Err(err) = prepare(cfg, CancellationToken::new(), None) else {
             panic!("a missing ca_file was accepted");
         };
         let msg = err.to_string();

@@ -75,7 +75,7 @@ pub struct Observer {
 /// fares.
 ///
 /// Every task of the daemon runs in one [`TaskTracker`], so this returns only when all of
-/// them have ended. The driver, the notice loop, the state tap and the accept loop are
+/// them have ended. The driver, the notice loop and the accept loop are
 /// essential: should one of them panic or end before the shutdown, the daemon would keep
 /// answering `status` while delivering nothing, so it shuts down instead and returns an
 /// error naming the task (the binary then exits non-zero and its service manager starts
@@ -98,6 +98,7 @@ pub async fn run_with(
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid local settings: {e}"))?;
     let request_timeout = settings.driver.session.request_timeout;
+    let ping_timeout = settings.driver.session.ping_timeout;
     let tasks = TaskTracker::new();
     let (died_tx, mut died) = mpsc::channel(ESSENTIAL_TASKS);
     #[cfg(test)]
@@ -108,18 +109,17 @@ pub async fn run_with(
         tasks.spawn(watch(task, fut, died_tx.clone()))
     };
     let upstream_stop = CancellationToken::new();
-    let (session, notices, driver) = driver::prepare(settings.driver, upstream_stop.clone())
-        .map_err(|e| anyhow::anyhow!("cannot start the upstream session: {e}"))?;
+    let (session, notices, driver) =
+        driver::prepare(settings.driver, upstream_stop.clone(), observer.states)
+            .map_err(|e| anyhow::anyhow!("cannot start the upstream session: {e}"))?;
     let driver_task = essential(Task::Driver, Box::pin(driver));
-    let notices = match observer.states {
-        Some(states) => {
-            let (tap, notices) = tap_states(notices, states);
-            essential(Task::Tap, Box::pin(tap));
-            notices
-        }
-        None => notices,
+    // The server is not read while the fan-out waits for its readers, so neither is a
+    // ping's answer: the wait stays well inside the ping timeout.
+    let ipc = ipc::IpcConfig {
+        catch_up_wait: settings.ipc.catch_up_wait.min(ping_timeout / 2),
+        ..settings.ipc.clone()
     };
-    let hub = Arc::new(ipc::Hub::new(&settings.ipc, request_timeout));
+    let hub = Arc::new(ipc::Hub::new(&ipc, request_timeout));
     let notice_task = essential(
         Task::Notices,
         Box::pin(ipc::run_notices(
@@ -185,20 +185,18 @@ pub async fn run_with(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Task {
     Driver,
-    Tap,
     Notices,
     Accept,
 }
 
 /// How many essential tasks there are: every one reports its end once, so a channel this
 /// big never refuses a report.
-const ESSENTIAL_TASKS: usize = 4;
+const ESSENTIAL_TASKS: usize = 3;
 
 impl std::fmt::Display for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Task::Driver => "the upstream session (driver task)",
-            Task::Tap => "the state tap between the session and the notice loop",
             Task::Notices => "the notice loop (hub)",
             Task::Accept => "the local accept loop",
         })
@@ -239,38 +237,6 @@ async fn watch(task: Task, fut: TaskFuture, died: mpsc::Sender<Death>) {
         });
     let _ = died.try_send(Death { task, panic });
 }
-
-/// Puts a step between the session and the hub that copies state changes to `states`;
-/// returns the step (to be run as a task) and the hub's end of it.
-///
-/// The step only ever waits on the hub's channel, exactly as the session would, so the
-/// backpressure and the hub's invariant (it never awaits the session) are unchanged; the
-/// copy is a `try_send`, so a slow watcher cannot hold events up. It ends when the session
-/// closes its side, which then closes the hub's.
-fn tap_states(
-    mut from: mpsc::Receiver<driver::Notice>,
-    states: mpsc::Sender<session::StateChange>,
-) -> (
-    impl std::future::Future<Output = ()> + Send + 'static,
-    mpsc::Receiver<driver::Notice>,
-) {
-    let (to, rx) = mpsc::channel(TAP_CAPACITY);
-    let tap = async move {
-        while let Some(notice) = from.recv().await {
-            if let driver::Notice::State(state) = &notice {
-                let _ = states.try_send(state.clone());
-            }
-            if to.send(notice).await.is_err() {
-                break;
-            }
-        }
-    };
-    (tap, rx)
-}
-
-/// Notices in flight between the state tap and the hub. Small: the session's own notice
-/// channel is the real buffer, this one only decouples the two tasks.
-const TAP_CAPACITY: usize = 64;
 
 /// The test hook of [`run_with`]: one essential task fails when a token is cancelled.
 #[cfg(test)]
@@ -325,7 +291,6 @@ mod tests {
             (Task::Notices, false),
             (Task::Driver, true),
             (Task::Driver, false),
-            (Task::Tap, false),
             (Task::Accept, true),
         ] {
             let dir = tempfile::tempdir().unwrap();
