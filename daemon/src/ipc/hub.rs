@@ -1031,17 +1031,25 @@ pub async fn run_notices(
     tasks: TaskTracker,
 ) {
     let mut burst = Burst::default();
-    while let Some(notice) = notices.recv().await {
-        let mut unwants = hub.fan_out(notice, &mut burst);
-        // The rest of a burst first, so each client gets its share in one write; but no
-        // further than an event whose every reader has fallen behind (see `Hub::pace`).
-        for _ in 1..BURST {
-            if burst.held_up {
+    // Notices are taken from the channel a burst at a time (which gives their room back
+    // in one step, not one lock per notice); those a wait for the readers left over are
+    // fanned out first afterwards, so at most BURST notices are outside the channel.
+    let mut taken = Vec::with_capacity(BURST);
+    let mut left = VecDeque::with_capacity(BURST);
+    loop {
+        if left.is_empty() {
+            if notices.recv_many(&mut taken, BURST).await == 0 {
                 break;
             }
-            match notices.try_recv() {
-                Ok(notice) => unwants.extend(hub.fan_out(notice, &mut burst)),
-                Err(_) => break,
+            left.extend(taken.drain(..));
+        }
+        let mut unwants = Vec::new();
+        // The whole burst first, so each client gets its share in one write; but no
+        // further than an event whose every reader has fallen behind (see `Hub::pace`).
+        while let Some(notice) = left.pop_front() {
+            unwants.extend(hub.fan_out(notice, &mut burst));
+            if burst.held_up {
+                break;
             }
         }
         // Written from here when the client's writer is idle and its socket has room:
