@@ -27,7 +27,7 @@ use crate::session::{
 };
 use crate::tls;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -597,7 +597,11 @@ impl Driver {
                 Wake::Message(msg) => {
                     let now = now();
                     self.on_message(now, msg);
-                    self.read_ready(now);
+                    std::future::poll_fn(|cx| {
+                        self.read_ready(now, cx);
+                        std::task::Poll::Ready(())
+                    })
+                    .await;
                 }
                 Wake::Polled(Ok(text)) => self.session.handle_frame(now(), &text),
                 Wake::Polled(Err(reason)) => {
@@ -655,16 +659,18 @@ impl Driver {
     /// the loop: under a flood, one `select!`, one clock reading and one wake-up of the
     /// notice loop serve many frames instead of one each. The frames go through the
     /// session one at a time as ever, and reading stops when the layer above has no room
-    /// or the connection went away.
-    fn read_ready(&mut self, now: std::time::Instant) {
+    /// or the connection went away. Polled with the loop's own waker (`cx`), as its
+    /// `select!` would: a read that finds nothing leaves the wake-up registered.
+    fn read_ready(&mut self, now: std::time::Instant, cx: &mut std::task::Context<'_>) {
         for _ in 1..READ_BATCH {
             self.carry_out();
             if !self.held.is_empty() {
                 return;
             }
-            // Polled without a waker that matters; the loop polls the stream again with
-            // its own before it waits, so no wake-up is lost.
-            let Some(msg) = self.reader.as_mut().and_then(|r| r.next().now_or_never()) else {
+            let Some(reader) = self.reader.as_mut() else {
+                return;
+            };
+            let std::task::Poll::Ready(msg) = reader.poll_next_unpin(cx) else {
                 return;
             };
             self.on_message(now, msg);
