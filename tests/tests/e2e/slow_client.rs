@@ -119,29 +119,15 @@ async fn a_slow_client_is_bounded_in_bytes_not_only_in_events() {
             .await;
         assert_eq!(reader.event("/feed").await["data"]["i"], i);
     }
-    let (mut got, mut lost) = (0, 0);
-    let mut last = -1;
-    while got + lost < n {
-        let v = slow.next().await;
-        match v["event"].as_str() {
-            Some("/lost") => lost += v["data"]["count"].as_i64().unwrap(),
-            Some("/feed") => {
-                let i = v["data"]["i"].as_i64().unwrap();
-                assert!(i > last, "in order, newest kept: {i} after {last}");
-                last = i;
-                got += 1;
-            }
-            _ => panic!("unexpected {v}"),
-        }
-    }
+    let (got, lost, last) = read_feed(&mut slow, n).await;
     assert!(lost > 0, "the byte bound dropped events ({got} got)");
     assert_eq!(last, n - 1, "the newest event is kept");
     daemon.stop().await;
 }
 
-/// Reads `n` events of `/feed` (and any `/lost`) from `c`: the events got, in order, and
-/// the count announced lost.
-async fn read_feed(c: &mut LineClient, n: i64) -> (i64, i64) {
+/// Reads `n` events of `/feed` (and any `/lost`) from `c`: the events got (checked to be in
+/// order), the count announced lost, and the last event's number.
+async fn read_feed(c: &mut LineClient, n: i64) -> (i64, i64, i64) {
     let (mut got, mut lost, mut last) = (0, 0, -1);
     while got + lost < n {
         let v = c.next().await;
@@ -156,7 +142,7 @@ async fn read_feed(c: &mut LineClient, n: i64) -> (i64, i64) {
             _ => panic!("unexpected {v}"),
         }
     }
-    (got, lost)
+    (got, lost, last)
 }
 
 /// Asks `c`'s daemon for its status until `f` holds for it; fails the test at the deadline.
@@ -213,7 +199,7 @@ async fn a_flood_waits_for_its_readers_to_catch_up() {
             })
             .await;
         }
-        let (got, lost) = read_feed(&mut reader, n).await;
+        let (got, lost, _) = read_feed(&mut reader, n).await;
         if paced {
             assert_eq!((got, lost), (n, 0), "the reader caught up: nothing lost");
         } else {
