@@ -1054,8 +1054,16 @@ pub async fn run_notices(
         }
         // Written from here when the client's writer is idle and its socket has room:
         // no wake-up of another task, often on another thread, per client and event.
+        let mut woken = false;
         for client in &burst.clients {
-            client.outbox.flush();
+            woken |= client.outbox.flush();
+        }
+        if woken {
+            // Some clients' writers have lines to write: let them run before the next
+            // burst. On one runtime thread they would otherwise wait behind this loop
+            // and the driver for as long as a flood lasts, while their queues overflow
+            // (10 readers of a flood lost half its events so).
+            tokio::task::yield_now().await;
         }
         if !unwants.is_empty() {
             // The session may be waiting for this very loop to take its next notice, so

@@ -261,21 +261,22 @@ impl Outbox {
     /// idle and the socket takes it without waiting; whatever is left (the socket is
     /// full, a `/lost` must go first, the writer is busy) is the writer's, which is woken
     /// for it. Never waits, so one slow client costs the caller one failed `writev`.
-    pub fn flush(&self) {
+    /// Returns whether the writer task now has work (it was woken for it).
+    pub fn flush(&self) -> bool {
         let mut st = self.lock();
         st.unflushed = false;
         if st.lines.is_empty() && st.lost == 0 {
-            return;
+            return false;
         }
         if st.writing || st.lost > 0 || st.closed {
             drop(st);
             self.ready.notify_one();
-            return;
+            return true;
         }
         let Some(sock) = st.sock.clone() else {
             drop(st);
             self.ready.notify_one();
-            return;
+            return true;
         };
         let had_replies = st.replies > 0;
         while !st.lines.is_empty() {
@@ -310,6 +311,7 @@ impl Outbox {
         if had_replies {
             self.drained.notify_waiters();
         }
+        left
     }
 
     /// Lets [`Outbox::flush`] write into `sock` while the writer is idle.
