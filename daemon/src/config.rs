@@ -190,7 +190,7 @@ pub struct Args {
     #[arg(long, env = "QIOD_MAX_CLIENTS", value_name = "N", help_heading = BOUNDS)]
     pub max_clients: Option<Count>,
     /// Worker threads of the daemon's async runtime: 1 gives the lowest latency and CPU
-    /// per request; more spread a flood of events for many readers over the cores
+    /// per request; more help only when qiod itself needs more than one core
     #[arg(long, env = "QIOD_THREADS", value_name = "N", help_heading = BOUNDS)]
     pub threads: Option<Count>,
     /// Most requests one client may have waiting for an answer
@@ -529,7 +529,7 @@ impl Config {
 
 /// Runtime worker threads unless `threads` says otherwise. One: a request's hand-offs
 /// (client task, driver, client task) then never wake a second thread, which cost a round
-/// trip 40 µs and half again its CPU on two cores, and one core carries millions of
+/// trip 20–40 µs and a third more CPU on two cores, and one core carries millions of
 /// deliveries a second (BENCHMARKS.md).
 const DEFAULT_THREADS: usize = 1;
 
