@@ -194,6 +194,15 @@ impl std::fmt::Debug for Command {
     }
 }
 
+#[cfg(test)]
+impl SessionHandle {
+    /// A handle with no session behind it: every command finds the channel closed.
+    pub(crate) fn detached() -> SessionHandle {
+        let (tx, _) = mpsc::channel(1);
+        SessionHandle { tx }
+    }
+}
+
 impl SessionHandle {
     /// Sends an event without a callback (queued while offline).
     pub async fn emit(&self, path: &str, data: Box<RawValue>) -> Result<(), SessionError> {

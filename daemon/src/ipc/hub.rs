@@ -1220,6 +1220,75 @@ mod tests {
         assert!(!slow.outbox.holds_up());
     }
 
+    /// A client socket for [`Outbox::flush`]: one that takes everything, or one that is
+    /// always full.
+    #[derive(Debug)]
+    struct TestSocket {
+        full: bool,
+    }
+
+    impl super::super::outbox::DirectWrite for TestSocket {
+        fn try_write_vectored(&self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+            if self.full {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Ok(bufs.iter().map(|b| b.len()).sum())
+        }
+    }
+
+    /// On one thread a flood must leave the clients' writers their turn: after a burst
+    /// that left lines to a writer (its socket was full), the notice loop yields before
+    /// the next burst. Before, it fanned out every waiting notice in one go while the
+    /// writers' queues overflowed. Another task, standing in for the writer, sees the
+    /// fan-out between bursts.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_notice_loop_lets_the_writers_it_gave_work_run_between_bursts() {
+        let hub = Arc::new(offline_hub());
+        let (full, free) = (client(1), client(2));
+        full.outbox.attach(Arc::new(TestSocket { full: true }));
+        free.outbox.attach(Arc::new(TestSocket { full: false }));
+        on(&hub, &full, "/p", 1, Op::On);
+        on(&hub, &free, "/p", 2, Op::On);
+        let n = 4 * BURST as u64;
+        let (tx, rx) = mpsc::channel(n as usize);
+        for i in 0..n {
+            let data = RawValue::from_string(i.to_string()).unwrap();
+            let ev = Event {
+                path: "/p".into(),
+                data,
+                cb: None,
+            };
+            tx.try_send(Notice::Event(ev)).unwrap();
+        }
+        drop(tx);
+        let fan_out = tokio::spawn(run_notices(
+            hub.clone(),
+            SessionHandle::detached(),
+            rx,
+            TaskTracker::new(),
+        ));
+        let mut seen = Vec::new();
+        loop {
+            let delivered = hub.counts().delivered;
+            seen.push(delivered);
+            if delivered == 2 * n {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        fan_out.await.unwrap();
+        let between: Vec<_> = seen.iter().filter(|&&d| d > 0 && d < 2 * n).collect();
+        assert!(
+            between.len() >= 3,
+            "the fan-out let others run between its bursts: {seen:?}"
+        );
+        assert!(
+            full.outbox.lost_total() > 0,
+            "the full client's queue overflowed"
+        );
+        assert_eq!(free.outbox.lost_total(), 0, "the free one kept up");
+    }
+
     /// The written-out line is byte for byte what serde_json writes, and lines that need
     /// escapes still come out right.
     #[test]
