@@ -814,9 +814,10 @@ impl Hub {
         }
         self.catch_up_waits.fetch_add(1, Ordering::Relaxed);
         let mut any: FuturesUnordered<_> = receivers.iter().map(|c| c.outbox.caught_up()).collect();
-        let caught_up = tokio::time::timeout(self.catch_up_wait, any.next()).await;
-        drop(any);
-        if caught_up.is_err() {
+        if tokio::time::timeout(self.catch_up_wait, any.next())
+            .await
+            .is_err()
+        {
             for c in receivers {
                 c.outbox.let_go();
             }

@@ -28,7 +28,8 @@ pub struct IpcConfig {
     pub slow_client: SlowClientPolicy,
     /// How long the fan-out waits, when every client getting events has fallen behind
     /// (half its queue is full), for one of them to catch up before `slow_client` applies;
-    /// the server is not read meanwhile.
+    /// the server is not read meanwhile, so `run` keeps it to at most half the session's
+    /// ping timeout.
     pub catch_up_wait: Duration,
     /// Most local clients connected at once.
     pub max_clients: usize,

@@ -158,7 +158,7 @@ impl State {
 }
 
 /// What became of an event given to [`Outbox::queue_event`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Queued {
     /// False when the client must be disconnected instead (`slow_client = disconnect`).
     pub taken: bool,
@@ -218,8 +218,7 @@ impl Outbox {
         if st.closed {
             return Queued {
                 taken: true,
-                first: false,
-                holds_up: false,
+                ..Queued::default()
             };
         }
         let len = line.len();
@@ -229,11 +228,7 @@ impl Outbox {
                     st.closed = true;
                     drop(st);
                     self.ready.notify_one();
-                    return Queued {
-                        taken: false,
-                        first: false,
-                        holds_up: false,
-                    };
+                    return Queued::default();
                 }
             }
             SlowClientPolicy::DropOldest => {
